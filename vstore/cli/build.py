@@ -1,0 +1,116 @@
+"""``vstore build``, ``vstore info`` and ``vstore models``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.table import Table
+
+from ..build import POOLINGS, build_store
+from ..data import parse_labels
+from ..models import ALIASES, DEFAULT_MODEL, SITES, cache_dir, cached_models
+from ..store import Store
+from .common import add_common_model_args, console, console_err, human_bytes
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "build",
+        help="run a model over stories and store every FFN neuron's activations",
+        description=(
+            "Stream the FFN activations of a model over a dataset into a chunked Zarr v3 store.\n"
+            "Without --model/--data it uses the packaged Gemma 3 270M and the bundled benchmark.\n"
+            "An incomplete store at --out is resumed automatically."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias ({', '.join(ALIASES)}), .gguf, folder or hub id")
+    p.add_argument("--data", default=None, help="story JSONL file/folder or .txt (default: the bundled benchmark)")
+    p.add_argument("--out", required=True, help="store folder to write")
+    p.add_argument("--split", default="activation", help="stories of this split (default activation; 'all' keeps every split)")
+    p.add_argument("--texts", default=None, help="aligned,violating: each item once per action, labelled polarity")
+    p.add_argument("--pool", choices=POOLINGS, default="token", help="rows: token (default), mean or last per example")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="stored dtype (default float16)")
+    p.add_argument("--layers", default=None, help="model layers: all (default), '0,3,5', '4-8', '-1'")
+    p.add_argument("--site", choices=SITES, default="act", help="act: act_fn(gate_proj(x)) (default); down_in: down_proj input")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate texts to this many tokens (default 512)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N items")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="set a label on every item (repeatable)")
+    p.add_argument("--compressor", default="none", help="none (default) or zstd-N (e.g. zstd-1 for sparse sites)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add the data as a new part of a complete store")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    mode.add_argument("--resume", action="store_true", help="insist on resuming an incomplete store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common_model_args(p)
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("info", help="summarise a store (model, layers, parts, labels, cache)")
+    p.add_argument("store", help="store folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("models", help="list the packaged model aliases and the dequantized cache")
+    p.set_defaults(handler=cmd_models)
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    res = build_store(
+        a.out, model=a.model, data=a.data, split=None if a.split == "all" else a.split,
+        texts=[t.strip() for t in a.texts.split(",")] if a.texts else None, pool=a.pool, dtype=a.dtype,
+        layers=a.layers, site=a.site, batch_size=a.batch_size, max_length=a.max_length, limit=a.limit,
+        device=a.device, labels=parse_labels(a.label), append=a.append, overwrite=a.overwrite, resume=a.resume,
+        compressor=a.compressor, trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
+    )
+    what = f"resumed at example {res.resumed_from}; " if res.resumed_from else ""
+    console_err.print(
+        f"[green]built[/] {res.path} part {res.part}: {what}{res.examples} examples, {res.rows:,} rows, "
+        f"{res.tokens:,} tokens, {human_bytes(res.bytes_written)} in {res.seconds:.1f} s",
+        highlight=False,
+    )
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    info = Store(a.store).info()
+    if a.json:
+        print(json.dumps(info, ensure_ascii=False, indent=1))
+        return 0
+    m = info["model"]
+    t = Table(title=f"vstore store {info['path']}", show_header=False)
+    t.add_row("state", info["state"])
+    t.add_row("model", f"{m['name']} ({m['architecture']}, {m['n_layers']} layers x {m['n_neurons']} neurons)")
+    t.add_row("source", f"{m['source']}  sha256 {m['sha256'][:12]}")
+    t.add_row("site / pooling / dtype", f"{info['site']} / {info['pooling']} / {info['dtype']} ({info['compressor']})")
+    t.add_row("layers", ",".join(map(str, info["layers"])))
+    t.add_row("examples / rows", f"{info['examples']:,} / {info['rows']:,} ({human_bytes(info['activation_bytes'])})")
+    for p in info["parts"]:
+        t.add_row(f"part {p['name']}", f"{p['state']}: {p['committed_examples']}/{p['n_examples']} examples, {p['committed_rows']:,} rows")
+    for col, cats in info["label_columns"].items():
+        t.add_row(f"label {col}", ", ".join(cats))
+    if info["overflow"]:
+        t.add_row("float16 overflow", json.dumps(info["overflow"]))
+    t.add_row("stats cache", "\n".join(info["stats_cache"]) or "(empty)")
+    console.print(t)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    t = Table(title="packaged model aliases")
+    for col in ("alias", "model", "install"):
+        t.add_column(col)
+    for al in ALIASES.values():
+        t.add_row(al.name + (" (default)" if al.name == DEFAULT_MODEL else ""), al.description, al.install)
+    console.print(t)
+    cached = cached_models()
+    c = Table(title=f"dequantized cache ({cache_dir()})")
+    for col in ("name", "folder", "size"):
+        c.add_column(col)
+    for m in cached:
+        c.add_row(str(m["name"]), m["folder"], human_bytes(m["bytes"]))
+    if not cached:
+        c.add_row("(empty)", "", "")
+    console.print(c)
+    return 0

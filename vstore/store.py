@@ -1,0 +1,444 @@
+"""The activation store: a Zarr v3 group (format version 1, see ``docs/store-format.md``).
+
+Layout::
+
+    zarr.json                      attributes["vstore"]: format, model, site, layers, dtype, pooling,
+                                   state, parts (committed rows/examples per part), ...
+    examples/text, examples/id     one entry per example (string arrays)
+    examples/<label>               int32 codes, attribute "categories" (names), -1 = missing
+    parts/NNNN/acts                (captured layers, rows, neurons), chunked (1, chunk_rows, neurons)
+    parts/NNNN/rows/example        int64 global example index per row
+    parts/NNNN/rows/position       int32 token index in the example's own tokenization (-1 for mean pool)
+    parts/NNNN/rows/token          int32 token id (-1 for mean pool)
+    stats/<key>/...                cached sufficient statistics (written by ``vstore rank``)
+
+Writes are append-only; rows are written first and the committed counters in the group attributes
+after them, at example boundaries. Readers trust only the counters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StoreError, StoreExistsError, StoreNotFoundError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "STORAGE_DTYPES",
+    "PartWriter",
+    "Store",
+    "chunk_rows_for",
+    "is_store",
+]
+
+FORMAT_NAME = "vstore"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
+ITEMSIZE = {"float16": 2, "float32": 4, "bfloat16": 2}
+_TARGET_CHUNK_BYTES = 8 << 20
+_ROWS_CHUNK = 1 << 16
+_EXAMPLES_CHUNK = 4096
+
+
+def chunk_rows_for(n_neurons: int, dtype: str) -> int:
+    """Rows per chunk so a chunk of one layer holds about 8 MiB (within 4-16 MiB)."""
+    per_row = max(1, n_neurons * ITEMSIZE[dtype])
+    rows = max(1, _TARGET_CHUNK_BYTES // per_row)
+    return int(rows - rows % 256) if rows >= 512 else int(rows)
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` holds a vstore store (a Zarr group with ``vstore`` attributes)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.exists():
+        return False
+    try:
+        return FORMAT_NAME in json.loads(meta.read_text()).get("attributes", {})
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def _codecs(compressor: str) -> list[Any]:
+    import zarr.codecs as zc
+
+    if compressor == "none":
+        return [zc.Crc32cCodec()]
+    if compressor.startswith("zstd"):
+        level = int(compressor.partition("-")[2] or 1)
+        return [zc.ZstdCodec(level=level), zc.Crc32cCodec()]
+    raise StoreError(f"unknown compressor {compressor!r}; use 'none' or 'zstd-N'")
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """One part of a store as its committed counters describe it."""
+
+    name: str
+    state: str
+    example_start: int
+    n_examples: int
+    committed_examples: int
+    committed_rows: int
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "complete"
+
+
+class Store:
+    """A vstore store opened for reading (and, by the build, for writing).
+
+    Parameters
+    ----------
+    path
+        The store folder (or any zarr store URL).
+    mode
+        ``"r"`` (read only) or ``"r+"``.
+    """
+
+    def __init__(self, path: str | Path, mode: str = "r") -> None:
+        import zarr
+
+        self.path = Path(path)
+        if not is_store(self.path):
+            if self.path.exists() and (self.path / "zarr.json").exists():
+                raise StoreError(f"{self.path} is a Zarr group but not a vstore store (no 'vstore' attributes)")
+            raise StoreNotFoundError(f"no vstore store at {self.path}")
+        self.mode = mode
+        self.group = zarr.open_group(str(self.path), mode=mode)
+        self.meta: dict[str, Any] = dict(self.group.attrs[FORMAT_NAME])
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path}: store format version {self.meta.get('format_version')} is not supported "
+                f"(this vstore reads version {FORMAT_VERSION})"
+            )
+
+    # -- creation ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, meta: Mapping[str, Any], *, overwrite: bool = False) -> Store:
+        """Create an empty store with the given ``vstore`` attributes (state ``building``)."""
+        import zarr
+
+        p = Path(path)
+        if p.exists() and any(p.iterdir()):
+            if not overwrite:
+                raise StoreExistsError(f"{p} exists; pass --overwrite to replace it")
+            if not is_store(p):
+                raise StoreError(f"{p} exists and is not a vstore store; refusing to delete it")
+            shutil.rmtree(p)
+        full = {"format_version": FORMAT_VERSION, "state": "building", "parts": [], "n_examples": 0, **meta}
+        g = zarr.open_group(str(p), mode="w")
+        g.create_group("examples")
+        g.create_group("parts")
+        g.attrs.update({FORMAT_NAME: full})
+        return cls(p, mode="r+")
+
+    def _save_meta(self) -> None:
+        if self.mode == "r":
+            raise StoreError(f"{self.path} is open read-only")
+        self.group.attrs.update({FORMAT_NAME: self.meta})
+
+    # -- description --------------------------------------------------------------------------------
+    @property
+    def state(self) -> str:
+        return str(self.meta.get("state", "building"))
+
+    @property
+    def layers(self) -> list[int]:
+        """Model layer index of each position of the acts' first axis."""
+        return [int(x) for x in self.meta["layers"]]
+
+    @property
+    def n_neurons(self) -> int:
+        return int(self.meta["model"]["n_neurons"])
+
+    @property
+    def dtype(self) -> str:
+        """Logical dtype of the activations (``float16``, ``bfloat16`` or ``float32``)."""
+        return str(self.meta["dtype"])
+
+    @property
+    def parts(self) -> list[PartInfo]:
+        return [
+            PartInfo(
+                p["name"], p["state"], int(p["example_start"]), int(p["n_examples"]),
+                int(p["committed_examples"]), int(p["committed_rows"]),
+            )
+            for p in self.meta["parts"]
+        ]
+
+    @property
+    def n_examples(self) -> int:
+        """Examples with committed rows (over all parts)."""
+        return sum(p.committed_examples for p in self.parts)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(p.committed_rows for p in self.parts)
+
+    @property
+    def committed_key(self) -> str:
+        """A string that changes whenever rows are committed (for stats caching)."""
+        return ";".join(f"{p.name}:{p.committed_rows}" for p in self.parts)
+
+    def acts(self, part: str) -> Any:
+        """The raw ``acts`` array of a part (storage dtype; bfloat16 is uint16 bits)."""
+        return self.group[f"parts/{part}/acts"]
+
+    def rows(self, part: str, column: str) -> np.ndarray:
+        """A committed row column (``example``, ``position``, ``token``) of a part."""
+        info = next(p for p in self.parts if p.name == part)
+        return np.asarray(self.group[f"parts/{part}/rows/{column}"][: info.committed_rows])
+
+    def iter_blocks(self, layer_pos: int, *, part: str | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
+        """Committed row blocks of one layer, one chunk at a time: (part, first row, block)."""
+        for p in self.parts:
+            if part is not None and p.name != part:
+                continue
+            arr = self.acts(p.name)
+            step = int(arr.chunks[1])
+            for r0 in range(0, p.committed_rows, step):
+                r1 = min(p.committed_rows, r0 + step)
+                yield p.name, r0, np.asarray(arr[layer_pos, r0:r1])
+
+    def label_columns(self) -> list[str]:
+        """Names of the label columns in ``examples/``."""
+        return sorted(k for k in self.group["examples"].array_keys() if k not in ("text", "id"))
+
+    def labels(self, column: str) -> tuple[np.ndarray, list[str]]:
+        """Codes (int32, -1 = missing) and category names of a label column, for every example."""
+        key = f"examples/{column}"
+        if column not in self.label_columns():
+            raise StoreError(
+                f"{self.path}: no label column {column!r}; columns: {', '.join(self.label_columns()) or '(none)'}"
+            )
+        arr = self.group[key]
+        n = int(self.meta["n_examples"])
+        return np.asarray(arr[:n]), list(arr.attrs.get("categories", []))
+
+    def texts(self) -> list[str]:
+        n = int(self.meta["n_examples"])
+        return [str(x) for x in self.group["examples/text"][:n]]
+
+    def ids(self) -> list[str]:
+        n = int(self.meta["n_examples"])
+        return [str(x) for x in self.group["examples/id"][:n]]
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary of the store."""
+        nbytes = sum(p.committed_rows for p in self.parts) * len(self.layers) * self.n_neurons * ITEMSIZE[self.dtype]
+        return {
+            "path": str(self.path),
+            "format_version": self.meta["format_version"],
+            "state": self.state,
+            "model": self.meta["model"],
+            "site": self.meta["site"],
+            "layers": self.layers,
+            "dtype": self.dtype,
+            "pooling": self.meta["pooling"],
+            "compressor": self.meta.get("compressor", "none"),
+            "parts": [p.__dict__ for p in self.parts],
+            "examples": self.n_examples,
+            "rows": self.n_rows,
+            "activation_bytes": nbytes,
+            "label_columns": {c: self.labels(c)[1] for c in self.label_columns()},
+            "overflow": self.meta.get("overflow", {}),
+            "dataset": [p.get("dataset") for p in self.meta["parts"]],
+            "stats_cache": self.stats_keys(),
+        }
+
+    def stats_keys(self) -> list[str]:
+        """Keys of the cached statistics under ``stats/``."""
+        if "stats" not in self.group:
+            return []
+        return sorted(self.group["stats"].group_keys())
+
+    # -- examples (written when a part starts) -------------------------------------------------------
+    def add_examples(self, ids: Sequence[str], texts: Sequence[str], labels: Sequence[Mapping[str, str]]) -> int:
+        """Append examples (ids, texts, label columns); returns the global index of the first one.
+
+        The examples count in the attributes is only advanced by :meth:`start_part`, so a crash
+        between the two leaves arrays that are trimmed back on the next call.
+        """
+        start = int(self.meta["n_examples"])
+        n = len(ids)
+        ex = self.group["examples"]
+        for name, values in (("id", ids), ("text", texts)):
+            if name not in ex:
+                ex.create_array(name, shape=(0,), chunks=(_EXAMPLES_CHUNK,), dtype=str, dimension_names=("example",))
+            arr = ex[name]
+            arr.resize((start + n,))
+            if n:
+                arr[start : start + n] = np.asarray(list(values), dtype=object).astype(str)
+        columns = sorted({k for lab in labels for k in lab} | set(self.label_columns()))
+        for col in columns:
+            if col not in ex:
+                ex.create_array(
+                    col, shape=(0,), chunks=(_EXAMPLES_CHUNK,), dtype="int32", fill_value=-1,
+                    dimension_names=("example",), attributes={"categories": []},
+                )
+            arr = ex[col]
+            cats = list(arr.attrs.get("categories", []))
+            index = {c: i for i, c in enumerate(cats)}
+            codes = np.full(n, -1, dtype=np.int32)
+            for i, lab in enumerate(labels):
+                v = lab.get(col)
+                if v is None:
+                    continue
+                if v not in index:
+                    index[v] = len(cats)
+                    cats.append(v)
+                codes[i] = index[v]
+            if arr.shape[0] < start:  # a column new in this part: earlier examples are missing
+                arr.resize((start,))
+                arr[:] = -1
+            arr.resize((start + n,))
+            if n:
+                arr[start : start + n] = codes
+            arr.attrs.update({"categories": cats})
+        return start
+
+    def start_part(self, n_examples: int, example_start: int, extra: Mapping[str, Any], *, compressor: str) -> str:
+        """Create ``parts/NNNN`` for ``n_examples`` examples starting at ``example_start``."""
+        name = f"{len(self.meta['parts']):04d}"
+        base = f"parts/{name}"
+        if base in self.group:  # left over by a crash before the counters were written
+            del self.group[base]
+        L, N = len(self.layers), self.n_neurons
+        chunk = int(self.meta["chunk_rows"])
+        self.group.create_array(
+            f"{base}/acts", shape=(L, 0, N), chunks=(1, chunk, N), dtype=STORAGE_DTYPES[self.dtype],
+            fill_value=0, compressors=_codecs(compressor), config={"write_empty_chunks": True},
+            dimension_names=("layer", "row", "neuron"), attributes={"logical_dtype": self.dtype},
+        )
+        for col, dt in (("example", "int64"), ("position", "int32"), ("token", "int32")):
+            self.group.create_array(
+                f"{base}/rows/{col}", shape=(0,), chunks=(_ROWS_CHUNK,), dtype=dt, fill_value=-1,
+                compressors=_codecs("none"), dimension_names=("row",),
+            )
+        self.meta["parts"].append(
+            {
+                "name": name, "state": "building", "example_start": example_start, "n_examples": n_examples,
+                "committed_examples": 0, "committed_rows": 0, **extra,
+            }
+        )
+        self.meta["n_examples"] = example_start + n_examples
+        self.meta["state"] = "building"
+        self._save_meta()
+        return name
+
+    def trim_examples(self) -> None:
+        """Cut example arrays back to the count in the attributes (after a crash mid-append)."""
+        n = int(self.meta["n_examples"])
+        for key in self.group["examples"].array_keys():
+            arr = self.group[f"examples/{key}"]
+            if arr.shape[0] != n:
+                arr.resize((n,))
+
+    def commit(self, part: str, examples: int, rows: int, *, overflow: Mapping[str, int] | None = None) -> None:
+        """Advance a part's committed counters (after its rows are written)."""
+        for p in self.meta["parts"]:
+            if p["name"] == part:
+                p["committed_examples"] = int(examples)
+                p["committed_rows"] = int(rows)
+        if overflow:
+            self.meta["overflow"] = {k: int(v) for k, v in overflow.items()}
+        self._save_meta()
+
+    def finish_part(self, part: str) -> None:
+        """Mark a part, and the store, complete."""
+        for p in self.meta["parts"]:
+            if p["name"] == part:
+                p["state"] = "complete"
+        if all(p["state"] == "complete" for p in self.meta["parts"]):
+            self.meta["state"] = "complete"
+        self._save_meta()
+
+    def update_meta(self, **fields: Any) -> None:
+        """Set top-level ``vstore`` attributes."""
+        self.meta.update(fields)
+        self._save_meta()
+
+
+class PartWriter:
+    """Appends rows to one part, in chunk-aligned writes, and commits at example boundaries.
+
+    Rows arrive in example order. A write covers rows up to the next chunk boundary (so chunks
+    are written whole, once, except the one a resume starts in). After each write the part's
+    counters advance to the last example whose rows are all written.
+    """
+
+    def __init__(self, store: Store, part: str) -> None:
+        self.store = store
+        self.part = part
+        info = next(p for p in store.parts if p.name == part)
+        self.acts = store.acts(part)
+        self.rows = {c: store.group[f"parts/{part}/rows/{c}"] for c in ("example", "position", "token")}
+        self.chunk = int(self.acts.chunks[1])
+        self.written = info.committed_rows
+        self.committed_examples = info.committed_examples
+        self.example_start = info.example_start
+        self.overflow: dict[str, int] = dict(store.meta.get("overflow", {}))
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
+        self._complete_examples = info.committed_examples  # examples whose rows have all arrived
+        self._boundaries: list[tuple[int, int]] = []  # (row end, examples done) not yet committed
+        self.bytes_written = 0
+        # drop anything written after the last commit (a killed build)
+        if self.acts.shape[1] != self.written:
+            self.acts.resize((self.acts.shape[0], self.written, self.acts.shape[2]))
+        for arr in self.rows.values():
+            if arr.shape[0] != self.written:
+                arr.resize((self.written,))
+
+    def add(self, acts: np.ndarray, example: np.ndarray, position: np.ndarray, token: np.ndarray, examples_done: int) -> None:
+        """Queue rows (``acts`` shaped (layers, rows, neurons)); ``examples_done`` of the part are then complete."""
+        if acts.shape[1]:
+            self._pending.append((acts, example, position, token))
+            self._pending_rows += acts.shape[1]
+        self._boundaries.append((self.written + self._pending_rows, examples_done))
+        while self._pending_rows and self.written + self._pending_rows >= self._next_boundary():
+            self._write(self._next_boundary() - self.written)
+
+    def _next_boundary(self) -> int:
+        return (self.written // self.chunk + 1) * self.chunk
+
+    def flush(self) -> None:
+        """Write every queued row and commit."""
+        if self._pending_rows:
+            self._write(self._pending_rows)
+        else:
+            self._commit()
+
+    def _write(self, n: int) -> None:
+        cat = [np.concatenate(x, axis=1 if i == 0 else 0) for i, x in enumerate(zip(*self._pending, strict=True))]
+        head = [c[:, :n] if i == 0 else c[:n] for i, c in enumerate(cat)]
+        tail = [c[:, n:] if i == 0 else c[n:] for i, c in enumerate(cat)]
+        r0, r1 = self.written, self.written + n
+        L, _, N = self.acts.shape
+        self.acts.resize((L, r1, N))
+        self.acts[:, r0:r1] = head[0]
+        for col, arr in zip(("example", "position", "token"), head[1:], strict=True):
+            self.rows[col].resize((r1,))
+            self.rows[col][r0:r1] = arr
+        self.bytes_written += head[0].nbytes
+        self.written = r1
+        self._pending = [tuple(tail)] if tail[0].shape[1] else []  # type: ignore[list-item]
+        self._pending_rows -= n
+        self._commit()
+
+    def _commit(self) -> None:
+        done = None
+        while self._boundaries and self._boundaries[0][0] <= self.written:
+            done = self._boundaries.pop(0)
+        if done is not None and done[1] != self.committed_examples:
+            self.committed_examples = done[1]
+            self.store.commit(self.part, done[1], done[0], overflow=self.overflow)
