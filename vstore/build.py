@@ -106,12 +106,13 @@ def _estimate_rows(tok: Any, examples: Sequence[Example], pool: str, max_length:
 class _Writer(threading.Thread):
     """Drains the queue of host batches into the store; re-raises its error in the main thread."""
 
-    def __init__(self, writer: PartWriter, q: queue.Queue[Any]) -> None:
+    def __init__(self, writer: PartWriter, q: queue.Queue[Any], commit_every: float) -> None:
         super().__init__(daemon=True, name="vstore-writer")
-        self.writer, self.q = writer, q
+        self.writer, self.q, self.commit_every = writer, q, commit_every
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        last = time.monotonic()
         try:
             while True:
                 item = self.q.get()
@@ -126,6 +127,9 @@ class _Writer(threading.Thread):
                     arr = arr.view(np.uint16)
                 self.writer.add(arr, example, position, token, done)
                 release.set()
+                if time.monotonic() - last >= self.commit_every:  # bound the work a kill can lose
+                    self.writer.flush()
+                    last = time.monotonic()
         except BaseException as e:  # surfaced by build_store
             self.error = e
             while True:  # keep draining so the producer never blocks on a dead writer
@@ -170,6 +174,7 @@ def build_store(
     trust_remote_code: bool = False,
     progress: bool = True,
     queue_depth: int = 2,
+    commit_every: float = 2.0,
 ) -> BuildResult:
     """Run the model over a dataset and write its activations into a store.
 
@@ -199,6 +204,9 @@ def build_store(
         Replace an existing store.
     resume
         Insist on resuming an incomplete store (an incomplete store is resumed anyway).
+    commit_every
+        Seconds between commits of a partial chunk (whole chunks commit as they fill): the most
+        work a killed build can lose.
 
     Returns
     -------
@@ -301,7 +309,7 @@ def build_store(
     first = writer.committed_examples
     resumed_from = first
     q: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
-    wthread = _Writer(writer, q)
+    wthread = _Writer(writer, q, commit_every)
     wthread.start()
     on_cuda = str(device).startswith("cuda")
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     mode.add_argument("--append", action="store_true", help="add the data as a new part of a complete store")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
     mode.add_argument("--resume", action="store_true", help="insist on resuming an incomplete store")
+    p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
+                   help="commit a partial chunk at least this often (default 2): the most a killed build loses")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_model_args(p)
     p.set_defaults(handler=cmd_build)
@@ -62,7 +64,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         texts=[t.strip() for t in a.texts.split(",")] if a.texts else None, pool=a.pool, dtype=a.dtype,
         layers=a.layers, site=a.site, batch_size=a.batch_size, max_length=a.max_length, limit=a.limit,
         device=a.device, labels=parse_labels(a.label), append=a.append, overwrite=a.overwrite, resume=a.resume,
-        compressor=a.compressor, trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
+        compressor=a.compressor, commit_every=a.commit_every, trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
     )
     what = f"resumed at example {res.resumed_from}; " if res.resumed_from else ""
     console_err.print(
