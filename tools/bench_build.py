@@ -1,0 +1,138 @@
+"""Benchmark `vstore build`: capture overhead over a plain forward, and memory as data grows.
+
+Usage::
+
+    python tools/bench_build.py [--model gemma3-270m] [--examples 48] [--repeats 2] [--json FILE]
+
+In one process, on the same batches of the bundled stories: a plain forward that stops after the
+same last layer (no capture hooks, nothing copied or written), then ``build_store`` (capture, row
+selection, device-to-host copies, writer thread, Zarr writes), alternated ``--repeats`` times; the
+median of each is reported. Then two separate ``vstore build`` processes over N and 4N examples
+report their peak RSS.
+
+JSON figures (``--json FILE``):
+
+``model``, ``examples``, ``tokens``
+    what was measured
+``plain_tokens_per_s``, ``build_tokens_per_s``
+    median throughput of each
+``capture_overhead``
+    ``plain_tokens_per_s / build_tokens_per_s - 1`` (target <= 0.15)
+``rss_small_mb``, ``rss_large_mb``, ``rss_growth``
+    peak RSS of whole build processes over N and 4N examples, and ``large / small - 1`` (target < 0.10)
+``store_bytes_small``, ``store_bytes_large``
+    activation bytes each wrote
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def plain_forward(lm, examples, batch_size: int, max_length: int, last_layer: int) -> tuple[float, int]:
+    """Seconds and tokens of a forward over the same batches, stopped after ``last_layer``."""
+    import torch
+
+    from vstore.hooks import StopForward, run_until_stop
+    from vstore.models import decoder_layers
+
+    def stop(*_a):
+        raise StopForward
+
+    handle = decoder_layers(lm.model)[last_layer].register_forward_hook(stop)
+    tok = lm.tokenizer
+    tok.padding_side = "right"
+    tokens = 0
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for b0 in range(0, len(examples), batch_size):
+                enc = tok([e.text for e in examples[b0 : b0 + batch_size]], padding=True, truncation=True,
+                          max_length=max_length, return_special_tokens_mask=True, return_tensors="pt")
+                special = enc.pop("special_tokens_mask")
+                run_until_stop(lm.model, **enc)
+                tokens += int((enc["attention_mask"].bool() & ~special.bool()).sum())
+    finally:
+        handle.remove()
+    return time.perf_counter() - t0, tokens
+
+
+def rss_of_build(model: str, data: Path, limit: int, batch_size: int, out: Path) -> tuple[float, int]:
+    """Peak RSS (MB) of a separate `vstore build` process, and the bytes its store holds."""
+    code = (
+        "import resource, sys, json; from vstore.build import build_store; "
+        f"r = build_store({str(out)!r}, model={model!r}, data={str(data)!r}, limit={limit}, "
+        f"batch_size={batch_size}, progress=False, overwrite=True); "
+        "print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.bytes_written]))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    rss_kb, nbytes = json.loads(res.stdout.strip().splitlines()[-1])
+    return rss_kb / 1024, nbytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--data", default=None, help="story file (default: the bundled benchmark)")
+    ap.add_argument("--examples", type=int, default=48, help="N: examples for the timing and the small RSS run")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write the figures here")
+    a = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from vstore.build import build_store
+    from vstore.data import bundled_stories, load_examples
+    from vstore.models import load_model
+
+    data = Path(a.data) if a.data else bundled_stories()
+    lm = load_model(a.model)
+    examples = load_examples(data, limit=a.examples)
+    last = lm.identity.n_layers - 1
+    plain, build, tokens = [], [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        plain_forward(lm, examples[: a.batch_size], a.batch_size, a.max_length, last)  # warm-up
+        for _ in range(a.repeats):
+            sec, tokens = plain_forward(lm, examples, a.batch_size, a.max_length, last)
+            plain.append(tokens / sec)
+            r = build_store(Path(tmp) / "s", model=lm, data=data, limit=a.examples, batch_size=a.batch_size,
+                            max_length=a.max_length, progress=False, overwrite=True)
+            build.append(r.tokens / r.seconds)
+        rss_s, bytes_s = rss_of_build(a.model, data, a.examples, a.batch_size, Path(tmp) / "small")
+        rss_l, bytes_l = rss_of_build(a.model, data, 4 * a.examples, a.batch_size, Path(tmp) / "large")
+    figs = {
+        "model": a.model, "examples": a.examples, "tokens": tokens,
+        "plain_tokens_per_s": statistics.median(plain), "build_tokens_per_s": statistics.median(build),
+        "rss_small_mb": rss_s, "rss_large_mb": rss_l, "store_bytes_small": bytes_s, "store_bytes_large": bytes_l,
+    }
+    figs["capture_overhead"] = figs["plain_tokens_per_s"] / figs["build_tokens_per_s"] - 1
+    figs["rss_growth"] = rss_l / rss_s - 1
+    t = Table(title=f"vstore build vs plain forward ({a.model}, {a.examples} examples, {tokens} tokens)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("plain forward to last layer", f"{figs['plain_tokens_per_s']:,.0f} tok/s")
+    t.add_row("vstore build", f"{figs['build_tokens_per_s']:,.0f} tok/s")
+    t.add_row("capture overhead (target <= 15%)", f"{figs['capture_overhead']:+.1%}")
+    t.add_row(f"peak RSS, {a.examples} examples", f"{rss_s:,.0f} MB ({bytes_s / 1e6:,.0f} MB stored)")
+    t.add_row(f"peak RSS, {4 * a.examples} examples", f"{rss_l:,.0f} MB ({bytes_l / 1e6:,.0f} MB stored)")
+    t.add_row("RSS growth at 4x data (target < 10%)", f"{figs['rss_growth']:+.1%}")
+    Console().print(t)
+    if a.json:
+        Path(a.json).write_text(json.dumps(figs, indent=1))
+
+
+if __name__ == "__main__":
+    main()
