@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from rich.markup import escape
+
 from .._version import __version__
 from ..errors import VstoreError
 from .common import console_err
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except VstoreError as e:
-        console_err.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+        console_err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console_err.print("interrupted; an incomplete store resumes when the same build is run again")
