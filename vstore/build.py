@@ -119,24 +119,20 @@ class _Writer(threading.Thread):
                 if item is None:
                     self.writer.flush()
                     return
-                host, example, position, token, done, event, release = item
+                host, example, position, token, done, event = item
                 if event is not None:
                     event.synchronize()
-                arr = host.numpy().copy()
+                arr = host.numpy()
                 if arr.dtype == np.int16:  # bfloat16 travels as its bits
                     arr = arr.view(np.uint16)
                 self.writer.add(arr, example, position, token, done)
-                release.set()
                 if time.monotonic() - last >= self.commit_every:  # bound the work a kill can lose
                     self.writer.flush()
                     last = time.monotonic()
         except BaseException as e:  # surfaced by build_store
             self.error = e
-            while True:  # keep draining so the producer never blocks on a dead writer
-                item = self.q.get()
-                if item is None:
-                    return
-                item[-1].set()
+            while self.q.get() is not None:  # keep draining so the producer never blocks on a dead writer
+                pass
 
 
 def _check_disk(path: Path, need: int) -> None:
@@ -313,56 +309,41 @@ def build_store(
     wthread.start()
     on_cuda = str(device).startswith("cuda")
     torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    n_buf = queue_depth + 1
-    buffers: list[torch.Tensor | None] = [None] * n_buf
-    free = [threading.Event() for _ in range(n_buf)]
-    for ev in free:
-        ev.set()
     overflow = dict(writer.overflow)
     tokens_seen = 0
     bar = _Progress(len(examples), first, enabled=progress)
+    sink = _RowSink(layer_list, pool, torch_dtype)
     try:
-        with torch.inference_mode(), Capture(lm.model, site, layer_list, stop=True) as cap:
-            slot = 0
+        with torch.inference_mode(), Capture(lm.model, site, layer_list, stop=True, on_output=sink) as _cap:
             for b0 in range((first // batch_size) * batch_size, len(examples), batch_size):
                 if wthread.error is not None:
                     break
                 batch = examples[b0 : b0 + batch_size]
                 enc = _tokenize(tok, [e.text for e in batch], max_length)
                 special = enc.pop("special_tokens_mask").bool()
-                enc = {k: v.to(device) for k, v in enc.items()}
-                cap.outputs.clear()
-                run_until_stop(lm.model, **enc)
-                valid = enc["attention_mask"].bool() & ~special.to(device)
+                valid = enc["attention_mask"].bool() & ~special
                 skip = max(0, first - b0)  # examples of this batch committed before a resume
-                acts, ex_idx, pos, tokn = _select_rows(cap.outputs, layer_list, valid, enc["input_ids"], pool, skip)
+                ex_idx, pos, tokn = sink.prepare(valid, enc["input_ids"], skip, lm.identity.n_neurons, device)
+                enc = {k: v.to(device) for k, v in enc.items()}
+                run_until_stop(lm.model, **enc)
+                acts = sink.out
                 if dtype == "float16":
-                    over = int((acts.abs() > FLOAT16_MAX).sum())
-                    if over:
-                        for li, lyr in enumerate(layer_list):
-                            n = int((acts[li].abs() > FLOAT16_MAX).sum())
-                            if n:
-                                overflow[str(lyr)] = overflow.get(str(lyr), 0) + n
-                        writer.overflow = overflow
-                acts = acts.to(torch_dtype)
+                    per_layer = torch.isinf(acts).sum(dim=(1, 2)).tolist()
+                    for lyr, n in zip(layer_list, per_layer, strict=True):
+                        if n:
+                            overflow[str(lyr)] = overflow.get(str(lyr), 0) + int(n)
+                    writer.overflow = overflow
                 if dtype == "bfloat16":
                     acts = acts.view(torch.int16)
-                free[slot].wait()
-                free[slot].clear()
-                buf = buffers[slot]
-                if buf is None or buf.shape[1] < acts.shape[1] or buf.dtype != acts.dtype:
-                    buf = torch.empty((acts.shape[0], max(acts.shape[1], 1), acts.shape[2]), dtype=acts.dtype,
-                                      pin_memory=on_cuda)
-                    buffers[slot] = buf
-                host = buf[:, : acts.shape[1]]
+                # device -> host: pinned, non-blocking on CUDA (the writer waits on the event);
+                # the queue bound (queue_depth) keeps at most that many batches in flight
+                host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=on_cuda)
                 host.copy_(acts, non_blocking=on_cuda)
                 event = None
                 if on_cuda:
                     event = torch.cuda.Event()
                     event.record()
-                q.put((host, (ex_idx + b0 + example_start).astype(np.int64), pos, tokn,
-                       b0 + len(batch), event, free[slot]))
-                slot = (slot + 1) % n_buf
+                q.put((host, (ex_idx + b0 + example_start).astype(np.int64), pos, tokn, b0 + len(batch), event))
                 tokens_seen += int(valid.sum())
                 bar.update(len(batch) - skip, tokens_seen, writer.bytes_written)
     finally:
@@ -396,33 +377,55 @@ def _check_same(store: Store, meta: dict[str, Any], ident: Any) -> None:
         raise StoreError(f"{store.path}: this build does not match the store: " + "; ".join(problems))
 
 
-def _select_rows(
-    outputs: dict[int, Any], layers: Sequence[int], valid: Any, input_ids: Any, pool: str, skip: int
-) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
-    """Rows of a batch: acts (layers, rows, neurons) on the device, and per row its batch example,
-    position and token (numpy), with the first ``skip`` examples left out."""
-    import torch
+class _RowSink:
+    """Reduces each captured layer to its rows inside the hook, straight into one output tensor
+    (layers, rows, neurons) of the stored dtype, so no full (batch, tokens, neurons) activation
+    outlives its layer."""
 
-    stack = torch.stack([outputs[i] for i in layers])  # (L, B, T, N)
-    valid = valid.clone()
-    valid[:skip] = False
-    if pool == "token":
-        b, t = valid.nonzero(as_tuple=True)
-        acts = stack[:, b, t, :]
-        ex, pos, tokn = b.cpu().numpy(), t.cpu().numpy().astype(np.int32), input_ids[b, t].cpu().numpy().astype(np.int32)
-        return acts, ex, pos, tokn
-    keep = valid.any(dim=1).nonzero(as_tuple=True)[0]
-    if pool == "mean":
-        w = valid.to(stack.dtype)[None, :, :, None]
-        acts = (stack * w).sum(dim=2) / w.sum(dim=2).clamp(min=1)
-        acts = acts[:, keep]
-        n = len(keep)
-        return acts, keep.cpu().numpy(), np.full(n, -1, np.int32), np.full(n, -1, np.int32)
-    T = valid.shape[1]
-    last = (T - 1 - valid.flip(dims=[1]).int().argmax(dim=1))[keep]
-    acts = stack[:, keep, last, :]
-    return (acts, keep.cpu().numpy(), last.cpu().numpy().astype(np.int32),
-            input_ids[keep, last].cpu().numpy().astype(np.int32))
+    def __init__(self, layers: Sequence[int], pool: str, dtype: Any) -> None:
+        self.pos = {lyr: i for i, lyr in enumerate(layers)}
+        self.pool, self.dtype = pool, dtype
+        self.out: Any = None
+
+    def prepare(
+        self, valid: Any, input_ids: Any, skip: int, n_neurons: int, device: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fix the rows of the next forward; returns per row its batch example, position, token."""
+        import torch
+
+        valid = valid.clone()
+        valid[:skip] = False
+        if self.pool == "token":
+            b, t = valid.nonzero(as_tuple=True)
+            meta = (b.numpy(), t.numpy().astype(np.int32), input_ids[b, t].numpy().astype(np.int32))
+            self.index: tuple[Any, ...] = (b.to(device), t.to(device))
+        else:
+            keep = valid.any(dim=1).nonzero(as_tuple=True)[0]
+            T = valid.shape[1]
+            last = (T - 1 - valid.flip(dims=[1]).int().argmax(dim=1))[keep]
+            if self.pool == "mean":
+                w = valid[keep].to(torch.float32)
+                self.index = (keep.to(device), (w / w.sum(dim=1, keepdim=True).clamp(min=1)).to(device))
+                n = len(keep)
+                meta = (keep.numpy(), np.full(n, -1, np.int32), np.full(n, -1, np.int32))
+            else:
+                self.index = (keep.to(device), last.to(device))
+                meta = (keep.numpy(), last.numpy().astype(np.int32), input_ids[keep, last].numpy().astype(np.int32))
+        self.out = torch.empty((len(self.pos), len(meta[0]), n_neurons), dtype=self.dtype, device=device)
+        return meta
+
+    def __call__(self, layer: int, t: Any) -> None:
+        dst = self.out[self.pos[layer]]
+        if self.pool == "mean":
+            keep, w = self.index
+            dst.copy_(_weighted_mean(t[keep], w))
+        else:
+            dst.copy_(t[self.index])
+
+
+def _weighted_mean(x: Any, w: Any) -> Any:
+    """Weighted mean over tokens: x (B, T, N), w (B, T) -> (B, N), in float32."""
+    return (w.unsqueeze(1).to(x.dtype) @ x).squeeze(1)
 
 
 def _say(msg: str) -> None:

@@ -67,16 +67,29 @@ class Capture(_Hooks):
         Model layer indices (default all).
     stop
         Raise :class:`StopForward` after the last captured layer.
+    on_output
+        Called as ``on_output(layer, activation)`` inside the hook instead of keeping the tensor,
+        so a consumer can reduce it at once and the layer's memory is freed as the forward goes on.
 
     Attributes
     ----------
     outputs : dict[int, torch.Tensor]
-        Model layer index -> activation (batch, tokens, neurons) of the last forward.
+        Model layer index -> activation (batch, tokens, neurons) of the last forward (when no
+        ``on_output`` is given).
     """
 
-    def __init__(self, model: Any, site: str = "act", layers: Sequence[int] | None = None, *, stop: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        site: str = "act",
+        layers: Sequence[int] | None = None,
+        *,
+        stop: bool = False,
+        on_output: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> None:
         super().__init__()
         self.outputs: dict[int, torch.Tensor] = {}
+        self.on_output = on_output
         mods = capture_modules(model, site, list(layers) if layers is not None else None)
         self.layers = [i for i, _, _ in mods]
         last = self.layers[-1]
@@ -89,7 +102,10 @@ class Capture(_Hooks):
 
     def _recorder(self, idx: int, stop: bool) -> Callable[[torch.Tensor], None]:
         def record(t: torch.Tensor) -> None:
-            self.outputs[idx] = t.detach()
+            if self.on_output is not None:
+                self.on_output(idx, t.detach())
+            else:
+                self.outputs[idx] = t.detach()
             if stop:
                 raise StopForward
 
