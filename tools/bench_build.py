@@ -19,7 +19,10 @@ JSON figures (``--json FILE``):
 ``capture_overhead``
     ``plain_tokens_per_s / build_tokens_per_s - 1`` (target <= 0.15)
 ``rss_small_mb``, ``rss_large_mb``, ``rss_growth``
-    peak RSS of whole build processes over N and 4N examples, and ``large / small - 1`` (target < 0.10)
+    peak RSS of whole build processes over N and 4N examples, and ``large / small - 1`` (target < 0.10).
+    These runs truncate texts to ``--rss-max-length`` tokens (default 64, shorter than any bundled
+    story) so every batch has the same shape: the peak then shows what grows with the data, not
+    the length of the longest batch that happens to be drawn.
 ``store_bytes_small``, ``store_bytes_large``
     activation bytes each wrote
 """
@@ -67,12 +70,12 @@ def plain_forward(lm, examples, batch_size: int, max_length: int, last_layer: in
     return time.perf_counter() - t0, tokens
 
 
-def rss_of_build(model: str, data: Path, limit: int, batch_size: int, out: Path) -> tuple[float, int]:
+def rss_of_build(model: str, data: Path, limit: int, batch_size: int, max_length: int, out: Path) -> tuple[float, int]:
     """Peak RSS (MB) of a separate `vstore build` process, and the bytes its store holds."""
     code = (
         "import resource, sys, json; from vstore.build import build_store; "
         f"r = build_store({str(out)!r}, model={model!r}, data={str(data)!r}, limit={limit}, "
-        f"batch_size={batch_size}, progress=False, overwrite=True); "
+        f"batch_size={batch_size}, max_length={max_length}, progress=False, overwrite=True); "
         "print(json.dumps([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, r.bytes_written]))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
@@ -88,6 +91,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--rss-max-length", type=int, default=64, help="token cap for the RSS runs (same-shape batches)")
     ap.add_argument("--json", default=None, help="write the figures here")
     a = ap.parse_args()
 
@@ -111,8 +115,8 @@ def main() -> None:
             r = build_store(Path(tmp) / "s", model=lm, data=data, limit=a.examples, batch_size=a.batch_size,
                             max_length=a.max_length, progress=False, overwrite=True)
             build.append(r.tokens / r.seconds)
-        rss_s, bytes_s = rss_of_build(a.model, data, a.examples, a.batch_size, Path(tmp) / "small")
-        rss_l, bytes_l = rss_of_build(a.model, data, 4 * a.examples, a.batch_size, Path(tmp) / "large")
+        rss_s, bytes_s = rss_of_build(a.model, data, a.examples, a.batch_size, a.rss_max_length, Path(tmp) / "small")
+        rss_l, bytes_l = rss_of_build(a.model, data, 4 * a.examples, a.batch_size, a.rss_max_length, Path(tmp) / "large")
     figs = {
         "model": a.model, "examples": a.examples, "tokens": tokens,
         "plain_tokens_per_s": statistics.median(plain), "build_tokens_per_s": statistics.median(build),

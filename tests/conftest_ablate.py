@@ -1,0 +1,133 @@
+"""Shared helpers of tests/test_hooks.py and tests/test_ablate.py (imported explicitly, not a conftest).
+
+Tiny random-initialised models of every supported family, a small BPE tokenizer trained on a few
+strings, evaluation stories in the C-voice schema, and neuron-set files in the ``vstore rank`` format.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
+VALUES = ("harmony", "justice", "integrity")
+
+
+def family_config(family: str, *, vocab: int = 64, layers: int = 2, inter: int = 48) -> Any:
+    """A tiny config of one architecture (hidden 32, 4 heads)."""
+    from transformers import AutoConfig
+
+    ids = {"vocab_size": vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        extra = {"head_dim": 8} if family == "qwen3" else {}
+        return AutoConfig.for_model(family, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                    **extra, **ids)
+    if family in ("gemma", "gemma2", "gemma3_text"):
+        extra = {} if family == "gemma" else {"sliding_window": 4, "final_logit_softcapping": 30.0}
+        return AutoConfig.for_model(family, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                    max_position_embeddings=256, **extra, **ids)
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_inner=inter, n_layer=layers, n_head=4, n_positions=256, **ids)
+    if family == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
+                                    num_attention_heads=4, max_position_embeddings=256, **ids)
+    raise ValueError(family)
+
+
+def family_model(family: str, *, seed: int = 0, **kw: Any) -> Any:
+    """A tiny random model of one family, in eval mode, float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(family_config(family, **kw)).eval()
+
+
+def down_weight_zeroed(model: Any, family: str, neurons: dict[int, list[int]]) -> None:
+    """Zero, by hand, the down-projection weights that read the given neurons (in place)."""
+    import torch
+
+    with torch.no_grad():
+        for layer, idx in neurons.items():
+            if family == "gpt2":
+                model.transformer.h[layer].mlp.c_proj.weight[idx, :] = 0  # Conv1D: (in, out)
+            elif family == "gpt_neox":
+                model.gpt_neox.layers[layer].mlp.dense_4h_to_h.weight[:, idx] = 0
+            else:
+                model.model.layers[layer].mlp.down_proj.weight[:, idx] = 0
+
+
+def stories(split: str = "evaluation", per_value: int = 2) -> list[dict[str, str]]:
+    """Evaluation (or activation) items: VALUES x per_value x (en, zh)."""
+    rows = []
+    for vi, v in enumerate(VALUES):
+        for k in range(per_value):
+            for lang in ("en", "zh"):
+                if lang == "en":
+                    story = f"Story {k} about {v}: a neighbour asks for help with case {vi * 7 + k}."
+                    al, vio = f"Help them honestly ({v}).", f"Ignore them for gain {k}."
+                    rat = f"Because {v} matters."
+                else:
+                    story = f"关于{v}的故事{k}：邻居在第{vi * 7 + k}件事上请求帮助。"
+                    al, vio = f"诚实地帮助他们（{v}）。", f"为了利益{k}而不理他们。"
+                    rat = f"因为{v}很重要。"
+                row = {"id": f"{v}-{k}-{lang}", "value": v, "lang": lang, "split": split, "story": story,
+                       "aligned": al, "violating": vio}
+                if split == "activation":
+                    row["rationale"] = rat
+                rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def make_tokenizer(out: Path) -> Any:
+    """A byte-level BPE tokenizer trained on the test stories and the choice prompts; saved to ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [r["story"] + " " + r["aligned"] + " " + r["violating"] for r in stories("activation", 3)]
+    corpus += ["Question: What should be done?\nA. x\nB. y\nAnswer: A", "问题：应该怎么做？\nA. x\nB. y\n答案：B"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_model_dir(out: Path, family: str = "llama", *, layers: int = 3, inter: int = 96, seed: int = 0) -> Path:
+    """A saved tiny model folder (config, safetensors, tokenizer) loadable by vstore.models.load_model."""
+    tok = make_tokenizer(out)
+    model = family_model(family, seed=seed, vocab=len(tok), layers=layers, inter=inter)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def neuron_set(identity: Any, groups: dict[str, list[tuple[int, int]]], **model_overrides: Any) -> dict[str, Any]:
+    """A neuron-set document in the ``vstore rank`` format."""
+    model = {**identity.to_json(), **model_overrides}
+    return {
+        "format": {"name": "vstore-neurons", "version": 1},
+        "model": model,
+        "store": {"path": "store", "site": "act"},
+        "method": "hand",
+        "params": {},
+        "groups": {g: [{"layer": la, "neuron": n, "score": 1.0} for la, n in items] for g, items in groups.items()},
+    }
+
+
+def write_neuron_set(path: Path, doc: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path

@@ -1,0 +1,251 @@
+"""The statistics pass: equality with NumPy on raw store arrays, every backend, grouping, the cache,
+split halves, AUROC from histograms, NaN rows, the direct chunk reader and Dask."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import mannwhitneyu
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest_rank import raw_rows
+from make_synthetic_store import make_synthetic_store
+
+from vstore import kernels
+from vstore.cli import main
+from vstore.errors import StoreError, VstoreError
+from vstore.stats import (
+    GroupStats,
+    _ActsReader,
+    compute_auroc,
+    compute_split_stats,
+    compute_stats,
+    item_stem,
+    make_grouping,
+    read_counter,
+    split_halves,
+)
+from vstore.store import Store
+
+BACKENDS = [b for b in kernels.BACKENDS if b != "cpp" or kernels.native_available()]
+
+
+def synth(path: Path, dtype: str = "float16", **kw: object) -> dict:
+    args = dict(n_layers=3, n_neurons=48, n_examples=64, rows_per_example=(3, 12), groups=4, planted=2, effect=3.0,
+                dtype=dtype, seed=1, chunk_rows=64)
+    args.update(kw)
+    return make_synthetic_store(path, **args)  # type: ignore[arg-type]
+
+
+def reference(path: Path, column: str = "value") -> dict[str, dict[str, np.ndarray]]:
+    """Per group: count/sum/sumsq/npos per layer from the raw arrays (NaN rows left out)."""
+    X, y, cats = raw_rows(path, column)
+    out = {}
+    for g in cats:
+        rows = X[:, y == g, :]
+        ok = np.isfinite(rows).all(axis=2)  # (L, R)
+        out[g] = {
+            "count": ok.sum(axis=1),
+            "sum": np.where(ok[:, :, None], rows, 0).sum(axis=1),
+            "sumsq": np.where(ok[:, :, None], rows * rows, 0).sum(axis=1),
+            "npos": (np.where(ok[:, :, None], rows, 0) > 0).sum(axis=1),
+            "nonfinite": (~ok).sum(axis=1),
+        }
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_stats_equal_numpy_on_every_backend(tmp_path: Path, dtype: str) -> None:
+    synth(tmp_path / "s", dtype, nonfinite_rows=5)
+    ref = reference(tmp_path / "s")
+    results = []
+    for backend in BACKENDS:
+        st = compute_stats(tmp_path / "s", "value", backend=backend, use_cache=False)
+        results.append(st)
+        assert st.groups == list(ref)
+        for gi, g in enumerate(st.groups):
+            np.testing.assert_array_equal(st.count[:, gi], ref[g]["count"])
+            np.testing.assert_array_equal(st.npos[:, gi], ref[g]["npos"])
+            np.testing.assert_array_equal(st.nonfinite[:, gi], ref[g]["nonfinite"])
+            np.testing.assert_allclose(st.sum[:, gi], ref[g]["sum"], rtol=1e-12, atol=1e-9)
+            np.testing.assert_allclose(st.sumsq[:, gi], ref[g]["sumsq"], rtol=1e-12, atol=1e-9)
+    assert int(results[0].nonfinite.sum()) == 5 * 3  # every layer of each NaN row
+    for other in results[1:]:  # backends agree bit for bit
+        for k in ("count", "sum", "sumsq", "npos", "nonfinite"):
+            assert np.array_equal(getattr(results[0], k), getattr(other, k)), k
+
+
+def test_grouping_where_contrast_and_mask(tmp_path: Path) -> None:
+    synth(tmp_path / "s", polarity=True, n_examples=48)
+    store = Store(tmp_path / "s")
+    g = make_grouping(store, "value", where={"lang": ["zh"]}, contrast=("polarity", ["aligned", "violating"]))
+    assert g.names[:2] == ["g00|aligned", "g00|violating"] and g.base == ["g00", "g01", "g02", "g03"]
+    lang, lcats = store.labels("lang")
+    assert (g.codes[lang == lcats.index("en")] == -1).all()
+    st = compute_stats(store, "value", where={"lang": ["zh"]}, contrast=("polarity", ["aligned", "violating"]),
+                       use_cache=False)
+    X, y, _ = raw_rows(tmp_path / "s")
+    _, pol, _ = raw_rows(tmp_path / "s", "polarity")
+    _, lg, _ = raw_rows(tmp_path / "s", "lang")
+    sel = (y == "g01") & (pol == "violating") & (lg == "zh")
+    gi = st.groups.index("g01|violating")
+    np.testing.assert_allclose(st.sum[:, gi], X[:, sel].sum(axis=1), rtol=1e-12)
+    with pytest.raises(StoreError, match="no value"):
+        make_grouping(store, "value", where={"lang": ["fr"]})
+    with pytest.raises(StoreError, match="no label column"):
+        make_grouping(store, "colour")
+    with pytest.raises(VstoreError, match="two different"):
+        make_grouping(store, "value", contrast=("polarity", ["aligned"]))
+    one = make_grouping(store, None)
+    assert one.names == ["all"] and (one.codes == 0).all()
+
+
+def test_cache_reused_and_invalidated(tmp_path: Path) -> None:
+    synth(tmp_path / "s")
+    first = compute_stats(tmp_path / "s", "value")
+    assert not first.from_cache and first.chunks_read > 0
+    before = read_counter.chunks
+    second = compute_stats(tmp_path / "s", "value")
+    assert second.from_cache and read_counter.chunks == before  # no activation chunk read
+    for k in ("count", "sum", "sumsq", "npos", "nonfinite"):
+        assert np.array_equal(getattr(first, k), getattr(second, k))
+    keys = Store(tmp_path / "s").stats_keys()
+    assert keys == [first.key]
+    synth(tmp_path / "s", append=True, n_examples=16, seed=2)  # rows added: a new key, the stale one dropped
+    third = compute_stats(tmp_path / "s", "value")
+    assert not third.from_cache and third.key != first.key
+    assert int(third.count.sum()) > int(first.count.sum())
+    assert Store(tmp_path / "s").stats_keys() == [third.key]
+    assert main(["cache", "clear", str(tmp_path / "s")]) == 0
+    assert Store(tmp_path / "s").stats_keys() == []
+    assert not compute_stats(tmp_path / "s", "value").from_cache
+
+
+def test_cache_is_plain_zarr(tmp_path: Path) -> None:
+    import zarr
+
+    synth(tmp_path / "s")
+    st = compute_stats(tmp_path / "s", "value")
+    g = zarr.open_group(str(tmp_path / "s"), mode="r")
+    arr = g[f"stats/{st.key}/sum"]
+    assert np.array_equal(np.asarray(arr[...]), st.sum)
+    assert g[f"stats/{st.key}"].attrs["vstore_stats"]["groups"] == st.groups
+
+
+def test_merge_of_halves_equals_the_whole(tmp_path: Path) -> None:
+    synth(tmp_path / "s")
+    whole = compute_stats(tmp_path / "s", "value", use_cache=False)
+    a, b = compute_split_stats(tmp_path / "s", "value", seed=3, use_cache=False)
+    ma, mb = split_halves(Store(tmp_path / "s"), seed=3, by="value")
+    a2 = compute_stats(tmp_path / "s", "value", example_mask=ma, use_cache=False)
+    assert np.array_equal(a.count, a2.count) and np.allclose(a.sum, a2.sum)
+    assert not (ma & mb).any() and (ma | mb).all()
+    merged = GroupStats.zeros(whole.groups, whole.layers, whole.n_neurons)
+    merged.merge(a)
+    merged.merge(b)
+    assert np.array_equal(merged.count, whole.count) and np.array_equal(merged.npos, whole.npos)
+    np.testing.assert_allclose(merged.sum, whole.sum, rtol=1e-12)
+    np.testing.assert_allclose(merged.mean(), whole.mean(), rtol=1e-12)
+    with pytest.raises(VstoreError, match="cannot merge"):
+        merged.merge(GroupStats.zeros(["x"], whole.layers, whole.n_neurons))
+
+
+def test_split_halves_keep_items_together(tmp_path: Path) -> None:
+    assert item_stem("justice-a01-zh:aligned", "zh") == "justice-a01"
+    assert item_stem("justice-a01-en", "en") == "justice-a01"
+    assert item_stem("plain", None) == "plain"
+    synth(tmp_path / "s", polarity=True, n_examples=96)
+    store = Store(tmp_path / "s")
+    ma, mb = split_halves(store, seed=0, by="value")
+    ids = store.ids()
+    half_of: dict[str, bool] = {}
+    for i, ex in enumerate(ids):
+        stem = ex.split(":")[0].rsplit("-", 1)[0]
+        assert half_of.setdefault(stem, bool(ma[i])) == bool(ma[i])
+    codes, _ = store.labels("value")
+    for g in np.unique(codes):  # each group split evenly
+        assert abs(int((ma & (codes == g)).sum()) - int((mb & (codes == g)).sum())) <= 4
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_auroc_exact_for_16_bit_stores(tmp_path: Path, dtype: str) -> None:
+    synth(tmp_path / "s", dtype, nonfinite_rows=3)
+    # 3 groups x 8 neurons x 65536 x 4 bytes: several neuron blocks (passes) per layer
+    res = compute_auroc(tmp_path / "s", "value", memory=4 * 8 * 65536 * 4, use_cache=False)
+    assert res.exact and res.passes == 3 * 6 and float(res.error.max()) == 0.0
+    X, y, _ = raw_rows(tmp_path / "s")
+    ok = np.isfinite(X).all(axis=2)
+    for ti, g in enumerate(res.targets):
+        for li in range(3):
+            for n in (0, 5, 17, 47):
+                x, lab = X[li, ok[li], n], y[ok[li]] == g
+                assert res.auroc[li, ti, n] == pytest.approx(roc_auc_score(lab, x), abs=1e-13)
+                # exact: the Mann-Whitney U (midranks, ties count one half) over n1 * n0, one rounding
+                u = mannwhitneyu(x[lab], x[~lab]).statistic
+                assert res.auroc[li, ti, n] == u / (lab.sum() * (~lab).sum())
+
+
+def test_auroc_float32_reports_its_error_bound(tmp_path: Path) -> None:
+    synth(tmp_path / "s", "float32")
+    res = compute_auroc(tmp_path / "s", "value", use_cache=False)
+    assert not res.exact and float(res.error.max()) > 0
+    X, y, _ = raw_rows(tmp_path / "s")
+    for ti, g in enumerate(res.targets):
+        for li in range(3):
+            for n in range(0, 48, 7):
+                ref = roc_auc_score(y == g, X[li, :, n])
+                assert abs(res.auroc[li, ti, n] - ref) <= res.error[li, ti, n] + 1e-12
+    cached = compute_auroc(tmp_path / "s", "value")
+    again = compute_auroc(tmp_path / "s", "value")
+    assert not cached.from_cache and again.from_cache and np.array_equal(cached.auroc, again.auroc)
+
+
+def test_zarr_path_equals_direct_reader(tmp_path: Path) -> None:
+    synth(tmp_path / "raw")
+    synth(tmp_path / "zstd", compressor="zstd-1")
+    assert _ActsReader(Store(tmp_path / "raw"), "0000").direct is not None
+    assert _ActsReader(Store(tmp_path / "zstd"), "0000").direct is None
+    a = compute_stats(tmp_path / "raw", "value", use_cache=False)
+    b = compute_stats(tmp_path / "zstd", "value", use_cache=False)
+    for k in ("count", "sum", "sumsq", "npos"):
+        assert np.array_equal(getattr(a, k), getattr(b, k))
+
+
+def test_corrupt_chunk_is_reported(tmp_path: Path) -> None:
+    synth(tmp_path / "s")
+    chunk = tmp_path / "s" / "parts" / "0000" / "acts" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[10] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum"):
+        compute_stats(tmp_path / "s", "value", use_cache=False)
+
+
+def test_unwritable_cache_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vstore.stats as vs
+
+    synth(tmp_path / "s")
+
+    def refuse(*a: object) -> None:
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(vs.os, "replace", refuse)
+    st = compute_stats(tmp_path / "s", "value")
+    assert st.chunks_read > 0 and not st.from_cache
+    assert Store(tmp_path / "s").stats_keys() == []  # the temporary group is gone too
+    assert not [p for p in (tmp_path / "s" / "stats").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_dask_local_cluster_matches_one_pass(tmp_path: Path) -> None:
+    pytest.importorskip("distributed")
+    synth(tmp_path / "s")
+    one = compute_stats(tmp_path / "s", "value", use_cache=False)
+    dist = compute_stats(tmp_path / "s", "value", use_cache=False, dask="local:2")
+    assert np.array_equal(one.count, dist.count) and np.array_equal(one.npos, dist.npos)
+    np.testing.assert_allclose(dist.sum, one.sum, rtol=1e-12)
+    np.testing.assert_allclose(dist.sumsq, one.sumsq, rtol=1e-12)
+    assert dist.chunks_read == one.chunks_read

@@ -1,0 +1,727 @@
+"""The store layer (``vstore.store``): what a build writes is what a reader gets, even after a kill.
+
+* property tests (hypothesis) of :class:`~vstore.store.PartWriter`: random shapes, dtypes, chunk
+  sizes, example lengths, batch groupings and flushes; read back with plain zarr;
+* fault injection: a writer dropped mid-feed, garbage beyond the committed rows, resumed from the
+  committed counters, ends bitwise identical to an uninterrupted run; crashed ``add_examples``;
+* label columns (late columns, append-only categories, missing = -1);
+* the golden store ``tests/golden/store-v1`` (written once by ``tools/make_golden_store.py``),
+  decoded on every run so an old store keeps opening;
+* refusals: not a store, plain zarr group, future format version, writes through read-only stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vstore.errors import StoreError, StoreExistsError, StoreNotFoundError, VstoreError
+from vstore.store import FORMAT_VERSION, STORAGE_DTYPES, PartInfo, PartWriter, Store, is_store
+
+GOLDEN = Path(__file__).parent / "golden" / "store-v1"
+DTYPES = ("float16", "float32", "bfloat16")
+BITS = {"float16": np.uint16, "float32": np.uint32, "bfloat16": np.uint16}
+PROPERTY = settings(deadline=None, max_examples=30)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _tmpdir() -> Iterator[Path]:
+    # hypothesis runs many examples per test function: a fresh folder each (not tmp_path)
+    with tempfile.TemporaryDirectory(prefix="vstore-test-store-") as d:
+        yield Path(d)
+
+
+def _meta(n_layers: int, n_neurons: int, dtype: str, chunk_rows: int, compressor: str = "none") -> dict[str, Any]:
+    return {
+        "model": {
+            "name": "tiny", "source": "local:tiny", "sha256": "0" * 64, "architecture": "llama",
+            "n_layers": n_layers + 1, "n_neurons": n_neurons,
+        },
+        "site": "act", "layers": list(range(n_layers)), "dtype": dtype, "storage_dtype": STORAGE_DTYPES[dtype],
+        "pooling": "token", "compressor": compressor, "chunk_rows": chunk_rows,
+    }
+
+
+def _disk_meta(path: Path) -> dict[str, Any]:
+    """The ``vstore`` attributes as they are on disk right now."""
+    return json.loads((path / "zarr.json").read_text())["attributes"]["vstore"]
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    """An array's raw bit patterns (so NaN payloads and -0.0 compare exactly)."""
+    a = np.ascontiguousarray(a)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def _assert_bitwise(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    assert np.array_equal(_bits(got), _bits(want)), f"{what}: contents differ"
+
+
+@dataclass
+class Feed:
+    """A random build: shapes, per-example rows, batch groupings and flushes, and the data."""
+
+    n_layers: int
+    n_neurons: int
+    chunk_rows: int
+    dtype: str
+    compressor: str
+    rows: list[int]  # rows of each example of the part
+    batches: list[tuple[int, int]]  # consecutive part-relative example ranges [a, b), may be empty
+    flushes: list[bool]  # flush after each batch
+    seed: int
+    prior_part: bool = False  # write a complete part 0000 first (so the fed part starts later)
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.seed)
+        storage = np.dtype(STORAGE_DTYPES[self.dtype])
+        bits = BITS[self.dtype]
+        self.acts: list[np.ndarray] = []
+        self.position: list[np.ndarray] = []
+        self.token: list[np.ndarray] = []
+        for r in self.rows:
+            raw = rng.integers(0, np.iinfo(bits).max, size=(self.n_layers, r, self.n_neurons), dtype=bits,
+                               endpoint=True)
+            self.acts.append(raw.view(storage))  # any bit pattern, NaN and -0.0 included
+            self.position.append((np.arange(r) + int(rng.integers(0, 3))).astype(np.int32))
+            self.token.append(rng.integers(0, 50_000, size=r).astype(np.int32))
+        self.cum = np.concatenate([[0], np.cumsum(self.rows, dtype=np.int64)]).astype(int)
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def example_start(self) -> int:
+        return 2 if self.prior_part else 0
+
+    @property
+    def part(self) -> str:
+        return "0001" if self.prior_part else "0000"
+
+    def batch(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """What a build hands PartWriter.add for examples [a, b) of the part."""
+        empty = np.zeros((self.n_layers, 0, self.n_neurons), dtype=STORAGE_DTYPES[self.dtype])
+        acts = np.concatenate([empty, *self.acts[a:b]], axis=1)
+        example = np.concatenate(
+            [np.zeros(0, np.int64)] + [np.full(self.rows[i], self.example_start + i, np.int64) for i in range(a, b)]
+        )
+        position = np.concatenate([np.zeros(0, np.int32), *self.position[a:b]])
+        token = np.concatenate([np.zeros(0, np.int32), *self.token[a:b]])
+        return acts, example, position, token
+
+    def expected(self, upto: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The concatenation of the first ``upto`` examples (all by default)."""
+        return self.batch(0, self.n if upto is None else upto)
+
+
+@st.composite
+def feeds(draw: st.DrawFn) -> Feed:
+    rows = draw(st.lists(st.integers(0, 5), max_size=12))
+    cuts = sorted(draw(st.lists(st.integers(0, len(rows)), max_size=8)))
+    edges = [0, *cuts, len(rows)]
+    batches = list(itertools.pairwise(edges))
+    return Feed(
+        n_layers=draw(st.integers(1, 3)),
+        n_neurons=draw(st.integers(1, 9)),
+        chunk_rows=draw(st.integers(1, 7)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        compressor=draw(st.sampled_from(["none", "none", "zstd-1"])),
+        rows=rows,
+        batches=batches,
+        flushes=draw(st.lists(st.booleans(), min_size=len(batches), max_size=len(batches))),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        prior_part=draw(st.booleans()),
+    )
+
+
+def _create(path: Path, feed: Feed) -> None:
+    """A store with the examples of ``feed`` and its (empty, building) part."""
+    store = Store.create(path, _meta(feed.n_layers, feed.n_neurons, feed.dtype, feed.chunk_rows, feed.compressor))
+    if feed.prior_part:  # a complete part 0000 of 2 one-row examples
+        start = store.add_examples(["p0", "p1"], ["prior 0", "prior 1"], [{"value": "a"}, {}])
+        part = store.start_part(2, start, {}, compressor=feed.compressor)
+        w = PartWriter(store, part)
+        ones = np.ones((feed.n_layers, 2, feed.n_neurons), dtype=STORAGE_DTYPES[feed.dtype])
+        w.add(ones, np.arange(2, dtype=np.int64), np.zeros(2, np.int32), np.zeros(2, np.int32), 2)
+        w.flush()
+        store.finish_part(part)
+    ids = [f"ex{i}" for i in range(feed.n)]
+    start = store.add_examples(ids, [f"text {i}" for i in range(feed.n)], [{"value": f"v{i % 3}"} for i in range(feed.n)])
+    assert start == feed.example_start
+    assert store.start_part(feed.n, start, {}, compressor=feed.compressor) == feed.part
+
+
+def _check_committed(path: Path, feed: Feed) -> dict[str, Any]:
+    """The invariant readers rely on: committed counters sit at an example boundary."""
+    info = _disk_meta(path)["parts"][-1]
+    k = info["committed_examples"]
+    assert 0 <= k <= feed.n
+    assert info["committed_rows"] == feed.cum[k], (
+        f"committed_rows {info['committed_rows']} is not the end of example {k} ({feed.cum[k]})"
+    )
+    return info
+
+
+def _run(path: Path, feed: Feed, crashes: Sequence[tuple[int, str]] = (), seed: int = 0) -> None:
+    """Feed the part, crashing after ``steps`` batches with ``corruption`` for each (steps, corruption).
+
+    After each crash the store is reopened, a new PartWriter trims to the committed counters, and
+    the feed restarts with the batch that holds the first uncommitted example (its committed
+    examples skipped), as ``vstore build`` does.
+    """
+    rng = np.random.default_rng(seed)
+    for attempt in [*crashes, None]:
+        store = Store(path, "r+")
+        store.trim_examples()
+        writer = PartWriter(store, feed.part)
+        k = writer.committed_examples
+        assert writer.written == feed.cum[k]
+        acts_arr = zarr.open_array(str(path / f"parts/{feed.part}/acts"), mode="r")
+        assert acts_arr.shape[1] == feed.cum[k], "PartWriter did not trim acts to the committed rows"
+        todo = [(max(a, k), b, fl) for (a, b), fl in zip(feed.batches, feed.flushes, strict=True) if b > k]
+        steps = len(todo) if attempt is None else attempt[0]
+        flushed = k
+        for a, b, fl in todo[:steps]:
+            before = writer.written
+            writer.add(*feed.batch(a, b), examples_done=b)
+            # writes end on chunk boundaries (whole chunks, except the one a flush/resume starts in)
+            assert writer.written == before or writer.written % feed.chunk_rows == 0
+            if fl:
+                writer.flush()
+                flushed = b
+            info = _check_committed(path, feed)
+            assert info["committed_examples"] >= flushed, "flush did not commit every example fed"
+            assert info["committed_examples"] <= b
+        if attempt is None:
+            writer.flush()
+            assert _check_committed(path, feed)["committed_examples"] == feed.n
+            store.commit(feed.part, feed.n, writer.written)
+            store.finish_part(feed.part)
+            return
+        # the kill: the writer and its queued rows are gone; maybe the disk holds more
+        del writer, store
+        _corrupt(path, feed, attempt[1], rng)
+        _check_reader_sees_committed(path, feed)
+
+
+def _corrupt(path: Path, feed: Feed, how: str, rng: np.random.Generator) -> None:
+    """What a killed process may leave beyond the committed rows."""
+    if how == "drop":
+        return
+    committed = _disk_meta(path)["parts"][-1]["committed_rows"]
+    g = zarr.open_group(str(path), mode="r+")
+    acts = g[f"parts/{feed.part}/acts"]
+    L, n_now, N = acts.shape
+    new = max(n_now, committed) + int(rng.integers(1, 2 * feed.chunk_rows + 2))
+    acts.resize((L, new, N))  # zarr saves the new shape first ...
+    cols = {c: g[f"parts/{feed.part}/rows/{c}"] for c in ("example", "position", "token")}
+    for arr in cols.values():
+        arr.resize((new,))
+    if how == "garbage":  # ... then the data: any bits, over everything past the committed rows
+        bits = BITS[feed.dtype]
+        junk = rng.integers(0, np.iinfo(bits).max, size=(L, new - committed, N), dtype=bits, endpoint=True)
+        acts[:, committed:new] = junk.view(STORAGE_DTYPES[feed.dtype])
+        for arr in cols.values():
+            arr[committed:new] = rng.integers(-5, 1000, size=new - committed).astype(arr.dtype)
+
+
+def _check_reader_sees_committed(path: Path, feed: Feed) -> None:
+    """A reader opened on a killed build sees exactly the committed prefix, whatever lies beyond."""
+    store = Store(path, "r")
+    info = next(p for p in store.parts if p.name == feed.part)
+    acts, example, position, token = feed.expected(info.committed_examples)
+    for col, want in (("example", example), ("position", position), ("token", token)):
+        _assert_bitwise(store.rows(feed.part, col), want, f"rows/{col} after a kill")
+    for layer in range(feed.n_layers):
+        blocks = [b for _, _, b in store.iter_blocks(layer, part=feed.part)]
+        got = np.concatenate(blocks, axis=0) if blocks else acts[layer, :0]
+        _assert_bitwise(got, acts[layer], f"iter_blocks layer {layer} after a kill")
+
+
+def _read_plain(path: Path, part: str) -> dict[str, Any]:
+    """A part read with plain zarr-python, as docs/store-format.md shows (no vstore)."""
+    g = zarr.open_group(str(path), mode="r")
+    meta = g.attrs["vstore"]
+    info = next(p for p in meta["parts"] if p["name"] == part)
+    n = info["committed_rows"]
+    out: dict[str, Any] = {"info": info, "acts": g[f"parts/{part}/acts"][:, :n], "acts_full": g[f"parts/{part}/acts"][...]}
+    for col in ("example", "position", "token"):
+        out[col] = g[f"parts/{part}/rows/{col}"][:n]
+        out[f"{col}_full"] = g[f"parts/{part}/rows/{col}"][...]
+    out["ids"] = [str(x) for x in g["examples/id"][: meta["n_examples"]]]
+    return out
+
+
+def _check_final(path: Path, feed: Feed) -> dict[str, Any]:
+    got = _read_plain(path, feed.part)
+    acts, example, position, token = feed.expected()
+    assert got["info"]["committed_examples"] == feed.n
+    assert got["info"]["committed_rows"] == sum(feed.rows)
+    assert got["info"]["state"] == "complete"
+    _assert_bitwise(got["acts"], acts, "acts")
+    _assert_bitwise(got["example"], example, "rows/example")
+    _assert_bitwise(got["position"], position, "rows/position")
+    _assert_bitwise(got["token"], token, "rows/token")
+    # nothing beyond the committed rows once the part is complete
+    assert got["acts_full"].shape[1] == sum(feed.rows)
+    assert got["example_full"].shape == (sum(feed.rows),)
+    assert got["ids"][feed.example_start :] == [f"ex{i}" for i in range(feed.n)]
+    return got
+
+
+# -- 1. property: what goes in comes out ----------------------------------------------------------------
+
+
+@PROPERTY
+@given(feed=feeds())
+def test_part_writer_round_trip(feed: Feed) -> None:
+    with _tmpdir() as d:
+        path = d / "store"
+        _create(path, feed)
+        _run(path, feed)
+        _check_final(path, feed)
+        store = Store(path, "r")
+        assert store.state == "complete"
+        assert store.n_examples == feed.n + (2 if feed.prior_part else 0)
+        assert store.committed_key.endswith(f"{feed.part}:{sum(feed.rows)}")
+        acts = feed.expected()[0]
+        assert store.acts(feed.part).attrs["logical_dtype"] == feed.dtype
+        assert store.acts(feed.part).chunks == (1, feed.chunk_rows, feed.n_neurons)
+        for layer in range(feed.n_layers):  # iter_blocks: one chunk at a time, in order
+            starts = []
+            blocks = []
+            for _, r0, block in store.iter_blocks(layer, part=feed.part):
+                starts.append(r0)
+                blocks.append(block)
+                assert 0 < block.shape[0] <= feed.chunk_rows
+            assert starts == list(range(0, sum(feed.rows), feed.chunk_rows))
+            got = np.concatenate(blocks) if blocks else acts[layer, :0]
+            _assert_bitwise(got, acts[layer], f"iter_blocks layer {layer}")
+
+
+# -- 2. fault injection: killed builds resume to the same bits --------------------------------------------
+
+
+@settings(deadline=None, max_examples=20)
+@given(
+    feed=feeds(),
+    crashes=st.lists(st.tuples(st.integers(0, 8), st.sampled_from(["drop", "garbage", "resize"])), min_size=1,
+                     max_size=3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_killed_build_resumes_bitwise_identical(feed: Feed, crashes: list[tuple[int, str]], seed: int) -> None:
+    with _tmpdir() as d:
+        ref, killed = d / "uninterrupted", d / "killed"
+        _create(ref, feed)
+        _run(ref, feed)
+        _create(killed, feed)
+        _run(killed, feed, crashes, seed)
+        want, got = _check_final(ref, feed), _check_final(killed, feed)
+        for key in ("acts_full", "example_full", "position_full", "token_full"):
+            _assert_bitwise(got[key], want[key], key)
+        assert _disk_meta(killed) == _disk_meta(ref)
+
+
+def test_resume_after_kill_at_every_add() -> None:
+    """Deterministic sweep: kill after each add in turn (garbage left), resume, compare."""
+    feed = Feed(n_layers=2, n_neurons=3, chunk_rows=3, dtype="bfloat16", compressor="none",
+                rows=[2, 0, 4, 1, 5, 3], batches=[(0, 2), (2, 3), (3, 5), (5, 6)],
+                flushes=[False, True, False, False], seed=7)
+    with _tmpdir() as d:
+        _create(d / "ref", feed)
+        _run(d / "ref", feed)
+        want = _check_final(d / "ref", feed)
+        for steps in range(len(feed.batches) + 1):
+            path = d / f"killed-{steps}"
+            _create(path, feed)
+            _run(path, feed, [(steps, "garbage")], seed=steps)
+            got = _check_final(path, feed)
+            _assert_bitwise(got["acts_full"], want["acts_full"], f"acts, killed after {steps} adds")
+
+
+def test_crash_between_add_examples_and_start_part_is_trimmed() -> None:
+    with _tmpdir() as d:
+        path = d / "store"
+        store = Store.create(path, _meta(1, 2, "float16", 2))
+        store.add_examples(["a", "b"], ["text a", "text b"], [{"value": "honesty"}, {"value": "justice"}])
+        part = store.start_part(2, 0, {}, compressor="none")
+        w = PartWriter(store, part)
+        w.add(np.ones((1, 2, 2), np.float16), np.array([0, 1]), np.zeros(2, np.int32), np.zeros(2, np.int32), 2)
+        w.flush()
+        store.finish_part(part)
+        # an --append that dies after add_examples, before start_part: new column, new category
+        Store(path, "r+").add_examples(
+            ["c", "d", "e"], ["text c", "text d", "text e"],
+            [{"value": "patriotism", "split": "x"}, {"value": "honesty"}, {}],
+        )
+        g = zarr.open_group(str(path), mode="r")
+        assert g["examples/id"].shape == (5,)  # the arrays did grow ...
+        reader = Store(path, "r")  # ... but readers trust the counter
+        assert reader.meta["n_examples"] == 2
+        assert reader.ids() == ["a", "b"] and reader.texts() == ["text a", "text b"]
+        codes, cats = reader.labels("value")
+        assert codes.tolist() == [0, 1] and cats[:2] == ["honesty", "justice"]
+
+        store = Store(path, "r+")
+        store.trim_examples()
+        g = zarr.open_group(str(path), mode="r")
+        for key in g["examples"].array_keys():
+            assert g[f"examples/{key}"].shape == (2,), f"examples/{key} not trimmed"
+        assert [str(x) for x in g["examples/id"][:]] == ["a", "b"]
+        for col in store.label_columns():  # codes stay valid, whatever the crashed call added
+            codes, cats = store.labels(col)
+            assert ((codes >= -1) & (codes < len(cats))).all()
+        assert store.labels("value")[0].tolist() == [0, 1]
+
+        # the retried append writes over the leftovers
+        start = store.add_examples(["f"], ["text f"], [{"value": "justice", "lang": "en"}])
+        assert start == 2
+        store.start_part(1, start, {}, compressor="none")
+        reader = Store(path, "r")
+        assert reader.ids() == ["a", "b", "f"]
+        codes, cats = reader.labels("value")
+        assert [cats[c] for c in codes] == ["honesty", "justice", "justice"]
+        assert reader.labels("lang")[0].tolist() == [-1, -1, 0]
+        if "split" in reader.label_columns():  # only the crashed call had it
+            assert reader.labels("split")[0].tolist() == [-1, -1, -1]
+
+
+def test_crash_mid_add_examples_one_array_grown() -> None:
+    """Killed after growing examples/id only (columns are written one after another)."""
+    with _tmpdir() as d:
+        path = d / "store"
+        store = Store.create(path, _meta(1, 2, "float32", 4))
+        store.add_examples(["a"], ["text a"], [{"lang": "en"}])
+        store.start_part(1, 0, {}, compressor="none")
+        g = zarr.open_group(str(path), mode="r+")
+        g["examples/id"].resize((4,))
+        g["examples/id"][1:4] = np.array(["junk1", "junk2", "junk3"], dtype=object).astype(str)
+        store = Store(path, "r+")
+        store.trim_examples()
+        assert zarr.open_array(str(path / "examples/id"), mode="r").shape == (1,)
+        start = store.add_examples(["b"], ["text b"], [{"lang": "zh"}])
+        store.start_part(1, start, {}, compressor="none")
+        assert Store(path, "r").ids() == ["a", "b"]
+
+
+# -- 3. labels ------------------------------------------------------------------------------------------------
+
+
+LABEL = st.dictionaries(st.sampled_from(["value", "lang", "split"]), st.sampled_from(["a", "b", "c", "zh", "中"]),
+                        max_size=3)
+
+
+@settings(deadline=None, max_examples=15)
+@given(parts=st.lists(st.lists(LABEL, max_size=4), min_size=1, max_size=4))
+def test_label_columns_property(parts: list[list[dict[str, str]]]) -> None:
+    """Oracle: categories in order of first appearance; codes index them; -1 where missing."""
+    with _tmpdir() as d:
+        path = d / "store"
+        store = Store.create(path, _meta(1, 1, "float16", 1))
+        seen: list[dict[str, str]] = []
+        before: dict[str, tuple[list[int], list[str]]] = {}
+        for labels in parts:
+            start = store.add_examples([f"id{len(seen) + i}" for i in range(len(labels))],
+                                       [f"t{len(seen) + i}" for i in range(len(labels))], labels)
+            assert start == len(seen)
+            store.start_part(len(labels), start, {}, compressor="none")
+            seen += labels
+            columns = sorted({k for lab in seen for k in lab})
+            reader = Store(path, "r")
+            assert reader.label_columns() == columns
+            for col in columns:
+                cats: list[str] = []
+                for lab in seen:
+                    if col in lab and lab[col] not in cats:
+                        cats.append(lab[col])
+                want = [cats.index(lab[col]) if col in lab else -1 for lab in seen]
+                codes, got_cats = reader.labels(col)
+                assert codes.dtype == np.int32
+                assert codes.tolist() == want and got_cats == cats
+                if col in before:  # append-only: old codes and categories never move
+                    old_codes, old_cats = before[col]
+                    assert codes.tolist()[: len(old_codes)] == old_codes
+                    assert got_cats[: len(old_cats)] == old_cats
+                before[col] = (codes.tolist(), got_cats)
+        g = zarr.open_group(str(path), mode="r")  # plain zarr agrees
+        for col, (codes_list, cats) in before.items():
+            assert g[f"examples/{col}"][: len(seen)].tolist() == codes_list
+            assert list(g[f"examples/{col}"].attrs["categories"]) == cats
+
+
+def test_labels_late_column_and_missing() -> None:
+    with _tmpdir() as d:
+        path = d / "store"
+        store = Store.create(path, _meta(1, 1, "float16", 1))
+        start = store.add_examples(["a", "b", "c"], ["ta", "tb", "tc"], [{"value": "honesty"}, {}, {"value": "justice"}])
+        store.start_part(3, start, {}, compressor="none")
+        start = store.add_examples(
+            ["d", "e", "f"], ["td", "te", "tf"],
+            [{"value": "justice", "lang": "zh"}, {"lang": "en"}, {"value": "patriotism", "lang": None}],  # type: ignore[dict-item]
+        )
+        store.start_part(3, start, {}, compressor="none")
+        reader = Store(path, "r")
+        assert reader.label_columns() == ["lang", "value"]
+        assert reader.labels("value") == (pytest.approx(np.array([0, -1, 1, 1, -1, 2])), ["honesty", "justice", "patriotism"])
+        codes, cats = reader.labels("lang")
+        assert codes.tolist() == [-1, -1, -1, 0, 1, -1] and cats == ["zh", "en"]
+        with pytest.raises(StoreError, match=r"no label column 'split'.*lang, value"):
+            reader.labels("split")
+
+
+# -- 4. the golden store ----------------------------------------------------------------------------------------
+
+GOLDEN_ACTS = np.array(
+    [
+        [[-1.5, -1.375, -1.25], [-1.125, -0.0, -0.875], [-0.75, -0.625, -0.5], [-0.375, -0.25, -0.125],
+         [0.0, 0.125, 0.25]],
+        [[0.375, 0.5, 0.625], [0.75, 0.875, 1.0], [1.125, 1.25, 1.375], [1.5, 1.625, 1.75], [1.875, 2.0, 65504.0]],
+    ],
+    dtype=np.float16,
+)
+GOLDEN_ROWS = {"example": [0, 0, 0, 1, 1], "position": [1, 2, 3, 1, 2], "token": [101, 102, 103, 201, 202]}
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def golden() -> Iterator[Path]:
+    assert is_store(GOLDEN), f"{GOLDEN} missing: it is committed (written once by tools/make_golden_store.py)"
+    digest = _tree_digest(GOLDEN)
+    yield GOLDEN
+    assert _tree_digest(GOLDEN) == digest, "reading the golden store changed its files"
+
+
+def test_golden_store_opens_with_vstore(golden: Path) -> None:
+    store = Store(golden, "r")
+    assert store.state == "complete"
+    assert store.layers == [0, 1] and store.n_neurons == 3 and store.dtype == "float16"
+    assert store.parts == [PartInfo("0000", "complete", 0, 2, 2, 5)]
+    assert store.n_examples == 2 and store.n_rows == 5
+    assert store.committed_key == "0000:5"
+    assert store.ids() == ["honesty-0-en:aligned", "justice-0-zh:violating"]
+    assert store.texts() == ["Tom returned the wallet.", "小明拿走了钱包。"]
+    assert store.label_columns() == ["lang", "value"]
+    codes, cats = store.labels("value")
+    assert codes.tolist() == [0, 1] and codes.dtype == np.int32 and cats == ["honesty", "justice"]
+    codes, cats = store.labels("lang")
+    assert codes.tolist() == [0, 1] and cats == ["en", "zh"]
+    for col, want in GOLDEN_ROWS.items():
+        got = store.rows("0000", col)
+        assert got.tolist() == want
+        assert got.dtype == (np.int64 if col == "example" else np.int32)
+    for layer in (0, 1):
+        blocks = list(store.iter_blocks(layer))
+        assert [(p, r0, b.shape[0]) for p, r0, b in blocks] == [("0000", 0, 2), ("0000", 2, 2), ("0000", 4, 1)]
+        _assert_bitwise(np.concatenate([b for _, _, b in blocks]), GOLDEN_ACTS[layer], f"layer {layer}")
+    info = store.info()
+    assert info["rows"] == 5 and info["examples"] == 2 and info["activation_bytes"] == 5 * 2 * 3 * 2
+    assert info["label_columns"] == {"lang": ["en", "zh"], "value": ["honesty", "justice"]}
+    assert info["stats_cache"] == [] and info["overflow"] == {}
+
+
+def test_golden_store_reads_with_plain_zarr(golden: Path) -> None:
+    """Every field docs/store-format.md names, read the way it tells a user to read them."""
+    g = zarr.open_group(str(golden), mode="r")
+    meta = g.attrs["vstore"]
+    assert meta["format_version"] == 1
+    assert set(meta["model"]) == {"name", "source", "sha256", "architecture", "n_layers", "n_neurons"}
+    assert meta["model"]["n_layers"] == 2 and meta["model"]["n_neurons"] == 3
+    assert meta["site"] == "act" and meta["layers"] == [0, 1]
+    assert meta["dtype"] == "float16" and meta["storage_dtype"] == "float16"
+    assert meta["pooling"] == "token" and meta["compressor"] == "none" and meta["chunk_rows"] == 2
+    assert set(meta["versions"]) == {"vstore", "torch", "transformers", "zarr", "numpy", "python"}
+    assert meta["state"] == "complete" and meta["n_examples"] == 2
+    (part,) = meta["parts"]
+    assert {k: part[k] for k in ("name", "state", "example_start", "n_examples", "committed_examples",
+                                  "committed_rows")} == {
+        "name": "0000", "state": "complete", "example_start": 0, "n_examples": 2, "committed_examples": 2,
+        "committed_rows": 5,
+    }
+    assert set(part["dataset"]) == {"paths", "sha256", "examples", "split", "texts", "labels", "limit"}
+    assert set(part["build"]) == {"batch_size", "max_length", "device", "pool"}
+
+    # the snippet of docs/store-format.md, "Reading without vstore"
+    n = part["committed_rows"]
+    acts = g[f"parts/{part['name']}/acts"][:, :n]
+    ex = g[f"parts/{part['name']}/rows/example"][:n]
+    value = g["examples/value"]
+    names = value.attrs["categories"]
+    row_value = np.asarray(names)[value[:][ex]]
+    assert row_value.tolist() == ["honesty"] * 3 + ["justice"] * 2
+    _assert_bitwise(acts, GOLDEN_ACTS, "acts")
+
+    arr = g["parts/0000/acts"]
+    assert arr.dtype == np.float16 and arr.shape == (2, 5, 3) and arr.chunks == (1, 2, 3)
+    assert arr.attrs["logical_dtype"] == "float16"
+    acts_json = json.loads((golden / "parts/0000/acts/zarr.json").read_text())
+    assert acts_json["zarr_format"] == 3
+    assert acts_json["dimension_names"] == ["layer", "row", "neuron"]
+    assert [c["name"] for c in acts_json["codecs"]] == ["bytes", "crc32c"]
+    for col, dt in (("example", np.int64), ("position", np.int32), ("token", np.int32)):
+        a = g[f"parts/0000/rows/{col}"]
+        assert a.dtype == dt and a[:n].tolist() == GOLDEN_ROWS[col]
+        assert json.loads((golden / f"parts/0000/rows/{col}/zarr.json").read_text())["dimension_names"] == ["row"]
+    assert [str(x) for x in g["examples/text"][:]] == ["Tom returned the wallet.", "小明拿走了钱包。"]
+    assert g["examples/lang"][:].tolist() == [0, 1] and list(g["examples/lang"].attrs["categories"]) == ["en", "zh"]
+
+
+def test_golden_store_chunk_bytes(golden: Path) -> None:
+    """The bytes on disk: little-endian values, then a crc32c of them (zarr v3 default chunk keys)."""
+    google_crc32c = pytest.importorskip("google_crc32c")
+    first = (golden / "parts/0000/acts/c/0/0/0").read_bytes()
+    assert first.hex() == "00be80bd00bd80bc008000bb6c48529e"
+    assert first[:12] == GOLDEN_ACTS[0, 0:2].astype("<f2").tobytes()
+    last = (golden / "parts/0000/acts/c/1/2/0").read_bytes()  # the partial chunk: row 4, then fill
+    assert last.hex() == "803f0040ff7b000000000000a47488a1"
+    for blob in (first, last):
+        assert blob[-4:] == google_crc32c.value(blob[:-4]).to_bytes(4, "little")
+
+
+def test_golden_store_opens_with_xarray(golden: Path) -> None:
+    xr = pytest.importorskip("xarray")
+    ds = xr.open_zarr(str(golden), group="parts/0000", consolidated=False)
+    assert ds["acts"].dims == ("layer", "row", "neuron")
+    _assert_bitwise(ds["acts"].values, GOLDEN_ACTS, "xarray acts")
+
+
+# -- 5. refusals -------------------------------------------------------------------------------------------------
+
+
+def test_not_a_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreNotFoundError, match="no vstore store"):
+        Store(tmp_path / "missing")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("hello")
+    with pytest.raises(StoreNotFoundError):
+        Store(tmp_path / "folder")
+    (tmp_path / "badjson").mkdir()
+    (tmp_path / "badjson" / "zarr.json").write_text("{not json")
+    assert not is_store(tmp_path / "badjson")
+    with pytest.raises(StoreError):
+        Store(tmp_path / "badjson")
+
+
+def test_plain_zarr_group_is_not_a_store(tmp_path: Path) -> None:
+    g = zarr.open_group(str(tmp_path / "plain"), mode="w")
+    g.attrs.update({"something": 1})
+    assert not is_store(tmp_path / "plain")
+    with pytest.raises(StoreError, match="not a vstore store") as err:
+        Store(tmp_path / "plain")
+    assert not isinstance(err.value, StoreNotFoundError)
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 99, 0, None])
+def test_other_format_version_is_refused(tmp_path: Path, version: int | None) -> None:
+    path = tmp_path / "store"
+    Store.create(path, _meta(1, 2, "float16", 2))
+    g = zarr.open_group(str(path), mode="r+")
+    meta = dict(g.attrs["vstore"])
+    if version is None:
+        del meta["format_version"]
+    else:
+        meta["format_version"] = version
+    g.attrs.update({"vstore": meta})
+    with pytest.raises(StoreError, match=rf"version {version} is not supported.*version {FORMAT_VERSION}"):
+        Store(path)
+    with pytest.raises(StoreError):
+        Store(path, "r+")
+
+
+def _small_store(path: Path) -> str:
+    store = Store.create(path, _meta(1, 2, "float16", 2))
+    start = store.add_examples(["a"], ["text a"], [{"value": "honesty"}])
+    part = store.start_part(1, start, {}, compressor="none")
+    w = PartWriter(store, part)
+    w.add(np.ones((1, 1, 2), np.float16), np.zeros(1, np.int64), np.zeros(1, np.int32), np.zeros(1, np.int32), 1)
+    w.flush()
+    return part
+
+
+def test_read_only_store_refuses_meta_writes(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    part = _small_store(path)
+    digest = _tree_digest(path)
+    store = Store(path, "r")
+    for write in (lambda: store.commit(part, 1, 1), lambda: store.finish_part(part),
+                  lambda: store.update_meta(state="complete")):
+        with pytest.raises(StoreError, match="read-only"):
+            write()
+    assert _tree_digest(path) == digest
+
+
+@pytest.mark.xfail(strict=True, reason="add_examples/start_part on a read-only Store raise zarr's plain ValueError "
+                   "('store was opened in read-only mode'), not StoreError: they write arrays before _save_meta")
+def test_read_only_store_refuses_array_writes(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    _small_store(path)
+    digest = _tree_digest(path)
+    store = Store(path, "r")
+    with pytest.raises(StoreError, match="read-only"):
+        store.add_examples(["b"], ["text b"], [{}])
+    with pytest.raises(StoreError, match="read-only"):
+        store.start_part(1, 1, {}, compressor="none")
+    assert _tree_digest(path) == digest
+
+
+@pytest.mark.xfail(strict=True, reason="Store(path, mode='w') passes mode to zarr.open_group, which deletes the "
+                   "whole store, then fails with KeyError 'vstore'; mode is not validated")
+def test_write_mode_is_refused_and_store_survives(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    _small_store(path)
+    with pytest.raises(StoreError, match="mode"):
+        Store(path, "w")
+    assert Store(path).n_rows == 1
+
+
+@pytest.mark.xfail(strict=True, reason="an unknown part name escapes as StopIteration from next() in Store.rows "
+                   "(and PartWriter.__init__), not a StoreError naming the parts")
+def test_unknown_part_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    _small_store(path)
+    with pytest.raises(StoreError, match="0007"):
+        Store(path).rows("0007", "example")
+
+
+def test_create_refuses_to_clobber(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    _small_store(path)
+    with pytest.raises(StoreExistsError):
+        Store.create(path, _meta(1, 2, "float16", 2))
+    assert Store(path).n_rows == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a vstore store"):
+        Store.create(other, _meta(1, 2, "float16", 2), overwrite=True)
+    assert (other / "precious.txt").read_text() == "keep me"
+    fresh = Store.create(path, _meta(1, 2, "float16", 2), overwrite=True)
+    assert fresh.parts == [] and fresh.state == "building"
+
+
+def test_errors_are_vstore_errors() -> None:
+    assert issubclass(StoreNotFoundError, StoreError) and issubclass(StoreNotFoundError, FileNotFoundError)
+    assert issubclass(StoreExistsError, StoreError) and issubclass(StoreError, VstoreError)

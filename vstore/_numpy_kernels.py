@@ -1,0 +1,115 @@
+"""NumPy reference kernels: the oracle the C++ and Numba backends must reproduce bit for bit.
+
+Written to be obviously correct rather than fast. Inputs are validated by :mod:`vstore.kernels`;
+these functions assume well-formed arrays (see that module for the contracts).
+
+The summation order every backend follows: for each group, a block partial starts at +0.0 and adds
+the group's valid rows in row order (float64); the partial is then added once to the accumulator.
+Squares ``x * x`` of float32-exact values are exact in float64, so the order is the only freedom.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "accumulate_histogram",
+    "accumulate_moments",
+    "decode",
+    "histogram_key",
+    "row_status",
+    "select_top_k",
+]
+
+ROW_SKIPPED = 0
+ROW_VALID = 1
+ROW_NONFINITE = 2
+
+
+def decode(values: np.ndarray, dtype: str) -> npt.NDArray[np.float32]:
+    """Float32 values of raw ``values`` (float16, float32, or bfloat16 bits as uint16); a new array."""
+    if dtype == "bfloat16":
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    with np.errstate(invalid="ignore"):  # signalling NaNs convert quietly
+        return values.astype(np.float32, copy=True)
+
+
+def histogram_key(values: np.ndarray, dtype: str) -> npt.NDArray[np.uint16]:
+    """Order-preserving 16-bit key of each raw value (float32 is first rounded to float16)."""
+    if dtype == "float32":
+        with np.errstate(over="ignore", invalid="ignore"):
+            bits = values.astype(np.float16).view(np.uint16)
+    elif dtype == "float16":
+        bits = values.view(np.uint16)
+    else:
+        bits = values
+    bits = np.where(bits == 0x8000, np.uint16(0), bits)  # -0 -> +0: equal values share a key
+    negative = (bits & 0x8000) != 0
+    return np.where(negative, bits ^ 0xFFFF, bits | 0x8000).astype(np.uint16)
+
+
+def row_status(block: np.ndarray, dtype: str, groups: np.ndarray) -> npt.NDArray[np.uint8]:
+    """Per row: ROW_SKIPPED (group -1), ROW_NONFINITE (any NaN/Inf), or ROW_VALID."""
+    finite = np.isfinite(decode(block, dtype)).all(axis=1)
+    status = np.where(finite, ROW_VALID, ROW_NONFINITE).astype(np.uint8)
+    status[groups < 0] = ROW_SKIPPED
+    return status
+
+
+def accumulate_moments(
+    block: np.ndarray,
+    dtype: str,
+    groups: np.ndarray,
+    count: np.ndarray,
+    sum_: np.ndarray,
+    sumsq: np.ndarray,
+    npos: np.ndarray,
+    nonfinite: np.ndarray,
+    threads: int = 0,
+) -> None:
+    """Adds the per-group moments of ``block`` to the accumulator arrays, in place."""
+    del threads  # single-threaded reference
+    values = decode(block, dtype)
+    status = row_status(block, dtype, groups)
+    for g in range(count.shape[0]):
+        in_group = groups == g
+        nonfinite[g] += np.count_nonzero(in_group & (status == ROW_NONFINITE))
+        rows = np.flatnonzero(in_group & (status == ROW_VALID))
+        if rows.size == 0:
+            continue
+        count[g] += rows.size
+        part_sum = np.zeros(values.shape[1], dtype=np.float64)
+        part_sumsq = np.zeros(values.shape[1], dtype=np.float64)
+        for r in rows:  # row order: the summation order every backend follows
+            x = values[r].astype(np.float64)
+            part_sum += x
+            part_sumsq += x * x
+        sum_[g] += part_sum
+        sumsq[g] += part_sumsq
+        npos[g] += np.count_nonzero(values[rows] > 0, axis=0)
+
+
+def accumulate_histogram(
+    block: np.ndarray,
+    dtype: str,
+    groups: np.ndarray,
+    hist: np.ndarray,
+    neuron_start: int,
+    threads: int = 0,
+) -> None:
+    """Adds one count per valid row to ``hist[g, j, key(block[row, neuron_start + j])]``, in place."""
+    del threads
+    n_hist = hist.shape[1]
+    status = row_status(block, dtype, groups)
+    keys = histogram_key(block[:, neuron_start : neuron_start + n_hist], dtype)
+    neurons = np.arange(n_hist)
+    for r in np.flatnonzero(status == ROW_VALID):
+        hist[groups[r], neurons, keys[r]] += 1  # (neuron, key) pairs of one row are distinct
+
+
+def select_top_k(scores: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.int64]:
+    """Indices of the ``k`` largest finite scores, best first, ties broken by the lower index."""
+    finite = np.flatnonzero(np.isfinite(scores))
+    order = np.argsort(-scores[finite], kind="stable")
+    return finite[order[:k]].astype(np.int64)

@@ -1,0 +1,536 @@
+"""Statistics kernels over activation blocks: per-group moments, 16-bit-key histograms, top-k.
+
+The one public, validating, dispatching wrapper over three backends that give bit-identical results:
+
+``"cpp"``
+    the native extension ``vstore._C`` (OpenMP over column tiles, F16C float16 decoding picked at
+    run time; the environment variable ``VSTORE_NO_F16C=1`` forces the portable path); available
+    when built (``python setup.py build_ext --inplace``).
+``"numba"``
+    :mod:`vstore._numba_kernels`, JIT-compiled on first use (cached on disk).
+``"numpy"``
+    :mod:`vstore._numpy_kernels`, the slow, obviously correct reference every backend is tested against.
+
+``backend="auto"`` picks ``"cpp"`` when it is built, else ``"numba"``.
+
+Blocks
+------
+A block holds one layer's activations for some rows: a 2-D C-contiguous array ``(rows, neurons)``
+whose raw dtype follows the logical ``dtype``: ``"float16"`` -> float16, ``"float32"`` -> float32,
+``"bfloat16"`` -> uint16 bit patterns. ``groups`` (int32, one per row, in ``[-1, n_groups)``) says
+which group each row adds to; rows with -1 are skipped entirely. A row holding any NaN or +-Inf is
+left out of every statistic and histogram and counted in ``nonfinite[group]`` instead.
+
+Exactness
+---------
+Values are decoded to float32, then widened to float64 (both exact). For every group, a block's
+partial sums start at +0.0 and add its valid rows in row order; the partials are then added once to
+the accumulator. All backends follow this order, so they agree bit for bit, and accumulating two
+blocks one after the other equals accumulating each into its own :class:`Moments` and merging them.
+
+Histogram keys
+--------------
+A float16 or bfloat16 bit pattern ``b`` has the key ``b ^ 0xFFFF`` if its sign bit is set, else
+``b | 0x8000``, after mapping -0 to +0; so keys sort as the values do and equal values share a key.
+float32 values are first rounded to float16 (round to nearest even, overflow to +-Inf): coarse bins,
+whose error the scoring layer must account for. The keys of NaN are unspecified (NaN rows are never
+histogrammed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import NativeExtensionError, StoreError
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    _NATIVE_ERROR: str | None = None
+except ImportError as _error:  # pragma: no cover - depends on the build
+    _C = None
+    _NATIVE_ERROR = str(_error)
+
+__all__ = [
+    "BACKENDS",
+    "HISTOGRAM_BINS",
+    "RAW_DTYPES",
+    "Moments",
+    "accumulate_histogram",
+    "accumulate_moments",
+    "decode",
+    "histogram_key",
+    "native_available",
+    "native_info",
+    "resolve_backend",
+    "select_top_k",
+]
+
+#: Backend names, fastest first.
+BACKENDS: tuple[str, ...] = ("cpp", "numba", "numpy")
+
+#: Logical dtype -> raw NumPy dtype of a block.
+RAW_DTYPES: dict[str, np.dtype[Any]] = {
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(np.uint16),
+}
+
+#: Bins per neuron of a histogram: one per 16-bit key.
+HISTOGRAM_BINS = 65536
+
+
+def native_available() -> bool:
+    """Whether the native extension ``vstore._C`` is built and importable.
+
+    Returns
+    -------
+    bool
+        True when backend ``"cpp"`` can be used.
+    """
+    return _C is not None
+
+
+def native_info() -> dict[str, Any]:
+    """What the native extension offers.
+
+    Returns
+    -------
+    dict
+        ``built`` (bool), ``version`` (str or None), ``openmp_threads`` (int: threads an OpenMP region
+        uses, 0 when not built), ``f16c`` (bool: the F16C/AVX2 float16 path is used), and ``error``
+        (why the import failed, or None).
+    """
+    if _C is None:
+        return {"built": False, "version": None, "openmp_threads": 0, "f16c": False, "error": _NATIVE_ERROR}
+    return {
+        "built": True,
+        "version": str(_C.version()),
+        "openmp_threads": int(_C.openmp_threads()),
+        "f16c": bool(_C.has_f16c()),
+        "error": None,
+    }
+
+
+def resolve_backend(name: str) -> str:
+    """The concrete backend for ``name``.
+
+    Parameters
+    ----------
+    name : str
+        ``"auto"`` or one of :data:`BACKENDS`.
+
+    Returns
+    -------
+    str
+        ``"cpp"`` if ``name`` is ``"auto"`` and the extension is built, ``"numba"`` if it is not;
+        otherwise ``name`` itself.
+
+    Raises
+    ------
+    NativeExtensionError
+        ``name`` is ``"cpp"`` but the extension is not built.
+    StoreError
+        ``name`` is not a backend.
+    """
+    if name == "auto":
+        return "cpp" if _C is not None else "numba"
+    if name not in BACKENDS:
+        raise StoreError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
+    if name == "cpp" and _C is None:
+        raise NativeExtensionError(
+            f"backend 'cpp' needs the native extension vstore._C, which is not built ({_NATIVE_ERROR}); "
+            "build it with `python setup.py build_ext --inplace`, or use backend='numba'"
+        )
+    return name
+
+
+def _backend_module(name: str) -> Any:
+    """The module implementing backend ``name`` (imported on first use: Numba is slow to import)."""
+    backend = resolve_backend(name)
+    if backend == "cpp":
+        return _C
+    module: ModuleType = importlib.import_module(f"vstore._{backend}_kernels")
+    return module
+
+
+@dataclass(eq=False)
+class Moments:
+    """Per-layer sufficient statistics of some rows, per group; mergeable exactly.
+
+    Attributes
+    ----------
+    count : numpy.ndarray
+        int64 ``(G,)``: rows included per group.
+    sum : numpy.ndarray
+        float64 ``(G, N)``: sum of the included rows' values.
+    sumsq : numpy.ndarray
+        float64 ``(G, N)``: sum of their squares.
+    npos : numpy.ndarray
+        int64 ``(G, N)``: how many of them are > 0.
+    nonfinite : numpy.ndarray
+        int64 ``(G,)``: rows skipped because they held NaN or +-Inf.
+    """
+
+    count: npt.NDArray[np.int64]
+    sum: npt.NDArray[np.float64]
+    sumsq: npt.NDArray[np.float64]
+    npos: npt.NDArray[np.int64]
+    nonfinite: npt.NDArray[np.int64]
+
+    @classmethod
+    def zeros(cls, n_groups: int, n_neurons: int) -> Moments:
+        """Empty statistics for ``n_groups`` groups of ``n_neurons`` neurons.
+
+        Parameters
+        ----------
+        n_groups, n_neurons : int
+            Shape ``(G, N)``, both >= 0.
+
+        Returns
+        -------
+        Moments
+            All counts and sums zero.
+        """
+        if n_groups < 0 or n_neurons < 0:
+            raise StoreError(
+                f"Moments.zeros: expected n_groups, n_neurons >= 0, got ({n_groups}, {n_neurons})"
+            )
+        return cls(
+            count=np.zeros(n_groups, dtype=np.int64),
+            sum=np.zeros((n_groups, n_neurons), dtype=np.float64),
+            sumsq=np.zeros((n_groups, n_neurons), dtype=np.float64),
+            npos=np.zeros((n_groups, n_neurons), dtype=np.int64),
+            nonfinite=np.zeros(n_groups, dtype=np.int64),
+        )
+
+    @property
+    def n_groups(self) -> int:
+        """Number of groups G."""
+        return int(self.count.shape[0])
+
+    @property
+    def n_neurons(self) -> int:
+        """Number of neurons N."""
+        return int(self.sum.shape[1])
+
+    def validate(self) -> None:
+        """Checks dtypes, shapes, C order and writability of the arrays.
+
+        Raises
+        ------
+        StoreError
+            Naming the array, what was expected and what was got.
+        """
+        if not isinstance(self.count, np.ndarray) or self.count.ndim != 1:
+            raise StoreError(f"Moments.count: expected a 1-D int64 array, got {_describe(self.count)}")
+        g = self.count.shape[0]
+        if not isinstance(self.sum, np.ndarray) or self.sum.ndim != 2:
+            raise StoreError(f"Moments.sum: expected a 2-D float64 array, got {_describe(self.sum)}")
+        n = self.sum.shape[1]
+        expected = {
+            "count": ((g,), np.int64),
+            "sum": ((g, n), np.float64),
+            "sumsq": ((g, n), np.float64),
+            "npos": ((g, n), np.int64),
+            "nonfinite": ((g,), np.int64),
+        }
+        for name, (shape, dtype) in expected.items():
+            array = getattr(self, name)
+            if (
+                not isinstance(array, np.ndarray)
+                or array.shape != shape
+                or array.dtype != np.dtype(dtype)
+                or not array.flags.c_contiguous
+                or not array.flags.writeable
+            ):
+                raise StoreError(
+                    f"Moments.{name}: expected a writable C-contiguous {np.dtype(dtype)} array of shape "
+                    f"{shape}, got {_describe(array)}"
+                )
+
+    def merge(self, other: Moments) -> None:
+        """Adds ``other`` into these statistics, in place.
+
+        Exact in the sense of the module's summation order: accumulating block B into statistics
+        holding block A gives the same bits as accumulating A and B separately and merging.
+
+        Parameters
+        ----------
+        other : Moments
+            Statistics of the same shape ``(G, N)``.
+
+        Raises
+        ------
+        StoreError
+            The shapes differ or an array is malformed.
+        """
+        self.validate()
+        other.validate()
+        if (other.n_groups, other.n_neurons) != (self.n_groups, self.n_neurons):
+            raise StoreError(
+                f"Moments.merge: expected (groups, neurons) = ({self.n_groups}, {self.n_neurons}), "
+                f"got ({other.n_groups}, {other.n_neurons})"
+            )
+        self.count += other.count
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.npos += other.npos
+        self.nonfinite += other.nonfinite
+
+
+def _describe(array: object) -> str:
+    if not isinstance(array, np.ndarray):
+        return type(array).__name__
+    layout = "C-contiguous" if array.flags.c_contiguous else "non-contiguous"
+    writable = "" if array.flags.writeable else ", read-only"
+    return f"{array.dtype} array of shape {array.shape} ({layout}{writable})"
+
+
+def _check_dtype(dtype: str) -> np.dtype[Any]:
+    if dtype not in RAW_DTYPES:
+        raise StoreError(f"dtype: expected one of {tuple(RAW_DTYPES)}, got {dtype!r}")
+    return RAW_DTYPES[dtype]
+
+
+def _check_raw(values: object, dtype: str, what: str, ndim: int | None) -> np.ndarray:
+    raw = _check_dtype(dtype)
+    if not isinstance(values, np.ndarray):
+        raise StoreError(
+            f"{what}: expected a numpy array of raw dtype {raw} (dtype={dtype!r}), got {_describe(values)}"
+        )
+    if ndim is not None and values.ndim != ndim:
+        raise StoreError(f"{what}: expected a {ndim}-D array, got shape {values.shape}")
+    if values.dtype != raw:
+        raise StoreError(f"{what}: expected raw dtype {raw} for dtype={dtype!r}, got {values.dtype}")
+    if not values.flags.c_contiguous:
+        raise StoreError(
+            f"{what}: expected a C-contiguous array, got {_describe(values)} (use np.ascontiguousarray)"
+        )
+    return values
+
+
+def _check_groups(groups: object, rows: int, n_groups: int) -> np.ndarray:
+    if (
+        not isinstance(groups, np.ndarray)
+        or groups.dtype != np.int32
+        or groups.shape != (rows,)
+        or not groups.flags.c_contiguous
+    ):
+        raise StoreError(
+            f"groups: expected a C-contiguous int32 array of shape ({rows},), got {_describe(groups)}"
+        )
+    if rows:
+        low, high = int(groups.min()), int(groups.max())
+        if low < -1 or high >= n_groups:
+            raise StoreError(f"groups: expected values in [-1, {n_groups}), got values in [{low}, {high}]")
+    return groups
+
+
+def _check_threads(threads: int | None) -> int:
+    if threads is None:
+        return 0
+    if isinstance(threads, bool) or not isinstance(threads, int | np.integer) or threads < 1:
+        raise StoreError(f"threads: expected None (all) or an int >= 1, got {threads!r}")
+    return int(threads)
+
+
+def accumulate_moments(
+    block: np.ndarray,
+    groups: np.ndarray,
+    acc: Moments,
+    *,
+    dtype: str,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> None:
+    """Adds the per-group statistics of one block to ``acc``, in place.
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        Raw values ``(rows, N)``, C-contiguous; raw dtype float16, float32, or uint16 (bfloat16 bits).
+    groups : numpy.ndarray
+        int32 ``(rows,)`` in ``[-1, G)``; rows with -1 are skipped.
+    acc : Moments
+        Statistics of shape ``(G, N)`` to add to.
+    dtype : str
+        Logical dtype: ``"float16"``, ``"float32"`` or ``"bfloat16"``.
+    backend : str
+        ``"auto"``, ``"cpp"``, ``"numba"`` or ``"numpy"``.
+    threads : int, optional
+        Threads to use (``None``: all); ignored by ``"numpy"``.
+
+    Raises
+    ------
+    StoreError
+        A malformed argument; the message names what was expected and what was got.
+    NativeExtensionError
+        ``backend="cpp"`` and the extension is not built.
+    """
+    block = _check_raw(block, dtype, "block", ndim=2)
+    if not isinstance(acc, Moments):
+        raise StoreError(f"acc: expected Moments, got {type(acc).__name__}")
+    acc.validate()
+    if acc.n_neurons != block.shape[1]:
+        raise StoreError(
+            f"block: expected {acc.n_neurons} neurons (columns) like acc, got shape {block.shape}"
+        )
+    groups = _check_groups(groups, block.shape[0], acc.n_groups)
+    n_threads = _check_threads(threads)
+    kernels = _backend_module(backend)
+    kernels.accumulate_moments(
+        block, dtype, groups, acc.count, acc.sum, acc.sumsq, acc.npos, acc.nonfinite, n_threads
+    )
+
+
+def accumulate_histogram(
+    block: np.ndarray,
+    groups: np.ndarray,
+    hist: np.ndarray,
+    *,
+    dtype: str,
+    neuron_start: int,
+    backend: str = "auto",
+    threads: int | None = None,
+) -> None:
+    """Counts each value's 16-bit key into per-group, per-neuron histograms, in place.
+
+    For ``j`` in ``[0, M)`` with ``M = hist.shape[1]``, every valid row ``r`` adds one to
+    ``hist[groups[r], j, key(block[r, neuron_start + j])]``. A row is valid when its group is not -1
+    and the whole row (all N columns) is finite.
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        Raw values ``(rows, N)``, as for :func:`accumulate_moments`.
+    groups : numpy.ndarray
+        int32 ``(rows,)`` in ``[-1, G)``.
+    hist : numpy.ndarray
+        uint32 ``(G, M, 65536)``, C-contiguous and writable.
+    dtype : str
+        Logical dtype: ``"float16"``, ``"float32"`` or ``"bfloat16"``.
+    neuron_start : int
+        First block column histogrammed; ``neuron_start + M <= N``.
+    backend : str
+        ``"auto"``, ``"cpp"``, ``"numba"`` or ``"numpy"``.
+    threads : int, optional
+        Threads to use (``None``: all).
+
+    Raises
+    ------
+    StoreError
+        A malformed argument.
+    NativeExtensionError
+        ``backend="cpp"`` and the extension is not built.
+    """
+    block = _check_raw(block, dtype, "block", ndim=2)
+    if (
+        not isinstance(hist, np.ndarray)
+        or hist.dtype != np.uint32
+        or hist.ndim != 3
+        or hist.shape[2] != HISTOGRAM_BINS
+        or not hist.flags.c_contiguous
+        or not hist.flags.writeable
+    ):
+        raise StoreError(
+            f"hist: expected a writable C-contiguous uint32 array of shape (groups, neurons, {HISTOGRAM_BINS}), "
+            f"got {_describe(hist)}"
+        )
+    n_hist = hist.shape[1]
+    if isinstance(neuron_start, bool) or not isinstance(neuron_start, int | np.integer):
+        raise StoreError(f"neuron_start: expected an int, got {neuron_start!r}")
+    if neuron_start < 0 or neuron_start + n_hist > block.shape[1]:
+        raise StoreError(
+            f"neuron_start: expected neurons [{neuron_start}, {neuron_start + n_hist}) within the block's "
+            f"[0, {block.shape[1]}), got block shape {block.shape} and hist shape {hist.shape}"
+        )
+    groups = _check_groups(groups, block.shape[0], hist.shape[0])
+    n_threads = _check_threads(threads)
+    kernels = _backend_module(backend)
+    kernels.accumulate_histogram(block, dtype, groups, hist, int(neuron_start), n_threads)
+
+
+def histogram_key(values: np.ndarray, dtype: str) -> npt.NDArray[np.uint16]:
+    """The order-preserving 16-bit histogram key of each raw value.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Raw values of any shape; raw dtype as for a block.
+    dtype : str
+        Logical dtype: ``"float16"``, ``"float32"`` (rounded to float16 first) or ``"bfloat16"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint16 keys, same shape; key order equals value order, -0 and +0 share a key.
+    """
+    raw = _check_dtype(dtype)
+    if not isinstance(values, np.ndarray) or values.dtype != raw:
+        raise StoreError(
+            f"values: expected a numpy array of raw dtype {raw} for dtype={dtype!r}, got {_describe(values)}"
+        )
+    from . import _numpy_kernels
+
+    return _numpy_kernels.histogram_key(values, dtype)
+
+
+def select_top_k(scores: np.ndarray, k: int, *, backend: str = "auto") -> npt.NDArray[np.int64]:
+    """Indices of the ``k`` largest finite scores, best first.
+
+    Ties are broken by the lower index; NaN and +-Inf are never selected, so fewer than ``k``
+    indices come back when fewer than ``k`` scores are finite.
+
+    Parameters
+    ----------
+    scores : numpy.ndarray
+        1-D real scores (converted to float64; integers beyond 2**53 may tie).
+    k : int
+        How many to select, >= 0.
+    backend : str
+        ``"auto"``, ``"cpp"``, ``"numba"`` or ``"numpy"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 indices, ``min(k, number of finite scores)`` of them.
+    """
+    if not isinstance(scores, np.ndarray) or scores.ndim != 1 or scores.dtype.kind not in "fiu":
+        raise StoreError(f"scores: expected a 1-D real array, got {_describe(scores)}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise StoreError(f"k: expected an int >= 0, got {k!r}")
+    values = np.ascontiguousarray(scores, dtype=np.float64)
+    kernels = _backend_module(backend)
+    return np.asarray(kernels.select_top_k(values, int(k)), dtype=np.int64)
+
+
+def decode(block: np.ndarray, dtype: str) -> npt.NDArray[np.float32]:
+    """Float32 values of a raw block (bfloat16 bits ``b`` become the float32 bits ``b << 16``).
+
+    Parameters
+    ----------
+    block : numpy.ndarray
+        Raw values of any shape; raw dtype as for a block.
+    dtype : str
+        Logical dtype: ``"float16"``, ``"float32"`` or ``"bfloat16"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new float32 array of the same shape (exact: every raw value is a float32).
+    """
+    raw = _check_dtype(dtype)
+    if not isinstance(block, np.ndarray) or block.dtype != raw:
+        raise StoreError(
+            f"block: expected a numpy array of raw dtype {raw} for dtype={dtype!r}, got {_describe(block)}"
+        )
+    from . import _numpy_kernels
+
+    return _numpy_kernels.decode(block, dtype)

@@ -1,0 +1,290 @@
+"""Scoring methods: one score per (layer, target group, neuron), all from cached statistics.
+
+Every method but ``auroc`` and ``random`` needs only the sufficient statistics of
+:mod:`vstore.stats` (counts, sums, sums of squares, counts of activation > 0); ``auroc`` needs the
+histogram pass (:func:`vstore.stats.compute_auroc`); ``random`` needs nothing but the shape.
+
+Contrastive scores compare each group with the rest of the rows (every other group), or, with a
+contrast, the group's first side with its second; they are signed so that larger means more active
+in the group (first side). The methods:
+
+``vape`` (alias ``lape``)
+    Value Activation Probability Entropy, LAPE's procedure: the activation probability of each
+    neuron in each group, normalised over the groups, and its entropy. Lower is better; the
+    selection is :func:`vstore.select.select_vape`.
+``prob-diff``
+    P(act > 0 | group) - P(act > 0 | rest).
+``mean-diff``
+    mean(group) - mean(rest).
+``cohen-d``
+    mean difference over the pooled standard deviation.
+``welch-t``
+    Welch's t statistic (unequal variances), with its degrees of freedom and two-sided p-value.
+``auroc``
+    Mann-Whitney AUROC of group vs rest (0.5: no difference); exact for float16/bfloat16 stores.
+``probeless``
+    NeuroX's probeless ranking for a tag: the sum over the other groups of the absolute difference
+    of mean activations, ``sum_j |mean_g - mean_j|`` (with a contrast, ``|mean_a - mean_b|``); never
+    negative.
+``random``
+    Uniform random scores from a seed: a control.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import VstoreError
+from .stats import AurocResult, GroupStats, targets
+
+__all__ = [
+    "ALIASES",
+    "CONTRASTIVE",
+    "METHODS",
+    "Scores",
+    "activation_probability",
+    "auroc_scores",
+    "canonical_method",
+    "cohen_d",
+    "lape_entropy",
+    "mean_diff",
+    "prob_diff",
+    "probeless",
+    "random_scores",
+    "score",
+    "vape",
+    "welch_t",
+]
+
+METHODS = ("vape", "prob-diff", "mean-diff", "cohen-d", "welch-t", "auroc", "probeless", "random")
+ALIASES = {"lape": "vape"}
+#: Methods whose score compares a group with the rest (or two contrast sides).
+CONTRASTIVE = ("prob-diff", "mean-diff", "cohen-d", "welch-t", "auroc")
+
+
+def canonical_method(name: str) -> str:
+    """The method's canonical name (``lape`` -> ``vape``); raises VstoreError for an unknown one."""
+    m = ALIASES.get(name, name)
+    if m not in METHODS:
+        raise VstoreError(f"--method: expected one of {', '.join(METHODS + tuple(ALIASES))}, got {name!r}")
+    return m
+
+
+@dataclass
+class Scores:
+    """Scores of one method.
+
+    Attributes
+    ----------
+    method
+        Canonical method name.
+    targets
+        Target group names (``T``): the base groups (label categories, or ``all``).
+    layers
+        Model layer index of each layer position (``L``).
+    values
+        float64 (L, T, N) scores (NaN: undefined, e.g. a group without rows; never selected).
+    extra
+        Further arrays for the ``.npz`` (e.g. ``p`` and ``df`` of welch-t, ``prob`` of vape).
+    lower_is_better
+        True for vape's entropy.
+    centre
+        The "no effect" value (0, or 0.5 for AUROC); ``--abs`` ranks by ``|score - centre|``.
+    """
+
+    method: str
+    targets: list[str]
+    layers: list[int]
+    values: npt.NDArray[np.float64]
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    lower_is_better: bool = False
+    centre: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+def activation_probability(stats: GroupStats) -> npt.NDArray[np.float64]:
+    """P(activation > 0) per (layer, group, neuron); 0 for a group without rows."""
+    return stats.prob()
+
+
+@dataclass
+class _Pair:
+    n1: np.ndarray
+    s1: np.ndarray
+    q1: np.ndarray
+    p1: np.ndarray
+    n0: np.ndarray
+    s0: np.ndarray
+    q0: np.ndarray
+    p0: np.ndarray
+
+
+def _pairs(stats: GroupStats) -> tuple[list[str], _Pair]:
+    """Moments of both sides of every target: counts (L, T, 1), sums/sumsq/npos (L, T, N), float64."""
+    tg = targets(stats.base or stats.groups, stats.sides)
+    n = stats.count.astype(np.float64)[:, :, None]
+    s, q, p = stats.sum, stats.sumsq, stats.npos.astype(np.float64)
+    tot = [x.sum(axis=1, keepdims=True) for x in (n, s, q, p)]
+    side1, side0 = [], []
+    for _, pos, neg in tg:
+        a = [x[:, pos].sum(axis=1) for x in (n, s, q, p)]
+        b = [t[:, 0] - y for t, y in zip(tot, a, strict=True)] if neg is None else [x[:, neg].sum(axis=1) for x in (n, s, q, p)]
+        side1.append(a)
+        side0.append(b)
+    st = [np.stack([v[i] for v in side1], axis=1) for i in range(4)]
+    sr = [np.stack([v[i] for v in side0], axis=1) for i in range(4)]
+    return [t[0] for t in tg], _Pair(st[0], st[1], st[2], st[3], sr[0], sr[1], sr[2], sr[3])
+
+
+def _mean_var(n: np.ndarray, s: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = s / n
+        v = np.maximum(q - s * m, 0.0) / (n - 1)
+    return np.where(n > 0, m, np.nan), np.where(n > 1, v, np.nan)
+
+
+def _scores(method: str, stats: GroupStats, names: list[str], values: np.ndarray, **kw: object) -> Scores:
+    return Scores(method, names, list(stats.layers), values, **kw)  # type: ignore[arg-type]
+
+
+def prob_diff(stats: GroupStats) -> Scores:
+    """P(act > 0 | group) - P(act > 0 | rest)."""
+    names, pr = _pairs(stats)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = pr.p1 / pr.n1 - pr.p0 / pr.n0
+    return _scores("prob-diff", stats, names, np.where((pr.n1 > 0) & (pr.n0 > 0), d, np.nan))
+
+
+def mean_diff(stats: GroupStats) -> Scores:
+    """mean(group) - mean(rest)."""
+    names, pr = _pairs(stats)
+    m1, _ = _mean_var(pr.n1, pr.s1, pr.q1)
+    m0, _ = _mean_var(pr.n0, pr.s0, pr.q0)
+    return _scores("mean-diff", stats, names, m1 - m0)
+
+
+def cohen_d(stats: GroupStats) -> Scores:
+    """Cohen's d: (mean(group) - mean(rest)) / pooled standard deviation (0 when both are constant and equal)."""
+    names, pr = _pairs(stats)
+    m1, v1 = _mean_var(pr.n1, pr.s1, pr.q1)
+    m0, v0 = _mean_var(pr.n0, pr.s0, pr.q0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sp = np.sqrt(((pr.n1 - 1) * v1 + (pr.n0 - 1) * v0) / (pr.n1 + pr.n0 - 2))
+        d = (m1 - m0) / sp
+    ok = (pr.n1 > 1) & (pr.n0 > 1)
+    return _scores("cohen-d", stats, names, np.where(ok, np.nan_to_num(d), np.nan))
+
+
+def welch_t(stats: GroupStats) -> Scores:
+    """Welch's t (group vs rest), with ``df`` and two-sided ``p`` in ``extra``.
+
+    Matches ``scipy.stats.ttest_ind(group, rest, equal_var=False)``; where the statistic is
+    undefined (both sides constant) it is set as ``np.nan_to_num`` would (0, or +-max float).
+    """
+    from scipy import special
+
+    names, pr = _pairs(stats)
+    m1, v1 = _mean_var(pr.n1, pr.s1, pr.q1)
+    m0, v0 = _mean_var(pr.n0, pr.s0, pr.q0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, b = v1 / pr.n1, v0 / pr.n0
+        se2 = a + b
+        t = (m1 - m0) / np.sqrt(se2)
+        df = se2 * se2 / (a * a / (pr.n1 - 1) + b * b / (pr.n0 - 1))
+        p = 2.0 * special.stdtr(df, -np.abs(t))
+    ok = (pr.n1 > 1) & (pr.n0 > 1)
+    t = np.where(ok, np.nan_to_num(t), np.nan)
+    return _scores("welch-t", stats, names, t, extra={"p": np.where(ok, p, np.nan), "df": np.where(ok, df, np.nan)})
+
+
+def probeless(stats: GroupStats) -> Scores:
+    """NeuroX probeless, per tag: ``sum_j |mean_g - mean_j|`` over the other groups (with a contrast,
+    ``|mean_a - mean_b|``)."""
+    mean = stats.mean()
+    if stats.sides:
+        S = len(stats.sides)
+        vals = np.abs(mean[:, 0::S] - mean[:, 1::S])
+        return _scores("probeless", stats, list(stats.base), vals)
+    G = mean.shape[1]
+    out = np.full(mean.shape, np.nan)
+    for g in range(G):
+        others = [j for j in range(G) if j != g]
+        diff = np.abs(mean[:, [g]] - mean[:, others])
+        out[:, g] = np.nansum(diff, axis=1) if others else 0.0
+        out[:, g][np.isnan(mean[:, g])] = np.nan
+    return _scores("probeless", stats, list(stats.groups), out)
+
+
+def auroc_scores(result: AurocResult) -> Scores:
+    """Scores of ``auroc`` from :func:`vstore.stats.compute_auroc` (``error`` in ``extra``)."""
+    return Scores("auroc", list(result.targets), list(result.layers), result.auroc,
+                  extra={"auroc_error": result.error}, centre=0.5)
+
+
+def random_scores(
+    target_names: Sequence[str], layers: Sequence[int], n_neurons: int, seed: int
+) -> Scores:
+    """Uniform random scores in [0, 1) per (layer, target, neuron), from ``seed``."""
+    rng = np.random.default_rng(seed)
+    vals = rng.random((len(layers), len(target_names), int(n_neurons)))
+    return Scores("random", list(target_names), list(layers), vals, centre=0.5)
+
+
+def lape_entropy(prob: np.ndarray, names: Sequence[str]) -> npt.NDArray[np.float64]:
+    """Entropy (L, N) of each neuron's activation probabilities normalised over the groups.
+
+    ``prob`` is (L, G, N). Groups are taken in sorted name order (so the float result does not depend
+    on label order); a neuron that never fires has entropy 0 (its normalised probabilities are all 0).
+    """
+    order = np.argsort(np.asarray(list(names), dtype=object), kind="stable")
+    P = np.ascontiguousarray(prob.transpose(0, 2, 1)[:, :, order])  # (L, N, G)
+    s = P.sum(-1, keepdims=True)
+    norm = P / np.where(s == 0, 1, s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.nansum(np.where(norm > 0, norm * np.log(norm), 0.0), axis=-1)
+    return np.asarray(ent, dtype=np.float64)
+
+
+def vape(stats: GroupStats) -> Scores:
+    """VAPE/LAPE: entropy of the normalised activation probabilities (lower: more group-specific).
+
+    ``values`` holds the entropy for every target (the same for each); ``extra["prob"]`` the
+    probabilities (L, G, N) that assign a kept neuron to its groups.
+    """
+    if stats.sides:
+        raise VstoreError(
+            "vape compares groups with one another, not the two sides of a contrast; "
+            "use --where COLUMN=VALUE to rank on one side, or a contrastive method"
+        )
+    P = activation_probability(stats)
+    ent = lape_entropy(P, stats.groups)
+    vals = np.repeat(ent[:, None, :], len(stats.groups), axis=1)
+    return Scores("vape", list(stats.groups), list(stats.layers), vals, extra={"prob": P, "entropy": ent},
+                  lower_is_better=True)
+
+
+def score(method: str, stats: GroupStats | None = None, *, auroc: AurocResult | None = None,
+          target_names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
+          n_neurons: int | None = None, seed: int = 0) -> Scores:
+    """Scores of ``method`` from statistics (or, for ``auroc``, its result; for ``random``, the shape)."""
+    m = canonical_method(method)
+    if m == "random":
+        if target_names is None or layers is None or n_neurons is None:
+            if stats is None:
+                raise VstoreError("random scores need target names, layers and the neuron count")
+            target_names = target_names or (stats.base or stats.groups)
+            layers, n_neurons = stats.layers, stats.n_neurons
+        return random_scores(target_names, layers, n_neurons, seed)
+    if m == "auroc":
+        if auroc is None:
+            raise VstoreError("auroc scores need compute_auroc's result")
+        return auroc_scores(auroc)
+    if stats is None:
+        raise VstoreError(f"{m} needs statistics")
+    fn = {"vape": vape, "prob-diff": prob_diff, "mean-diff": mean_diff, "cohen-d": cohen_d, "welch-t": welch_t,
+          "probeless": probeless}[m]
+    return fn(stats)

@@ -1,0 +1,116 @@
+"""The whole study in one call: build -> rank -> ablate, each stage resumable.
+
+``run_study(out_dir)`` writes into ``out_dir``:
+
+* ``store/`` — activations of the activation split (``vstore build``)
+* ``neurons.json`` (+ ``.npz``) — value neurons (``vstore rank --by value``)
+* ``ablation.json`` — value consistency, unablated and with each value's neurons (and random
+  controls) switched off (``vstore ablate``)
+* ``summary.json`` — the headline figures
+
+Run again on the same folder, a finished stage is not redone: an incomplete store resumes, a
+complete one is kept, and the ablation resumes its finished sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .ablate import run_ablation
+from .build import build_store
+from .data import bundled_stories, sample_stories
+from .models import DEFAULT_MODEL, load_model
+from .rank import rank_store
+from .store import Store, is_store
+
+__all__ = ["run_study"]
+
+
+def run_study(
+    out_dir: str | Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    data: str | Path | None = None,
+    quick: bool = False,
+    method: str = "vape",
+    top_k: int | None = None,
+    scorer: str = "ll",
+    controls: int | None = None,
+    dtype: str = "float16",
+    batch_size: int = 8,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build a store from the activation split, rank value neurons, and ablate them.
+
+    Parameters
+    ----------
+    out_dir
+        Folder for the store and the results.
+    model
+        Model alias, ``.gguf``, folder or hub id (default: the packaged Gemma 3 270M).
+    data
+        Story file/folder with both splits (default: the bundled benchmark, or with ``quick`` its
+        sample: 4 activation and 3 evaluation stories per value and language).
+    quick
+        The quick profile (about ten minutes on a 2-core CPU): the sample stories, one control.
+    method
+        Scoring method for ``vstore rank`` (default ``vape``, the paper's).
+    top_k
+        Neurons per value (default: the method's own selection; vape keeps the top 1%).
+    scorer
+        ``ll`` or ``choice``.
+    controls
+        Random control sets per value (default 1 quick, 3 full).
+
+    Returns
+    -------
+    dict
+        The summary also written to ``summary.json``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = Path(data) if data is not None else (sample_stories() if quick else bundled_stories())
+    n_controls = controls if controls is not None else (1 if quick else 3)
+    lm = load_model(model, device=device, progress=say)
+    store_path = out / "store"
+    if is_store(store_path) and Store(store_path).state == "complete":
+        say(f"[1/3] store {store_path} is complete; keeping it")
+    else:
+        say(f"[1/3] building {store_path} from the activation split of {data_path}")
+        build_store(store_path, model=lm, data=data_path, split="activation", dtype=dtype,
+                    batch_size=batch_size, device=device, progress=progress)
+    neurons = out / "neurons.json"
+    say(f"[2/3] ranking value neurons ({method}) -> {neurons}")
+    ns = rank_store(store_path, "value", method, out=neurons, top_k=top_k, seed=seed, progress=progress)
+    say(f"[3/3] ablating each value's neurons (+{n_controls} random control(s) each) -> {out / 'ablation.json'}")
+    result = run_ablation(lm, neurons, data_path, out / "ablation.json", split="evaluation", scorer=scorer,
+                          controls=n_controls, seed=seed, batch_size=batch_size, device=device, progress=progress)
+    summary = _summarise(result, ns, store_path)
+    from .cli.common import write_json
+
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _summarise(result: dict[str, Any], ns: Any, store_path: Path) -> dict[str, Any]:
+    groups = ns.groups if hasattr(ns, "groups") else ns["groups"]
+    base = result["baseline"]["value_consistency"]
+    rows = []
+    for ab in result["ablations"]:
+        rows.append({"group": ab["group"], "kind": ab["kind"], "seed": ab.get("seed"), "n_neurons": ab["n_neurons"],
+                     "value_consistency": ab["value_consistency"], "change": ab["value_consistency"] - base})
+    targets = [r["change"] for r in rows if r["kind"] == "target"]
+    ctrl = [r["change"] for r in rows if r["kind"] == "control"]
+    return {
+        "store": str(store_path),
+        "neurons_per_value": {g: len(v) for g, v in groups.items()},
+        "baseline_value_consistency": base,
+        "mean_change_target": sum(targets) / len(targets) if targets else None,
+        "mean_change_control": sum(ctrl) / len(ctrl) if ctrl else None,
+        "ablations": rows,
+    }
