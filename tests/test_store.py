@@ -16,8 +16,9 @@ import hashlib
 import itertools
 import json
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,12 @@ GOLDEN = Path(__file__).parent / "golden" / "store-v1"
 DTYPES = ("float16", "float32", "bfloat16")
 BITS = {"float16": np.uint16, "float32": np.uint32, "bfloat16": np.uint16}
 PROPERTY = settings(deadline=None, max_examples=30)
+
+# hypothesis imports this (-> libcst -> mypy_extensions, a DeprecationWarning) only while it reports a
+# failing example, where filterwarnings=error turns the report into an INTERNALERROR; import it now.
+with warnings.catch_warnings(), suppress(ImportError):  # without libcst hypothesis skips it too
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import hypothesis.extra._patching  # noqa: F401
 
 
 # -- helpers -------------------------------------------------------------------------------------
