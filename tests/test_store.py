@@ -200,6 +200,7 @@ def _run(path: Path, feed: Feed, crashes: Sequence[tuple[int, str]] = (), seed: 
     for attempt in [*crashes, None]:
         store = Store(path, "r+")
         store.trim_examples()
+        _spy_commits(store, path, feed)
         writer = PartWriter(store, feed.part)
         k = writer.committed_examples
         assert writer.written == feed.cum[k]
@@ -229,6 +230,24 @@ def _run(path: Path, feed: Feed, crashes: Sequence[tuple[int, str]] = (), seed: 
         del writer, store
         _corrupt(path, feed, attempt[1], rng)
         _check_reader_sees_committed(path, feed)
+
+
+def _spy_commits(store: Store, path: Path, feed: Feed) -> None:
+    """Check every commit the writer makes: its rows are on disk first, and it ends an example."""
+    commit = store.commit
+
+    def checked(part: str, examples: int, rows: int, **kw: Any) -> None:
+        assert part == feed.part
+        assert rows == feed.cum[examples], f"commit of {examples} examples with {rows} rows (not {feed.cum[examples]})"
+        want = dict(zip(("acts", "rows/example", "rows/position", "rows/token"), feed.expected(examples), strict=True))
+        for key, value in want.items():
+            arr = store.group[f"parts/{part}/{key}"]
+            got = arr[:, :rows] if key == "acts" else arr[:rows]
+            _assert_bitwise(got, value, f"{key} on disk before its commit")
+        commit(part, examples, rows, **kw)
+        _check_committed(path, feed)
+
+    store.commit = checked  # type: ignore[method-assign]
 
 
 def _corrupt(path: Path, feed: Feed, how: str, rng: np.random.Generator) -> None:

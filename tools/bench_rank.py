@@ -232,9 +232,12 @@ def main(argv: list[str] | None = None) -> int:
             evict(files)
             record("disk_raw", raw_read(files))
             evict(files)
-            code = ("import resource, sys, time; sys.path.insert(0, sys.argv[1]); from vstore.rank import rank_store; "
+            # imports first (not timed); VmHWM, not ru_maxrss, which keeps the forking parent's peak
+            code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import zarr, scipy.special; "
+                    "import vstore.kernels, vstore.stats, vstore.scoring; from vstore.rank import rank_store; "
                     "t = time.perf_counter(); rank_store(sys.argv[2], 'value', 'welch-t', use_cache=False, top_k=10); "
-                    "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+                    "dt = time.perf_counter() - t; "
+                    "hwm = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024; print(dt, hwm)")
             out = subprocess.run([sys.executable, "-c", code, str(ROOT), str(store)], check=True, capture_output=True,
                                  text=True).stdout.split()
             record("disk_rank", float(out[0]), peak_rss_bytes=int(out[1]))

@@ -259,7 +259,7 @@ class Store:
         """Keys of the cached statistics under ``stats/``."""
         if "stats" not in self.group:
             return []
-        return sorted(self.group["stats"].group_keys())
+        return sorted(k for k in self.group["stats"].group_keys() if not k.startswith("."))
 
     # -- examples (written when a part starts) -------------------------------------------------------
     def add_examples(self, ids: Sequence[str], texts: Sequence[str], labels: Sequence[Mapping[str, str]]) -> int:
