@@ -107,6 +107,8 @@ class Store:
     def __init__(self, path: str | Path, mode: str = "r") -> None:
         import zarr
 
+        if mode not in ("r", "r+"):
+            raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path = Path(path)
         if not is_store(self.path):
             if self.path.exists() and (self.path / "zarr.json").exists():
@@ -141,10 +143,20 @@ class Store:
         g.attrs.update({FORMAT_NAME: full})
         return cls(p, mode="r+")
 
-    def _save_meta(self) -> None:
+    def _check_writable(self) -> None:
         if self.mode == "r":
             raise StoreError(f"{self.path} is open read-only")
+
+    def _save_meta(self) -> None:
+        self._check_writable()
         self.group.attrs.update({FORMAT_NAME: self.meta})
+
+    def part_info(self, name: str) -> PartInfo:
+        """The committed description of one part (``StoreError`` when there is no such part)."""
+        for p in self.parts:
+            if p.name == name:
+                return p
+        raise StoreError(f"{self.path}: no part {name!r}; parts: {', '.join(p.name for p in self.parts) or '(none)'}")
 
     # -- description --------------------------------------------------------------------------------
     @property
@@ -195,7 +207,7 @@ class Store:
 
     def rows(self, part: str, column: str) -> np.ndarray:
         """A committed row column (``example``, ``position``, ``token``) of a part."""
-        info = next(p for p in self.parts if p.name == part)
+        info = self.part_info(part)
         return np.asarray(self.group[f"parts/{part}/rows/{column}"][: info.committed_rows])
 
     def iter_blocks(self, layer_pos: int, *, part: str | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
@@ -268,6 +280,7 @@ class Store:
         The examples count in the attributes is only advanced by :meth:`start_part`, so a crash
         between the two leaves arrays that are trimmed back on the next call.
         """
+        self._check_writable()
         start = int(self.meta["n_examples"])
         n = len(ids)
         ex = self.group["examples"]
@@ -308,6 +321,7 @@ class Store:
 
     def start_part(self, n_examples: int, example_start: int, extra: Mapping[str, Any], *, compressor: str) -> str:
         """Create ``parts/NNNN`` for ``n_examples`` examples starting at ``example_start``."""
+        self._check_writable()
         name = f"{len(self.meta['parts']):04d}"
         base = f"parts/{name}"
         if base in self.group:  # left over by a crash before the counters were written
@@ -337,6 +351,7 @@ class Store:
 
     def trim_examples(self) -> None:
         """Cut example arrays back to the count in the attributes (after a crash mid-append)."""
+        self._check_writable()
         n = int(self.meta["n_examples"])
         for key in self.group["examples"].array_keys():
             arr = self.group[f"examples/{key}"]
@@ -345,6 +360,7 @@ class Store:
 
     def commit(self, part: str, examples: int, rows: int, *, overflow: Mapping[str, int] | None = None) -> None:
         """Advance a part's committed counters (after its rows are written)."""
+        self._check_writable()
         for p in self.meta["parts"]:
             if p["name"] == part:
                 p["committed_examples"] = int(examples)
@@ -355,6 +371,7 @@ class Store:
 
     def finish_part(self, part: str) -> None:
         """Mark a part, and the store, complete."""
+        self._check_writable()
         for p in self.meta["parts"]:
             if p["name"] == part:
                 p["state"] = "complete"
@@ -364,6 +381,7 @@ class Store:
 
     def update_meta(self, **fields: Any) -> None:
         """Set top-level ``vstore`` attributes."""
+        self._check_writable()
         self.meta.update(fields)
         self._save_meta()
 
@@ -379,7 +397,8 @@ class PartWriter:
     def __init__(self, store: Store, part: str) -> None:
         self.store = store
         self.part = part
-        info = next(p for p in store.parts if p.name == part)
+        store._check_writable()
+        info = store.part_info(part)
         self.acts = store.acts(part)
         self.rows = {c: store.group[f"parts/{part}/rows/{c}"] for c in ("example", "position", "token")}
         self.chunk = int(self.acts.chunks[1])
@@ -400,7 +419,10 @@ class PartWriter:
                 arr.resize((self.written,))
 
     def add(self, acts: np.ndarray, example: np.ndarray, position: np.ndarray, token: np.ndarray, examples_done: int) -> None:
-        """Queue rows (``acts`` shaped (layers, rows, neurons)); ``examples_done`` of the part are then complete."""
+        """Queue rows (``acts`` shaped (layers, rows, neurons)); ``examples_done`` of the part are then complete.
+
+        Every call must end at an example boundary: the rows of an example arrive in one call.
+        """
         if acts.shape[1]:
             self._pending.append((acts, example, position, token))
             self._pending_rows += acts.shape[1]
