@@ -441,10 +441,16 @@ def test_empty_or_unknown_group(work: Path, lm: LoadedModel) -> None:
     f = write_neuron_set(work / "empty.json", _doc(lm))
     with pytest.raises(NeuronSetError, match=r"groups\.empty.*empty"):
         run_ablation(lm, f, work / "eval.jsonl", None, groups="empty", progress=False)
-    with pytest.raises(NeuronSetError, match="no group 'nope'.*empty, g"):
+    with pytest.raises(NeuronSetError, match=r"no group 'nope'.*empty, g"):
         run_ablation(lm, f, work / "eval.jsonl", None, groups="g,nope", progress=False)
-    with pytest.raises(NeuronSetError, match="empty"):  # default: each group in turn, the empty one included
-        run_ablation(lm, f, work / "eval.jsonl", None, progress=False)
+    notes: list[str] = []
+    res = run_ablation(lm, f, work / "eval.jsonl", None, controls=0, progress=False, on_note=notes.append)
+    assert [a["group"] for a in res["ablations"]] == ["g"], "by default, empty groups are skipped"
+    assert any("empty" in n for n in notes) and any("empty" in n for n in res["notes"])
+    doc = _doc(lm)
+    doc["groups"] = {"e1": [], "e2": []}
+    with pytest.raises(NeuronSetError, match="every group is empty"):
+        run_ablation(lm, write_neuron_set(work / "allempty.json", doc), work / "eval.jsonl", None, progress=False)
 
 
 @pytest.mark.parametrize(

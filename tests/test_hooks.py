@@ -112,17 +112,16 @@ def test_no_hook_remains_after_an_exception(models: dict, kind: str) -> None:
 
 def test_no_hook_remains_after_normal_exit(models: dict) -> None:
     model = models["gpt_neox"]
-    with no_hooks_left(model):
-        with torch.no_grad(), Edit(model, NEURONS, mode="scale", factor=2.0), Capture(model, "down_in"):
-            model(input_ids=_ids())
+    with no_hooks_left(model), torch.no_grad(), Edit(model, NEURONS, mode="scale", factor=2.0), \
+            Capture(model, "down_in"):
+        model(input_ids=_ids())
     assert _count_hooks(model) == 0
 
 
 def test_no_hooks_left_reports_a_leak(models: dict) -> None:
     model = models["llama"]
-    with pytest.raises(AssertionError, match="hook"):
-        with no_hooks_left(model):
-            edit = Edit(model, NEURONS)
+    with pytest.raises(AssertionError, match="hook"), no_hooks_left(model):
+        edit = Edit(model, NEURONS)
     edit.remove()
     assert _count_hooks(model) == 0
 

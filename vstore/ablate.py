@@ -136,11 +136,11 @@ def read_neuron_set(path: str | Path) -> NeuronSet:
         if not isinstance(entries, list):
             raise NeuronSetError(f"{p}: field 'groups.{name}' must be a list, got {type(entries).__name__}")
         per: dict[int, set[int]] = {}
-        for k, e in enumerate(entries):
+        for k, ent in enumerate(entries):
             where = f"{p}: field 'groups.{name}[{k}]'"
-            if not isinstance(e, dict) or not _int_field(e.get("layer")) or not _int_field(e.get("neuron")):
-                raise NeuronSetError(f"{where} must be an object with integer 'layer' and 'neuron', got {e!r}")
-            layer, neuron = int(e["layer"]), int(e["neuron"])
+            if not isinstance(ent, dict) or not _int_field(ent.get("layer")) or not _int_field(ent.get("neuron")):
+                raise NeuronSetError(f"{where} must be an object with integer 'layer' and 'neuron', got {ent!r}")
+            layer, neuron = int(ent["layer"]), int(ent["neuron"])
             if not 0 <= layer < n_layers:
                 raise NeuronSetError(f"{where}: layer {layer} out of range (model.n_layers = {n_layers})")
             if not 0 <= neuron < n_neurons:
@@ -185,15 +185,17 @@ def check_neuron_set(ns: NeuronSet, identity: ModelIdentity) -> list[str]:
 
 
 def parse_groups(spec: str | Sequence[str] | None, ns: NeuronSet) -> list[tuple[str, LayerNeurons]]:
-    """The neuron sets to ablate: ``None`` = each group in turn; ``"a,b"``; ``"a+b"`` = a union.
+    """The neuron sets to ablate: ``None`` = each non-empty group in turn; ``"a,b"``; ``"a+b"`` = a union.
 
     Raises
     ------
     NeuronSetError
-        An unknown group name, or a group (or union) without neurons.
+        An unknown group name, a requested group (or union) without neurons, or only empty groups.
     """
     if spec is None:
-        names = list(ns.groups)
+        names = [g for g, sel in ns.groups.items() if any(len(v) for v in sel.values())]
+        if not names:
+            raise NeuronSetError(f"{ns.path}: field 'groups': every group is empty, no neurons to ablate")
     elif isinstance(spec, str):
         names = [x.strip() for x in spec.split(",") if x.strip()]
     else:
@@ -708,6 +710,9 @@ def run_ablation(
     lm = model if isinstance(model, LoadedModel) else load_model(
         str(model), device=device, trust_remote_code=trust_remote_code, progress=note)
     notes = check_neuron_set(ns, lm.identity)
+    empty = [g for g, sel in ns.groups.items() if not any(len(v) for v in sel.values())]
+    if groups is None and empty:
+        notes.append(f"skipped the empty group(s) {', '.join(empty)} of the neuron set")
     for n in notes:
         note(f"note: {n}")
     site = ns.site
