@@ -10,31 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "gpt_neox")
+import tiny_models
+from tiny_models import make_config
+
 VALUES = ("harmony", "justice", "integrity")
-
-
-def family_config(family: str, *, vocab: int = 64, layers: int = 2, inter: int = 48) -> Any:
-    """A tiny config of one architecture (hidden 32, 4 heads)."""
-    from transformers import AutoConfig
-
-    ids = {"vocab_size": vocab, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    if family in ("llama", "mistral", "qwen2", "qwen3"):
-        extra = {"head_dim": 8} if family == "qwen3" else {}
-        return AutoConfig.for_model(family, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                    **extra, **ids)
-    if family in ("gemma", "gemma2", "gemma3_text"):
-        extra = {} if family == "gemma" else {"sliding_window": 4, "final_logit_softcapping": 30.0}
-        return AutoConfig.for_model(family, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                    max_position_embeddings=256, **extra, **ids)
-    if family == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=32, n_inner=inter, n_layer=layers, n_head=4, n_positions=256, **ids)
-    if family == "gpt_neox":
-        return AutoConfig.for_model("gpt_neox", hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
-                                    num_attention_heads=4, max_position_embeddings=256, **ids)
-    raise ValueError(family)
 
 
 def family_model(family: str, *, seed: int = 0, **kw: Any) -> Any:
@@ -43,7 +22,7 @@ def family_model(family: str, *, seed: int = 0, **kw: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(family_config(family, **kw)).eval()
+    return AutoModelForCausalLM.from_config(make_config(family, **kw)).eval()
 
 
 def down_weight_zeroed(model: Any, family: str, neurons: dict[int, list[int]]) -> None:
@@ -87,24 +66,13 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def make_tokenizer(out: Path) -> Any:
-    """A byte-level BPE tokenizer trained on the test stories and the choice prompts; saved to ``out``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+_PROMPTS = ("Question: What should be done?\nA. x\nB. y\nAnswer: A", "问题：应该怎么做？\nA. x\nB. y\n答案：B")
 
-    corpus = [r["story"] + " " + r["aligned"] + " " + r["violating"] for r in stories("activation", 3)]
-    corpus += ["Question: What should be done?\nA. x\nB. y\nAnswer: A", "问题：应该怎么做？\nA. x\nB. y\n答案：B"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-    out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out)
-    return fast
+
+def make_tokenizer(out: Path) -> Any:
+    """The tiny BPE tokenizer, also trained on the test stories and the choice prompts; saved to ``out``."""
+    corpus = tuple(r["story"] + " " + r["aligned"] + " " + r["violating"] for r in stories("activation", 3))
+    return tiny_models.make_tokenizer(out, extra_corpus=corpus + _PROMPTS, add_bos=False)
 
 
 def make_model_dir(out: Path, family: str = "llama", *, layers: int = 3, inter: int = 96, seed: int = 0) -> Path:

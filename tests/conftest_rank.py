@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import tiny_models
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tools") not in sys.path:
@@ -40,31 +41,11 @@ def make_data(path: Path, per_value: int = 2) -> list[dict]:
 
 
 def tiny_model(out: Path, layers: int = 3, inter: int = 96) -> Path:
-    """A random-initialised llama (hidden 32) with a BPE tokenizer trained on the sample stories."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
-
+    """A random-initialised llama (hidden 32) with a BPE tokenizer also trained on the stories."""
     out = Path(out)
-    if (out / "config.json").exists():
-        return out
     out.mkdir(parents=True, exist_ok=True)
-    corpus = [r["story"] + r["aligned"] + r["violating"] for r in make_data(out / "corpus.jsonl")]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-    fast.save_pretrained(out)
-    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                               vocab_size=len(fast), pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(out, safe_serialization=True)
-    return out
+    corpus = tuple(r["story"] + r["aligned"] + r["violating"] for r in make_data(out / "corpus.jsonl"))
+    return tiny_models.make_model(out, "llama", layers, inter, add_bos=False, extra_corpus=corpus, init_std=None)
 
 
 def tiny_store(tmp: Path, *, texts: list[str] | None = None, per_value: int = 2, name: str = "store") -> Path:

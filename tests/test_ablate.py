@@ -421,11 +421,12 @@ def test_neuron_set_for_another_model(work: Path, lm: LoadedModel, override: dic
 @pytest.mark.parametrize(
     ("entry", "match"),
     [
-        ({"layer": 3, "neuron": 0}, r"groups\.g\[0\].*layer 3 out of range"),
-        ({"layer": 0, "neuron": 96}, r"groups\.g\[0\].*neuron 96 out of range"),
-        ({"layer": -1, "neuron": 0}, r"layer -1 out of range"),
-        ({"layer": "0", "neuron": 0}, r"integer 'layer'"),
-        ({"neuron": 0}, r"integer 'layer'"),
+        ({"layer": 3, "neuron": 0, "score": 1.0}, r"groups\.g\[0\].*layer 3 out of range"),
+        ({"layer": 0, "neuron": 96, "score": 1.0}, r"groups\.g\[0\].*neuron 96 out of range"),
+        ({"layer": -1, "neuron": 0, "score": 1.0}, r"groups\.g\[0\]\.layer: expected a non-negative integer"),
+        ({"layer": "0", "neuron": 0, "score": 1.0}, r"groups\.g\[0\]\.layer: expected a non-negative integer"),
+        ({"neuron": 0, "score": 1.0}, r"groups\.g\[0\]\.layer: expected a non-negative integer"),
+        ({"layer": 0, "neuron": 0}, r"groups\.g\[0\]\.score: expected a number"),
     ],
 )
 def test_layer_or_neuron_out_of_range(work: Path, lm: LoadedModel, entry: dict, match: str) -> None:
@@ -458,7 +459,7 @@ def test_empty_or_unknown_group(work: Path, lm: LoadedModel) -> None:
     [
         (lambda d: d.pop("format"), r"format\.name"),
         (lambda d: d["format"].update(version=2), r"format\.version"),
-        (lambda d: d.pop("groups"), "'groups'"),
+        (lambda d: d.pop("groups"), r"groups: expected an object"),
         (lambda d: d["model"].pop("n_neurons"), r"model\.n_neurons"),
     ],
 )
@@ -469,7 +470,7 @@ def test_malformed_neuron_set(work: Path, lm: LoadedModel, mutate: Any, match: s
     with pytest.raises(NeuronSetError, match=match):
         read_neuron_set(f)
     (work / "notjson.json").write_text("{", encoding="utf-8")
-    with pytest.raises(NeuronSetError, match="not a JSON"):
+    with pytest.raises(NeuronSetError, match="not valid JSON"):
         read_neuron_set(work / "notjson.json")
 
 

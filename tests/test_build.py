@@ -82,7 +82,7 @@ def test_layers_subset_and_site_down_in(tiny_model_factory, stories, tmp_path):
     build_store(tmp_path / "d", model=str(model), data=stories, dtype="float32", site="down_in", progress=False)
     assert Store(tmp_path / "a").layers == [1, 2]
     acts, *_ = _read(tmp_path / "a")
-    full, ex, pos, texts = _read(tmp_path / "d")
+    full, *_ = _read(tmp_path / "d")
     assert acts.shape[0] == 2 and full.shape[0] == 3
     # down_in = act_fn(gate) * up: differs from the act site, same rows
     act_all, *_ = _read(tmp_path / "a")

@@ -10,7 +10,14 @@ import re
 import pytest
 
 from vstore.cli import main
-from vstore.data import bundled_stories, bundled_values, join_text, load_examples, load_stories, sample_stories
+from vstore.data import (
+    bundled_stories,
+    bundled_values,
+    join_text,
+    load_examples,
+    load_stories,
+    sample_stories,
+)
 from vstore.datatools import import_stories, parse_mapping, story_stats
 from vstore.errors import DataError
 

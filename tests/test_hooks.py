@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from conftest_ablate import FAMILIES, down_weight_zeroed, family_model
+from conftest_ablate import down_weight_zeroed, family_model
+from tiny_models import FAMILIES
 
 from vstore.errors import ModelError
 from vstore.hooks import Capture, Edit, StopForward, _count_hooks, no_hooks_left, run_until_stop

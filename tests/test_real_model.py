@@ -39,7 +39,7 @@ def test_gemma_build_matches_own_hooks(gemma, tmp_path):
     assert len(mods) == 18
     for e, text in enumerate(texts):
         got = []
-        hs = [m.register_forward_hook(lambda m, i, o: got.append(o[0].float().numpy())) for m in mods]
+        hs = [m.register_forward_hook(lambda m, i, o, got=got: got.append(o[0].float().numpy())) for m in mods]
         try:
             ids = tok(text, return_tensors="pt")
             with torch.no_grad():

@@ -52,7 +52,8 @@ def make_stories(path: str | Path, per_value: int = 2, split: str = "activation"
     return rows
 
 
-def make_tokenizer(out: str | Path) -> Any:
+def make_tokenizer(out: str | Path, *, extra_corpus: tuple[str, ...] = (), add_bos: bool = True) -> Any:
+    """A byte-level BPE tokenizer trained on the test sentences (+ ``extra_corpus``), saved to ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -60,56 +61,66 @@ def make_tokenizer(out: str | Path) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_EN + _ZH + ["A B", "Option A: B:"], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.train_from_iterator(_EN + _ZH + ["A B", "Option A: B:", *extra_corpus], trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    Path(out).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
     return fast
 
 
-def make_config(family: str, vocab: int, layers: int = 2, inter: int = 48) -> Any:
+def make_config(family: str, vocab: int = 64, layers: int = 2, inter: int = 48) -> Any:
+    """A tiny config of one supported architecture (hidden 32, 4 heads)."""
     from transformers import AutoConfig
 
     ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "vocab_size": vocab}
-    attn = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+    attn = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
     if family in ("llama", "mistral", "qwen2", "qwen3"):
         extra = {"head_dim": 8} if family == "qwen3" else {}
         return AutoConfig.for_model(family, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
                                     **attn, **ids, **extra)
     if family in ("gemma", "gemma2", "gemma3_text"):
-        extra = {"sliding_window": 16} if family != "gemma" else {}
+        extra = {} if family == "gemma" else {"sliding_window": 4, "final_logit_softcapping": 30.0}
         return AutoConfig.for_model(family, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
                                     head_dim=8, **attn, **ids, **extra)
     if family == "gpt2":
-        return AutoConfig.for_model("gpt2", n_embd=32, n_inner=inter, n_layer=layers, n_head=4, n_positions=128, **ids)
+        return AutoConfig.for_model("gpt2", n_embd=32, n_inner=inter, n_layer=layers, n_head=4, n_positions=256, **ids)
     if family == "gpt_neox":
         return AutoConfig.for_model("gpt_neox", hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
-                                    num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.5, **ids)
+                                    num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.5, **ids)
     raise ValueError(family)
 
 
-def make_model(out: str | Path, family: str = "llama", layers: int = 2, inter: int = 48, seed: int = 0) -> Path:
-    """Save a tiny random model of ``family`` (with its tokenizer) to ``out``; returns ``out``."""
+def make_model(
+    out: str | Path, family: str = "llama", layers: int = 2, inter: int = 48, seed: int = 0, *, add_bos: bool = True,
+    extra_corpus: tuple[str, ...] = (), init_std: float | None = 0.2,
+) -> Path:
+    """Save a tiny random model of ``family`` (with its tokenizer) to ``out``; returns ``out``.
+
+    ``init_std`` redraws every weight matrix with that spread, so activations are not all tiny
+    (``None`` keeps the library's initialisation).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
     if (out / "config.json").exists():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out)
+    tok = make_tokenizer(out, extra_corpus=extra_corpus, add_bos=add_bos)
     cfg = make_config(family, len(tok), layers, inter)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # random weights large enough that activations are not all tiny
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, init_std)
     model.save_pretrained(str(out), safe_serialization=True)
     return out
 
@@ -130,7 +141,7 @@ def oracle_acts(model_dir: str | Path, texts: list[str]) -> list[tuple[Any, Any]
     out = []
     for t in texts:
         got: list[Any] = []
-        hs = [m.register_forward_hook(lambda m, i, o: got.append(o[0].detach().numpy().copy())) for m in act_modules(model)]
+        hs = [m.register_forward_hook(lambda m, i, o, got=got: got.append(o[0].detach().numpy().copy())) for m in act_modules(model)]
         try:
             ids = tok(t, return_tensors="pt")
             with torch.no_grad():

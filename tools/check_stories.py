@@ -17,7 +17,9 @@ def grams(text: str, n: int = 5) -> set[str]:
 def main(path: str) -> int:
     rows = []
     problems = []
-    for n, line in enumerate(open(path, encoding="utf-8"), 1):
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -41,13 +43,13 @@ def main(path: str) -> int:
     stems = collections.defaultdict(set)
     for r in rows:
         stems[re.sub(r"-(zh|en)$", "", r["id"])].add(r["lang"])
-    problems += [f"unpaired stem {s}: {sorted(l)}" for s, l in stems.items() if l != {"zh", "en"}]
+    problems += [f"unpaired stem {s}: {sorted(langs)}" for s, langs in stems.items() if langs != {"zh", "en"}]
     count = collections.Counter((r["lang"], r["split"]) for r in rows)
     print("counts:", dict(count))
     by = collections.defaultdict(list)
     for r in rows:
         by[r["lang"]].append((r["id"], grams(r["story"])))
-    for lang, gs in by.items():
+    for gs in by.values():
         for (ia, a), (ib, b) in itertools.combinations(gs, 2):
             j = len(a & b) / max(1, len(a | b))
             if j >= 0.35:

@@ -35,6 +35,7 @@ from .data import Story, file_sha256, load_examples, load_stories
 from .errors import DataError, NeuronSetError, StoreError, VstoreError
 from .evaluate import SCORERS, score_items, text_nll, value_consistency
 from .models import SITES, LoadedModel, ModelIdentity
+from .neuronset import load_neuron_set
 
 __all__ = [
     "METRICS",
@@ -105,41 +106,21 @@ def read_neuron_set(path: str | Path) -> NeuronSet:
         and refused when they are asked for (:func:`parse_groups`).
     """
     p = Path(path)
-    if not p.is_file():
-        raise NeuronSetError(f"{p}: no such neuron-set file")
-    try:
-        raw = p.read_bytes()
-        d = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise NeuronSetError(f"{p}: not a JSON file ({e})") from e
-    if not isinstance(d, dict):
-        raise NeuronSetError(f"{p}: expected a JSON object, got {type(d).__name__}")
-    fmt = d.get("format")
-    if not isinstance(fmt, dict) or fmt.get("name") != NEURON_FORMAT:
-        raise NeuronSetError(f"{p}: field 'format.name' must be {NEURON_FORMAT!r}, got {fmt!r}")
-    if fmt.get("version") != 1:
-        raise NeuronSetError(f"{p}: field 'format.version' {fmt.get('version')!r} is not supported (expected 1)")
-    model = d.get("model")
-    if not isinstance(model, dict):
-        raise NeuronSetError(f"{p}: missing field 'model'")
+    d = load_neuron_set(p)  # format, types and field names
+    raw = p.read_bytes()
+    model = d["model"]
     for key in ("architecture", "n_layers", "n_neurons"):
         if key not in model:
             raise NeuronSetError(f"{p}: missing field 'model.{key}'")
-    if not _int_field(model["n_layers"]) or not _int_field(model["n_neurons"]):
-        raise NeuronSetError(f"{p}: fields 'model.n_layers' and 'model.n_neurons' must be integers")
-    groups_raw = d.get("groups")
-    if not isinstance(groups_raw, dict) or not groups_raw:
+    groups_raw = d["groups"]
+    if not groups_raw:
         raise NeuronSetError(f"{p}: field 'groups' must be a non-empty object of group name -> neuron list")
     n_layers, n_neurons = int(model["n_layers"]), int(model["n_neurons"])
     groups: dict[str, LayerNeurons] = {}
     for name, entries in groups_raw.items():
-        if not isinstance(entries, list):
-            raise NeuronSetError(f"{p}: field 'groups.{name}' must be a list, got {type(entries).__name__}")
         per: dict[int, set[int]] = {}
         for k, ent in enumerate(entries):
             where = f"{p}: field 'groups.{name}[{k}]'"
-            if not isinstance(ent, dict) or not _int_field(ent.get("layer")) or not _int_field(ent.get("neuron")):
-                raise NeuronSetError(f"{where} must be an object with integer 'layer' and 'neuron', got {ent!r}")
             layer, neuron = int(ent["layer"]), int(ent["neuron"])
             if not 0 <= layer < n_layers:
                 raise NeuronSetError(f"{where}: layer {layer} out of range (model.n_layers = {n_layers})")
