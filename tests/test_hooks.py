@@ -177,3 +177,28 @@ def test_stop_forward_outside_run_until_stop_propagates(models: dict) -> None:
     with pytest.raises(StopForward), torch.no_grad(), Capture(model, layers=[0], stop=True):
         model(input_ids=_ids())
     assert _count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean", "scale"])
+def test_in_place_edit_under_inference_mode_equals_cloning_edit(models: dict, mode: str) -> None:
+    model, ids = models["llama"], _ids(5)
+    kw = {"means": {0: torch.full((48,), 0.5), 1: torch.full((48,), -0.25)}} if mode == "mean" else {}
+    with torch.no_grad(), Edit(model, NEURONS, mode=mode, factor=3.0, **kw):
+        cloned = model(input_ids=ids).logits
+    with torch.inference_mode(), Edit(model, NEURONS, mode=mode, factor=3.0, **kw):
+        in_place = model(input_ids=ids).logits
+    torch.testing.assert_close(in_place, cloned, rtol=0, atol=0)
+
+
+def test_capture_registered_before_edit_sees_unedited_values(models: dict) -> None:
+    model, ids = models["llama"], _ids(6)
+    with torch.inference_mode(), Capture(model) as plain:
+        model(input_ids=ids)
+        want = {k: v.clone() for k, v in plain.outputs.items()}
+    with torch.inference_mode(), Capture(model) as cap, Edit(model, NEURONS):
+        model(input_ids=ids)
+        for layer in (0,):  # layer 0 runs before any edit reaches the residual stream
+            torch.testing.assert_close(cap.outputs[layer], want[layer], rtol=0, atol=0)
+    with torch.inference_mode(), Edit(model, NEURONS), Capture(model) as after:
+        model(input_ids=ids)
+        assert (after.outputs[0][..., NEURONS[0]] == 0).all()

@@ -153,14 +153,16 @@ class Edit(_Hooks):
         try:
             for idx, module, kind in mods:
                 index = torch.as_tensor(neurons[idx], dtype=torch.long)
-                self._handles.append(_register(module, kind, self._editor(index, mode, means, factor, idx)))
+                # editing in place is safe only when no earlier hook on the module holds the tensor
+                first = not (module._forward_hooks if kind == "output" else module._forward_pre_hooks)
+                self._handles.append(_register(module, kind, self._editor(index, mode, means, factor, idx, first)))
         except Exception:
             self.remove()
             raise
 
     @staticmethod
     def _editor(
-        index: torch.Tensor, mode: str, means: dict[int, torch.Tensor] | None, factor: float, idx: int
+        index: torch.Tensor, mode: str, means: dict[int, torch.Tensor] | None, factor: float, idx: int, first: bool
     ) -> Callable[[torch.Tensor], torch.Tensor]:
         cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
@@ -170,7 +172,7 @@ class Edit(_Hooks):
                 mean = means[idx].to(t.device, t.dtype)[index.to(t.device)] if means is not None and mode == "mean" else None
                 cache[key] = (index.to(t.device), mean)
             ix, mean = cache[key]
-            out = t.clone()
+            out = t if first and torch.is_inference_mode_enabled() else t.clone()
             if mode == "zero":
                 out[..., ix] = 0
             elif mode == "mean":
