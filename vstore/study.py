@@ -97,20 +97,35 @@ def run_study(
     return summary
 
 
+def _own_delta(ablation: dict[str, Any], value: str) -> float | None:
+    """Change of the ablated group's own value consistency (all languages)."""
+    for row in ablation.get("breakdown", []):
+        if row["value"] == value and row["lang"] == "*":
+            return row.get("delta")
+    rows = [r for r in ablation.get("breakdown", []) if r["value"] == value]
+    return rows[0].get("delta") if len(rows) == 1 else None
+
+
 def _summarise(result: dict[str, Any], ns: Any, store_path: Path) -> dict[str, Any]:
-    groups = ns.groups if hasattr(ns, "groups") else ns["groups"]
-    base = result["baseline"]["value_consistency"]
-    rows = []
-    for ab in result["ablations"]:
-        rows.append({"group": ab["group"], "kind": ab["kind"], "seed": ab.get("seed"), "n_neurons": ab["n_neurons"],
-                     "value_consistency": ab["value_consistency"], "change": ab["value_consistency"] - base})
-    targets = [r["change"] for r in rows if r["kind"] == "target"]
-    ctrl = [r["change"] for r in rows if r["kind"] == "control"]
+    groups = ns.groups
+    per_value = []
+    for target in (a for a in result["ablations"] if a["kind"] == "target"):
+        g = target["group"]
+        ctrl = [d for a in result["ablations"] if a["kind"] == "control" and a["group"] == g
+                if (d := _own_delta(a, g)) is not None]
+        per_value.append({
+            "value": g, "n_neurons": target["n_neurons"], "target_change": _own_delta(target, g),
+            "control_change": sum(ctrl) / len(ctrl) if ctrl else None,
+            "p_value": next((r.get("p_value") for r in target.get("breakdown", [])
+                             if r["value"] == g and r["lang"] == "*"), None),
+        })
+    done = [r for r in per_value if r["target_change"] is not None]
+    ctrl_done = [r for r in done if r["control_change"] is not None]
     return {
         "store": str(store_path),
         "neurons_per_value": {g: len(v) for g, v in groups.items()},
-        "baseline_value_consistency": base,
-        "mean_change_target": sum(targets) / len(targets) if targets else None,
-        "mean_change_control": sum(ctrl) / len(ctrl) if ctrl else None,
-        "ablations": rows,
+        "baseline_value_consistency": result["baseline"]["value_consistency"],
+        "per_value": per_value,
+        "mean_own_change_target": sum(r["target_change"] for r in done) / len(done) if done else None,
+        "mean_own_change_control": sum(r["control_change"] for r in ctrl_done) / len(ctrl_done) if ctrl_done else None,
     }

@@ -45,12 +45,14 @@ def cmd_study(a: argparse.Namespace) -> int:
         controls=a.controls, dtype=a.dtype, batch_size=a.batch_size, device=a.device, seed=a.seed,
         progress=not a.no_progress, say=lambda m: console_err.print(m, highlight=False),
     )
-    t = Table(title=f"study {a.out}: baseline value consistency {s['baseline_value_consistency']:.3f}")
+    console.print(f"baseline value consistency {s['baseline_value_consistency']:.3f}", highlight=False)
+    t = Table(title="value neurons switched off: change of the value's own consistency")
     for c in ("value", "neurons", "own VC change (target)", "own VC change (control)"):
         t.add_column(c, justify="right" if c != "value" else "left")
     for row in s["per_value"]:
         ctrl = row["control_change"]
-        t.add_row(row["value"], str(row["n_neurons"]), f"{row['target_change']:+.3f}",
+        tgt = row["target_change"]
+        t.add_row(row["value"], str(row["n_neurons"]), "-" if tgt is None else f"{tgt:+.3f}",
                   "-" if ctrl is None else f"{ctrl:+.3f}")
     console.print(t)
     console_err.print(f"results in {a.out}/summary.json, ablation.json, neurons.json")
