@@ -234,3 +234,23 @@ def test_killed_build_resumes_identical(tiny_model, tmp_path):
     b, eb, pb, tb = _read(out)
     assert a.shape == b.shape and np.array_equal(a, b)
     assert np.array_equal(ea, eb) and np.array_equal(pa, pb) and ta == tb
+
+
+def test_float16_overflow_is_detected_and_reported(tiny_model, stories, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_model, big)
+    m = AutoModelForCausalLM.from_pretrained(str(big), dtype=torch.float32)
+    with torch.no_grad():
+        m.model.layers[1].mlp.gate_proj.weight.mul_(1e6)  # layer 1 activations far beyond 65504
+    m.save_pretrained(str(big), safe_serialization=True)
+    res = build_store(tmp_path / "s", model=str(big), data=stories, dtype="float16", progress=False)
+    assert set(res.overflow) == {"1"} and res.overflow["1"] > 0
+    assert Store(tmp_path / "s").meta["overflow"] == res.overflow
+    assert "beyond ±65504" in capsys.readouterr().err
+    acts, *_ = _read(tmp_path / "s")
+    assert np.isinf(acts[1]).sum() == res.overflow["1"] and np.isfinite(acts[0]).all()

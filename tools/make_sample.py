@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--activation", type=int, default=4, help="activation stems per value")
-    ap.add_argument("--evaluation", type=int, default=3, help="evaluation stems per value")
+    ap.add_argument("--evaluation", type=int, default=2, help="evaluation stems per value")
     a = ap.parse_args()
     keep = {"activation": a.activation, "evaluation": a.evaluation}
     lines = []

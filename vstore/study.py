@@ -55,7 +55,7 @@ def run_study(
         Model alias, ``.gguf``, folder or hub id (default: the packaged Gemma 3 270M).
     data
         Story file/folder with both splits (default: the bundled benchmark, or with ``quick`` its
-        sample: 4 activation and 3 evaluation stories per value and language).
+        sample: 4 activation and 2 evaluation stories per value and language).
     quick
         The quick profile (about ten minutes on a 2-core CPU): the sample stories, one control.
     method

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from rich.markup import escape
 
+from .. import native_status
 from .._version import __version__
 from ..errors import VstoreError
 from .common import console_err
@@ -33,7 +34,7 @@ def make_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"vstore {__version__}")
+    parser.add_argument("--version", action="version", version=f"vstore {__version__}\n{native_status()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _GROUPS:
         try:
