@@ -176,7 +176,7 @@ class Edit(_Hooks):
             if mode == "zero":
                 out[..., ix] = 0
             elif mode == "mean":
-                out[..., ix] = mean  # type: ignore[index]
+                out[..., ix] = mean  # type: ignore[index,assignment]
             else:
                 out[..., ix] = out[..., ix] * factor
             return out

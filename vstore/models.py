@@ -183,7 +183,7 @@ def _dequantize_gguf(gguf: Path, name: str, progress: Callable[[str], None] | No
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises many kinds here
         raise ModelError(f"cannot load GGUF {gguf}: {e}") from e
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import zarr
 
 from .errors import StoreError, StoreExistsError, StoreNotFoundError
 
@@ -105,8 +106,6 @@ class Store:
     """
 
     def __init__(self, path: str | Path, mode: str = "r") -> None:
-        import zarr
-
         if mode not in ("r", "r+"):
             raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path = Path(path)
@@ -115,8 +114,8 @@ class Store:
                 raise StoreError(f"{self.path} is a Zarr group but not a vstore store (no 'vstore' attributes)")
             raise StoreNotFoundError(f"no vstore store at {self.path}")
         self.mode = mode
-        self.group = zarr.open_group(str(self.path), mode=mode)
-        self.meta: dict[str, Any] = dict(self.group.attrs[FORMAT_NAME])
+        self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
+        self.meta: dict[str, Any] = dict(self.group.attrs[FORMAT_NAME])  # type: ignore[arg-type]
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(
                 f"{self.path}: store format version {self.meta.get('format_version')} is not supported "
@@ -127,7 +126,6 @@ class Store:
     @classmethod
     def create(cls, path: str | Path, meta: Mapping[str, Any], *, overwrite: bool = False) -> Store:
         """Create an empty store with the given ``vstore`` attributes (state ``building``)."""
-        import zarr
 
         p = Path(path)
         if p.exists() and any(p.iterdir()):
@@ -142,6 +140,20 @@ class Store:
         g.create_group("parts")
         g.attrs.update({FORMAT_NAME: full})
         return cls(p, mode="r+")
+
+    def array(self, path: str) -> zarr.Array:
+        """The zarr array at ``path`` inside the store (``StoreError`` when it is missing or a group)."""
+        node = self.group.get(path)
+        if not isinstance(node, zarr.Array):
+            raise StoreError(f"{self.path}: no array {path!r}")
+        return node
+
+    def subgroup(self, path: str) -> zarr.Group:
+        """The zarr group at ``path`` inside the store."""
+        node = self.group.get(path)
+        if not isinstance(node, zarr.Group):
+            raise StoreError(f"{self.path}: no group {path!r}")
+        return node
 
     def _check_writable(self) -> None:
         if self.mode == "r":
@@ -203,12 +215,12 @@ class Store:
 
     def acts(self, part: str) -> Any:
         """The raw ``acts`` array of a part (storage dtype; bfloat16 is uint16 bits)."""
-        return self.group[f"parts/{part}/acts"]
+        return self.array(f"parts/{part}/acts")
 
     def rows(self, part: str, column: str) -> np.ndarray:
         """A committed row column (``example``, ``position``, ``token``) of a part."""
         info = self.part_info(part)
-        return np.asarray(self.group[f"parts/{part}/rows/{column}"][: info.committed_rows])
+        return np.asarray(self.array(f"parts/{part}/rows/{column}")[: info.committed_rows])
 
     def iter_blocks(self, layer_pos: int, *, part: str | None = None) -> Iterator[tuple[str, int, np.ndarray]]:
         """Committed row blocks of one layer, one chunk at a time: (part, first row, block)."""
@@ -223,7 +235,7 @@ class Store:
 
     def label_columns(self) -> list[str]:
         """Names of the label columns in ``examples/``."""
-        return sorted(k for k in self.group["examples"].array_keys() if k not in ("text", "id"))
+        return sorted(k for k in self.subgroup("examples").array_keys() if k not in ("text", "id"))
 
     def labels(self, column: str) -> tuple[np.ndarray, list[str]]:
         """Codes (int32, -1 = missing) and category names of a label column, for every example."""
@@ -232,17 +244,17 @@ class Store:
             raise StoreError(
                 f"{self.path}: no label column {column!r}; columns: {', '.join(self.label_columns()) or '(none)'}"
             )
-        arr = self.group[key]
+        arr = self.array(key)
         n = int(self.meta["n_examples"])
-        return np.asarray(arr[:n]), list(arr.attrs.get("categories", []))
+        return np.asarray(arr[:n]), [str(c) for c in arr.attrs.get("categories", [])]  # type: ignore[union-attr]
 
     def texts(self) -> list[str]:
         n = int(self.meta["n_examples"])
-        return [str(x) for x in self.group["examples/text"][:n]]
+        return [str(x) for x in np.asarray(self.array("examples/text")[:n])]
 
     def ids(self) -> list[str]:
         n = int(self.meta["n_examples"])
-        return [str(x) for x in self.group["examples/id"][:n]]
+        return [str(x) for x in np.asarray(self.array("examples/id")[:n])]
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary of the store."""
@@ -271,7 +283,7 @@ class Store:
         """Keys of the cached statistics under ``stats/``."""
         if "stats" not in self.group:
             return []
-        return sorted(k for k in self.group["stats"].group_keys() if not k.startswith("."))
+        return sorted(k for k in self.subgroup("stats").group_keys() if not k.startswith("."))
 
     # -- examples (written when a part starts) -------------------------------------------------------
     def add_examples(self, ids: Sequence[str], texts: Sequence[str], labels: Sequence[Mapping[str, str]]) -> int:
@@ -283,11 +295,11 @@ class Store:
         self._check_writable()
         start = int(self.meta["n_examples"])
         n = len(ids)
-        ex = self.group["examples"]
+        ex = self.subgroup("examples")
         for name, values in (("id", ids), ("text", texts)):
             if name not in ex:
                 ex.create_array(name, shape=(0,), chunks=(_EXAMPLES_CHUNK,), dtype=str, dimension_names=("example",))
-            arr = ex[name]
+            arr = self.array(f"examples/{name}")
             arr.resize((start + n,))
             if n:
                 arr[start : start + n] = np.asarray(list(values), dtype=object).astype(str)
@@ -298,8 +310,8 @@ class Store:
                     col, shape=(0,), chunks=(_EXAMPLES_CHUNK,), dtype="int32", fill_value=-1,
                     dimension_names=("example",), attributes={"categories": []},
                 )
-            arr = ex[col]
-            cats = list(arr.attrs.get("categories", []))
+            arr = self.array(f"examples/{col}")
+            cats = [str(c) for c in arr.attrs.get("categories", [])]  # type: ignore[union-attr]
             index = {c: i for i, c in enumerate(cats)}
             codes = np.full(n, -1, dtype=np.int32)
             for i, lab in enumerate(labels):
@@ -353,8 +365,8 @@ class Store:
         """Cut example arrays back to the count in the attributes (after a crash mid-append)."""
         self._check_writable()
         n = int(self.meta["n_examples"])
-        for key in self.group["examples"].array_keys():
-            arr = self.group[f"examples/{key}"]
+        for key in self.subgroup("examples").array_keys():
+            arr = self.array(f"examples/{key}")
             if arr.shape[0] != n:
                 arr.resize((n,))
 
@@ -400,7 +412,7 @@ class PartWriter:
         store._check_writable()
         info = store.part_info(part)
         self.acts = store.acts(part)
-        self.rows = {c: store.group[f"parts/{part}/rows/{c}"] for c in ("example", "position", "token")}
+        self.rows = {c: store.array(f"parts/{part}/rows/{c}") for c in ("example", "position", "token")}
         self.chunk = int(self.acts.chunks[1])
         self.written = info.committed_rows
         self.committed_examples = info.committed_examples

@@ -1,0 +1,21 @@
+"""The code stays clean under ruff (configured in pyproject.toml)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_is_clean():
+    if shutil.which("ruff") is None and subprocess.run([sys.executable, "-m", "ruff", "--version"],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    res = subprocess.run([sys.executable, "-m", "ruff", "check", "vstore", "tests", "tools"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
