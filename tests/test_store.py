@@ -746,3 +746,32 @@ def test_create_refuses_to_clobber(tmp_path: Path) -> None:
 def test_errors_are_vstore_errors() -> None:
     assert issubclass(StoreNotFoundError, StoreError) and issubclass(StoreNotFoundError, FileNotFoundError)
     assert issubclass(StoreExistsError, StoreError) and issubclass(StoreError, VstoreError)
+
+
+def test_direct_chunk_writes_equal_zarr_writes(tmp_path):
+    """PartWriter writes local uncompressed chunks itself; the files must be what zarr writes."""
+    import vstore.store as vs
+
+    rng = np.random.default_rng(7)
+    meta = {"model": {"n_neurons": 5, "n_layers": 2}, "site": "act", "layers": [0, 1], "dtype": "float16",
+            "pooling": "token", "chunk_rows": 4}
+    acts = rng.standard_normal((2, 10, 5)).astype(np.float16)
+    paths = {}
+    for name, direct in (("direct", True), ("zarr", False)):
+        st = vs.Store.create(tmp_path / name, meta)
+        st.add_examples(["a", "b"], ["x", "y"], [{}, {}])
+        part = st.start_part(2, 0, {}, compressor="none")
+        w = vs.PartWriter(st, part)
+        assert (w._direct is not None) is True
+        if not direct:
+            w._direct = None
+        w.add(acts[:, :6], np.zeros(6, np.int64), np.arange(6, dtype=np.int32), np.arange(6, dtype=np.int32), 1)
+        w.add(acts[:, 6:], np.ones(4, np.int64), np.arange(4, dtype=np.int32), np.arange(4, dtype=np.int32), 2)
+        w.flush()
+        paths[name] = tmp_path / name / "parts" / "0000" / "acts" / "c"
+        np.testing.assert_array_equal(np.asarray(zarr.open_group(str(tmp_path / name))["parts/0000/acts"][:]), acts)
+    files = sorted(p.relative_to(paths["zarr"]) for p in paths["zarr"].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(paths["direct"]) for p in paths["direct"].rglob("*") if p.is_file())
+    assert len(files) == 6  # 2 layers x 3 chunks of 4 rows
+    for f in files:
+        assert (paths["direct"] / f).read_bytes() == (paths["zarr"] / f).read_bytes(), f

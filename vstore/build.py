@@ -170,7 +170,7 @@ def build_store(
     trust_remote_code: bool = False,
     progress: bool = True,
     queue_depth: int = 2,
-    commit_every: float = 2.0,
+    commit_every: float = 30.0,
 ) -> BuildResult:
     """Run the model over a dataset and write its activations into a store.
 

@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import StoreError, VstoreError
-from .store import Store
+from .store import Store, direct_chunk_layout
 
 __all__ = [
     "HIST_BINS",
@@ -440,26 +440,9 @@ class _ActsReader:
         self.chunk_bytes = self.chunk_rows * self.n_neurons * self.dtype.itemsize
 
     def _direct_layout(self) -> tuple[Path, Callable[[tuple[int, ...]], str], bool] | None:
-        try:
-            from zarr.codecs import BytesCodec, Crc32cCodec
-            from zarr.storage import LocalStore
-
-            meta = self.arr.metadata
-            sp = self.arr.store_path
-            if not isinstance(sp.store, LocalStore) or self.arr.chunks != (1, self.chunk_rows, self.n_neurons):
-                return None
-            codecs = tuple(meta.codecs)
-            if not codecs or not isinstance(codecs[0], BytesCodec) or not np.little_endian:
-                return None
-            if self.dtype.itemsize > 1 and (codecs[0].endian is None or codecs[0].endian.value != "little"):
-                return None
-            rest = codecs[1:]
-            if rest and not (len(rest) == 1 and isinstance(rest[0], Crc32cCodec)):
-                return None
-            root = Path(sp.store.root) / sp.path
-            return root, meta.chunk_key_encoding.encode_chunk_key, bool(rest)
-        except Exception:  # any layout we do not recognise: read through zarr
+        if self.arr.chunks != (1, self.chunk_rows, self.n_neurons):
             return None
+        return direct_chunk_layout(self.arr)
 
     def read(self, layer: int, r0: int, r1: int) -> np.ndarray:
         """Rows ``r0:r1`` of layer position ``layer`` (raw storage dtype, C order; may be read-only)."""

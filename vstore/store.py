@@ -19,8 +19,9 @@ after them, at example boundaries. Readers trust only the counters.
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,12 +399,51 @@ class Store:
         self._save_meta()
 
 
-class PartWriter:
-    """Appends rows to one part, in chunk-aligned writes, and commits at example boundaries.
+def direct_chunk_layout(arr: zarr.Array) -> tuple[Path, Callable[[tuple[int, ...]], str], bool] | None:
+    """How to read/write an array's chunk files directly, bypassing zarr's codec pipeline.
 
-    Rows arrive in example order. A write covers rows up to the next chunk boundary (so chunks
-    are written whole, once, except the one a resume starts in). After each write the part's
-    counters advance to the last example whose rows are all written.
+    Returns ``(array folder, chunk-key encoder, has crc32c)`` when the array lives on a local file
+    system and its chunks are stored raw (``bytes`` codec, little endian, optionally followed by
+    ``crc32c``), else ``None`` (then use zarr).
+    """
+    try:
+        from zarr.codecs import BytesCodec, Crc32cCodec
+        from zarr.storage import LocalStore
+
+        meta = arr.metadata
+        sp = arr.store_path
+        if not isinstance(sp.store, LocalStore) or not np.little_endian:
+            return None
+        codecs = tuple(meta.codecs)  # type: ignore[union-attr]
+        if not codecs or not isinstance(codecs[0], BytesCodec):
+            return None
+        if np.dtype(arr.dtype).itemsize > 1 and (codecs[0].endian is None or codecs[0].endian.value != "little"):
+            return None
+        rest = codecs[1:]
+        if rest and not (len(rest) == 1 and isinstance(rest[0], Crc32cCodec)):
+            return None
+        return Path(sp.store.root) / sp.path, meta.chunk_key_encoding.encode_chunk_key, bool(rest)  # type: ignore[union-attr]
+    except Exception:  # any layout we do not recognise: go through zarr
+        return None
+
+
+def _write_file_atomic(path: Path, *buffers: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(tmp, "wb") as f:
+        for b in buffers:
+            f.write(b)
+    os.replace(tmp, path)
+
+
+class PartWriter:
+    """Appends rows to one part, chunk by chunk, and commits at example boundaries.
+
+    Rows arrive in example order and are copied once into a staging buffer the size of one chunk
+    row-range of every layer. A full buffer is written as whole chunks (straight to the chunk
+    files, checksum included, when the store is local and uncompressed; through zarr otherwise);
+    :meth:`flush` also writes a partial one. After each write the part's counters advance to the
+    last example whose rows are all written.
     """
 
     def __init__(self, store: Store, part: str) -> None:
@@ -418,55 +458,71 @@ class PartWriter:
         self.committed_examples = info.committed_examples
         self.example_start = info.example_start
         self.overflow: dict[str, int] = dict(store.meta.get("overflow", {}))
-        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        self._pending_rows = 0
-        self._complete_examples = info.committed_examples  # examples whose rows have all arrived
         self._boundaries: list[tuple[int, int]] = []  # (row end, examples done) not yet committed
         self.bytes_written = 0
+        self._direct = direct_chunk_layout(self.acts)
         # drop anything written after the last commit (a killed build)
         if self.acts.shape[1] != self.written:
             self.acts.resize((self.acts.shape[0], self.written, self.acts.shape[2]))
         for arr in self.rows.values():
             if arr.shape[0] != self.written:
                 arr.resize((self.written,))
+        L, _, N = self.acts.shape
+        self._buf = np.zeros((L, self.chunk, N), dtype=self.acts.dtype)
+        self._rows_buf = {c: np.full(self.chunk, -1, dtype=a.dtype) for c, a in self.rows.items()}
+        self._base = self.written - self.written % self.chunk  # first row of the buffer
+        self._fill = self.written - self._base  # rows in the buffer
+        if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
+            self._buf[:, : self._fill] = self.acts[:, self._base : self.written]
 
     def add(self, acts: np.ndarray, example: np.ndarray, position: np.ndarray, token: np.ndarray, examples_done: int) -> None:
         """Queue rows (``acts`` shaped (layers, rows, neurons)); ``examples_done`` of the part are then complete.
 
         Every call must end at an example boundary: the rows of an example arrive in one call.
         """
-        if acts.shape[1]:
-            self._pending.append((acts, example, position, token))
-            self._pending_rows += acts.shape[1]
-        self._boundaries.append((self.written + self._pending_rows, examples_done))
-        while self._pending_rows and self.written + self._pending_rows >= self._next_boundary():
-            self._write(self._next_boundary() - self.written)
-
-    def _next_boundary(self) -> int:
-        return (self.written // self.chunk + 1) * self.chunk
+        n, i = acts.shape[1], 0
+        cols = {"example": example, "position": position, "token": token}
+        while i < n:
+            take = min(n - i, self.chunk - self._fill)
+            self._buf[:, self._fill : self._fill + take] = acts[:, i : i + take]
+            for c, v in cols.items():
+                self._rows_buf[c][self._fill : self._fill + take] = v[i : i + take]
+            self._fill += take
+            i += take
+            if self._fill == self.chunk:
+                self._write()
+        self._boundaries.append((self._base + self._fill, examples_done))
 
     def flush(self) -> None:
-        """Write every queued row and commit."""
-        if self._pending_rows:
-            self._write(self._pending_rows)
+        """Write every queued row (a partial chunk too) and commit."""
+        if self._base + self._fill > self.written:
+            self._write()
         else:
             self._commit()
 
-    def _write(self, n: int) -> None:
-        cat = [np.concatenate(x, axis=1 if i == 0 else 0) for i, x in enumerate(zip(*self._pending, strict=True))]
-        head = [c[:, :n] if i == 0 else c[:n] for i, c in enumerate(cat)]
-        tail = [c[:, n:] if i == 0 else c[n:] for i, c in enumerate(cat)]
-        r0, r1 = self.written, self.written + n
+    def _write(self) -> None:
+        r0, r1 = self._base, self._base + self._fill
         L, _, N = self.acts.shape
-        self.acts.resize((L, r1, N))
-        self.acts[:, r0:r1] = head[0]
-        for col, arr in zip(("example", "position", "token"), head[1:], strict=True):
-            self.rows[col].resize((r1,))
-            self.rows[col][r0:r1] = arr
-        self.bytes_written += head[0].nbytes
+        if self._direct is not None:
+            root, encode, crc = self._direct
+            import crc32c as _crc
+
+            for layer in range(L):
+                data = np.ascontiguousarray(self._buf[layer]).view(np.uint8).reshape(-1)
+                tail = _crc.crc32c(data.data).to_bytes(4, "little") if crc else b""
+                _write_file_atomic(root / encode((layer, r0 // self.chunk, 0)), data, tail)
+            self.acts.resize((L, r1, N))
+        else:
+            self.acts.resize((L, r1, N))
+            self.acts[:, r0:r1] = self._buf[:, : self._fill]
+        for col, arr in self.rows.items():
+            arr.resize((r1,))
+            arr[self.written : r1] = self._rows_buf[col][self.written - r0 : self._fill]
+        self.bytes_written += (r1 - self.written) * L * N * self._buf.itemsize
         self.written = r1
-        self._pending = [tuple(tail)] if tail[0].shape[1] else []  # type: ignore[list-item]
-        self._pending_rows -= n
+        if self._fill == self.chunk:  # start the next chunk
+            self._base, self._fill = r1, 0
+            self._buf[...] = 0
         self._commit()
 
     def _commit(self) -> None:

@@ -43,8 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     mode.add_argument("--append", action="store_true", help="add the data as a new part of a complete store")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
     mode.add_argument("--resume", action="store_true", help="insist on resuming an incomplete store")
-    p.add_argument("--commit-every", type=float, default=2.0, metavar="SECONDS",
-                   help="commit a partial chunk at least this often (default 2): the most a killed build loses")
+    p.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
+                   help="commit a partial chunk at least this often (default 30): the most a killed build loses")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_model_args(p)
     p.set_defaults(handler=cmd_build)
