@@ -312,7 +312,7 @@ def build_store(
     overflow = dict(writer.overflow)
     tokens_seen = 0
     bar = _Progress(len(examples), first, enabled=progress)
-    sink = _RowSink(layer_list, pool, torch_dtype)
+    sink = _RowSink(layer_list, pool, torch_dtype, check_overflow=dtype == "float16")
     try:
         with torch.inference_mode(), Capture(lm.model, site, layer_list, stop=True, on_output=sink) as _cap:
             for b0 in range((first // batch_size) * batch_size, len(examples), batch_size):
@@ -327,11 +327,10 @@ def build_store(
                 enc = {k: v.to(device) for k, v in enc.items()}
                 run_until_stop(lm.model, **enc)
                 acts = sink.out
-                if dtype == "float16":
-                    per_layer = torch.isinf(acts).sum(dim=(1, 2)).tolist()
-                    for lyr, n in zip(layer_list, per_layer, strict=True):
-                        if n:
-                            overflow[str(lyr)] = overflow.get(str(lyr), 0) + int(n)
+                if sink.overflow:
+                    for lyr, n in sink.overflow.items():
+                        overflow[str(lyr)] = overflow.get(str(lyr), 0) + n
+                    sink.overflow.clear()
                     writer.overflow = overflow
                 if dtype == "bfloat16":
                     acts = acts.view(torch.int16)
@@ -382,9 +381,11 @@ class _RowSink:
     (layers, rows, neurons) of the stored dtype, so no full (batch, tokens, neurons) activation
     outlives its layer."""
 
-    def __init__(self, layers: Sequence[int], pool: str, dtype: Any) -> None:
+    def __init__(self, layers: Sequence[int], pool: str, dtype: Any, *, check_overflow: bool) -> None:
         self.pos = {lyr: i for i, lyr in enumerate(layers)}
         self.pool, self.dtype = pool, dtype
+        self.check_overflow = check_overflow
+        self.overflow: dict[int, int] = {}  # model layer -> values beyond the float16 range
         self.out: Any = None
 
     def prepare(
@@ -415,12 +416,18 @@ class _RowSink:
         return meta
 
     def __call__(self, layer: int, t: Any) -> None:
-        dst = self.out[self.pos[layer]]
+        import torch
+
         if self.pool == "mean":
             keep, w = self.index
-            dst.copy_(_weighted_mean(t[keep], w))
+            src = _weighted_mean(t[keep], w)
         else:
-            dst.copy_(t[self.index])
+            src = t[self.index]
+        if self.check_overflow and src.numel():
+            lo, hi = torch.aminmax(src)  # one cheap pass in float32; count exactly only when needed
+            if hi > FLOAT16_MAX or lo < -FLOAT16_MAX:
+                self.overflow[layer] = self.overflow.get(layer, 0) + int((src.abs() > FLOAT16_MAX).sum())
+        self.out[self.pos[layer]].copy_(src)
 
 
 def _weighted_mean(x: Any, w: Any) -> Any:
