@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
+from .atomic import write_json_atomic
 from .data import Story, file_sha256, load_examples, load_stories
 from .errors import DataError, NeuronSetError, StoreError, VstoreError
 from .evaluate import SCORERS, score_items, text_nll, value_consistency
@@ -504,18 +504,6 @@ def _summaries(result: dict[str, Any], metric: str, values: list[str], langs: li
         }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
@@ -744,7 +732,7 @@ def run_ablation(
     def save() -> None:
         _summaries(result, metric, values, langs)
         if out_path is not None:
-            _write_json(out_path, _json_safe(result))
+            write_json_atomic(out_path, _json_safe(result))
 
     bar = _Bar(len(items.ids) * (1 + sum(1 for p in plan if _set_key(p[0], p[1], p[2]) not in done)), progress)
     model_ = lm.model

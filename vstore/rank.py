@@ -9,8 +9,6 @@ beside it. :func:`load_neuron_set` reads and validates such a file (used by ``vs
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .atomic import write_atomic
 from .errors import NeuronSetError, VstoreError
 from .neuronset import FORMAT, load_neuron_set
 from .scoring import Scores, canonical_method, score
@@ -87,22 +86,10 @@ def jaccard(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> f
     return len(sa & sb) / len(sa | sb)
 
 
-def _write_atomic_bytes(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_neuron_set(ns: NeuronSet, out: str | Path, *, npz: bool = True) -> Path:
     """Write the JSON atomically, and the score matrices in ``<out>.npz`` (same stem)."""
     out = Path(out)
-    _write_atomic_bytes(out, lambda f: f.write(json.dumps(ns.data, ensure_ascii=False, indent=1).encode("utf-8")))
+    write_atomic(out, lambda f: f.write(json.dumps(ns.data, ensure_ascii=False, indent=1).encode("utf-8")))
     if npz and ns.scores is not None:
         s = ns.scores
         arrays: dict[str, Any] = {
@@ -111,7 +98,7 @@ def write_neuron_set(ns: NeuronSet, out: str | Path, *, npz: bool = True) -> Pat
         }
         for k, v in s.extra.items():
             arrays[k] = v
-        _write_atomic_bytes(out.with_suffix(".npz"), lambda f: np.savez(f, **arrays))
+        write_atomic(out.with_suffix(".npz"), lambda f: np.savez(f, **arrays))
     ns.path = out
     return out
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .ablate import run_ablation
+from .atomic import write_json_atomic
 from .build import build_store
 from .data import bundled_stories, sample_stories
 from .models import DEFAULT_MODEL, load_model
@@ -91,9 +92,7 @@ def run_study(
     result = run_ablation(lm, neurons, data_path, out / "ablation.json", split="evaluation", scorer=scorer,
                           controls=n_controls, seed=seed, batch_size=batch_size, device=device, progress=progress)
     summary = _summarise(result, ns, store_path)
-    from .cli.common import write_json
-
-    write_json(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     return summary
 
 
