@@ -9,8 +9,7 @@ from rich.table import Table
 
 from ..ablate import run_ablation
 from ..evaluate import SCORERS
-from ..models import ALIASES, DEFAULT_MODEL
-from .common import add_common_model_args, console, console_err
+from .common import add_common_model_args, console, console_err, delta_matrix
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,7 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias ({', '.join(ALIASES)}), .gguf, folder or hub id")
     p.add_argument("--neurons", required=True, help="neuron-set JSON written by `vstore rank`")
     p.add_argument("--data", required=True, help="evaluation stories (JSONL file/folder); .txt also for --metric nll")
     p.add_argument("--out", required=True, help="result JSON to write (resumed when it holds the same run)")
@@ -89,19 +87,9 @@ def print_summary(res: dict[str, Any]) -> None:
     console.print(t)
     cv = res.get("cross_value")
     if cv and len(cv["groups"]) > 1:
-        m = Table(title="cross-value matrix: Δ VC of value (column) when the group (row) is ablated")
-        m.add_column("group")
-        for v in cv["values"]:
-            m.add_column(v, justify="right")
-        for g, row in zip(cv["groups"], cv["matrix"], strict=True):
-            m.add_row(g, *(_fmt(x, "+.2f") for x in row))
-        console.print(m)
+        console.print(delta_matrix("cross-value matrix: Δ VC of value (column) when the group (row) is ablated",
+                                   cv["groups"], cv["values"], cv["matrix"], "+.2f"))
     cl = res.get("cross_lang")
     if cl and cl["groups"]:
-        m = Table(title="Δ NLL per token per language when the group (row) is ablated")
-        m.add_column("group")
-        for lg in cl["langs"]:
-            m.add_column(lg, justify="right")
-        for g, row in zip(cl["groups"], cl["matrix"], strict=True):
-            m.add_row(g, *(_fmt(x, "+.3f") for x in row))
-        console.print(m)
+        console.print(delta_matrix("Δ NLL per token per language when the group (row) is ablated",
+                                   cl["groups"], cl["langs"], cl["matrix"], "+.3f"))

@@ -25,7 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias ({', '.join(ALIASES)}), .gguf, folder or hub id")
     p.add_argument("--data", default=None, help="story JSONL file/folder or .txt (default: the bundled benchmark)")
     p.add_argument("--out", required=True, help="store folder to write")
     p.add_argument("--split", default="activation", help="stories of this split (default activation; 'all' keeps every split)")

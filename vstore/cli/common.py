@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 console = Console()
 console_err = Console(stderr=True)
 
 
 def add_common_model_args(p: argparse.ArgumentParser) -> None:
-    """``--device`` and ``--trust-remote-code`` (shared by build and ablate)."""
+    """``--model``, ``--device`` and ``--trust-remote-code`` (shared by build, ablate and study)."""
+    from ..models import ALIASES, DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias ({', '.join(ALIASES)}), .gguf, folder or hub id")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+
+
+def delta_matrix(title: str, groups: list[str], columns: list[str], matrix: list[list[Any]], fmt: str) -> Table:
+    """A table of changes: one row per ablated group, one column per measured value or language."""
+    t = Table(title=title)
+    t.add_column("group")
+    for c in columns:
+        t.add_column(c, justify="right")
+    for g, row in zip(groups, matrix, strict=True):
+        t.add_row(g, *("-" if x is None else format(x, fmt) for x in row))
+    return t
 
 
 def human_bytes(n: float) -> str:

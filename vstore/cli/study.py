@@ -6,7 +6,6 @@ import argparse
 
 from rich.table import Table
 
-from ..models import ALIASES, DEFAULT_MODEL
 from ..study import run_study
 from .common import add_common_model_args, console, console_err
 
@@ -24,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, help="folder for the store and the results")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias ({', '.join(ALIASES)}), .gguf, folder or hub id")
     p.add_argument("--data", default=None, help="story file/folder with both splits (default: bundled)")
     p.add_argument("--quick", action="store_true", help="quick profile: the bundled sample, one control")
     p.add_argument("--method", default="vape", help="scoring method for rank (default vape)")
