@@ -23,20 +23,16 @@ from conftest_ablate import (
 )
 
 import vstore.ablate as ablate_mod
-from vstore.ablate import (
-    bootstrap_interval,
-    control_set,
-    mcnemar_exact,
-    parse_mode,
-    read_neuron_set,
-    run_ablation,
-)
+from vstore.ablate import parse_mode, run_ablation
 from vstore.cli import main
 from vstore.data import Story, join_text, load_stories
-from vstore.errors import DataError, NeuronSetError, StoreError, VstoreError
+from vstore.errors import DataError, NeuronSetError, UsageError, VstoreError
 from vstore.evaluate import choice_prompt, score_choice, score_ll, text_nll
 from vstore.hooks import Edit, _count_hooks
+from vstore.inference import bootstrap_interval, mcnemar_exact
 from vstore.models import LoadedModel, load_model
+from vstore.neuronset import NeuronSet
+from vstore.select import control_set
 
 # big groups, so that ablating them flips some of the tiny model's choices
 GROUPS = {
@@ -357,8 +353,9 @@ def test_mode_mean_from_store(work: Path, lm: LoadedModel, nfile: Path) -> None:
     res = run_ablation(lm, nfile, work / "eval.jsonl", None, groups="integrity", controls=0, mode="mean",
                        store=store, progress=False)
     assert res["ablations"][0]["n_neurons"] == 20
-    with pytest.raises(StoreError, match="--store"):
+    with pytest.raises(UsageError, match="mode mean needs store") as e:
         run_ablation(lm, nfile, work / "eval.jsonl", None, mode="mean", progress=False)
+    assert "--mode mean needs --store" in e.value.for_cli()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +431,7 @@ def test_layer_or_neuron_out_of_range(work: Path, lm: LoadedModel, entry: dict, 
     doc["groups"]["g"] = [entry]
     f = write_neuron_set(work / "range.json", doc)
     with pytest.raises(NeuronSetError, match=match) as e:
-        read_neuron_set(f)
+        NeuronSet.load(f).require_model()
     assert "range.json" in str(e.value)
 
 
@@ -468,10 +465,10 @@ def test_malformed_neuron_set(work: Path, lm: LoadedModel, mutate: Any, match: s
     mutate(doc)
     f = write_neuron_set(work / "bad.json", doc)
     with pytest.raises(NeuronSetError, match=match):
-        read_neuron_set(f)
+        NeuronSet.load(f).require_model()
     (work / "notjson.json").write_text("{", encoding="utf-8")
     with pytest.raises(NeuronSetError, match="not valid JSON"):
-        read_neuron_set(work / "notjson.json")
+        NeuronSet.load(work / "notjson.json").require_model()
 
 
 def test_evaluation_file_without_the_needed_fields(work: Path, lm: LoadedModel, nfile: Path) -> None:
@@ -484,7 +481,7 @@ def test_evaluation_file_without_the_needed_fields(work: Path, lm: LoadedModel, 
         run_ablation(lm, nfile, write_jsonl(work / "act_only.jsonl", stories("activation")), None, progress=False)
     txt = work / "plain.txt"
     txt.write_text("hello\n", encoding="utf-8")
-    with pytest.raises(DataError, match="--metric nll"):
+    with pytest.raises(DataError, match="or metric nll"):
         run_ablation(lm, nfile, txt, None, progress=False)
 
 

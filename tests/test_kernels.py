@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vstore import kernels
-from vstore.errors import NativeExtensionError, StoreError, VstoreError
+from vstore.errors import NativeExtensionError, StoreError, UsageError, VstoreError
+from vstore.stats import Moments
 
 DTYPES = ("float16", "float32", "bfloat16")
 NATIVE_SKIP = pytest.mark.skipif(
@@ -90,18 +91,18 @@ def oracle_key(raw: np.ndarray, dtype: str) -> np.ndarray:
     return np.where(bits >= 0x8000, 0xFFFF - bits, bits + 0x8000).astype(np.uint16)
 
 
-def run_moments(raw, groups, n_groups, dtype, backend, threads=None) -> kernels.Moments:
-    acc = kernels.Moments.zeros(n_groups, raw.shape[1])
+def run_moments(raw, groups, n_groups, dtype, backend, threads=None) -> Moments:
+    acc = Moments.zeros(n_groups, raw.shape[1])
     kernels.accumulate_moments(raw, groups, acc, dtype=dtype, backend=backend, threads=threads)
     return acc
 
 
-def assert_same_moments(a: kernels.Moments, b: kernels.Moments) -> None:
+def assert_same_moments(a: Moments, b: Moments) -> None:
     for field in FIELDS:
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
-def assert_matches_oracle(acc: kernels.Moments, raw, dtype, groups) -> None:
+def assert_matches_oracle(acc: Moments, raw, dtype, groups) -> None:
     want = oracle_moments(raw, dtype, groups, acc.n_groups)
     for field in ("count", "npos", "nonfinite"):
         np.testing.assert_array_equal(getattr(acc, field), want[field], err_msg=field)
@@ -250,7 +251,7 @@ def test_merge_of_halves_is_exact(dtype: str, backend: str) -> None:
     y = to_raw(rng.standard_normal((200, 33)).astype(np.float32) * 1e3, dtype)
     merged = run_moments(y[:90], groups[:90], 5, dtype, backend)
     merged.merge(run_moments(y[90:], groups[90:], 5, dtype, backend))
-    sequential = kernels.Moments.zeros(5, 33)
+    sequential = Moments.zeros(5, 33)
     for part in (slice(0, 90), slice(90, 200)):
         kernels.accumulate_moments(y[part], groups[part], sequential, dtype=dtype, backend=backend)
     assert_same_moments(merged, sequential)
@@ -259,7 +260,7 @@ def test_merge_of_halves_is_exact(dtype: str, backend: str) -> None:
 
 def test_merge_rejects_other_shape() -> None:
     with pytest.raises(StoreError, match=r"expected \(groups, neurons\) = \(2, 3\), got \(2, 4\)"):
-        kernels.Moments.zeros(2, 3).merge(kernels.Moments.zeros(2, 4))
+        Moments.zeros(2, 3).merge(Moments.zeros(2, 4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -405,6 +406,7 @@ def test_native_portable_path_matches_reference() -> None:
         """
         import numpy as np
         from vstore import kernels, _C
+        from vstore.stats import Moments
         assert not kernels.native_info()["f16c"]
         rng = np.random.default_rng(0)
         bits = rng.integers(0, 2**16, (257, 300), dtype=np.uint16)
@@ -412,7 +414,7 @@ def test_native_portable_path_matches_reference() -> None:
         for dtype, raw in (("float16", bits.view(np.float16)), ("bfloat16", bits),
                            ("float32", rng.standard_normal((257, 300)).astype(np.float32))):
             for backend in ("cpp", "numpy"):
-                acc = kernels.Moments.zeros(3, 300)
+                acc = Moments.zeros(3, 300)
                 kernels.accumulate_moments(raw, groups, acc, dtype=dtype, backend=backend)
                 hist = np.zeros((3, 5, 65536), np.uint32)
                 kernels.accumulate_histogram(raw, groups, hist, dtype=dtype, neuron_start=7, backend=backend)
@@ -491,7 +493,7 @@ def test_decode_values() -> None:
 def test_resolve_backend() -> None:
     assert kernels.resolve_backend("auto") == ("cpp" if kernels.native_available() else "numba")
     assert kernels.resolve_backend("numpy") == "numpy"
-    with pytest.raises(StoreError, match="expected 'auto' or one of"):
+    with pytest.raises(UsageError, match="backend: expected 'auto' or one of"):  # a bad argument, not a bad store
         kernels.resolve_backend("cuda")
 
 
@@ -513,8 +515,8 @@ def test_native_info() -> None:
     assert info["version"]
 
 
-def _good() -> tuple[np.ndarray, np.ndarray, kernels.Moments]:
-    return np.zeros((4, 3), np.float16), np.zeros(4, np.int32), kernels.Moments.zeros(2, 3)
+def _good() -> tuple[np.ndarray, np.ndarray, Moments]:
+    return np.zeros((4, 3), np.float16), np.zeros(4, np.int32), Moments.zeros(2, 3)
 
 
 @pytest.mark.parametrize(
@@ -524,18 +526,18 @@ def _good() -> tuple[np.ndarray, np.ndarray, kernels.Moments]:
             lambda b, g, a: (b.astype(np.float32), g, a),
             r"expected raw dtype float16 for dtype='float16', got float32",
         ),
-        (lambda b, g, a: (b[:, ::2], g, kernels.Moments.zeros(2, 2)), "expected a C-contiguous array"),
+        (lambda b, g, a: (b[:, ::2], g, Moments.zeros(2, 2)), "expected a C-contiguous array"),
         (lambda b, g, a: (b[0], g, a), r"expected a 2-D array, got shape \(3,\)"),
         (lambda b, g, a: (b, g.astype(np.int64), a), r"int32 array of shape \(4,\), got int64"),
         (lambda b, g, a: (b, g[:3], a), r"shape \(4,\), got int32 array of shape \(3,\)"),
         (lambda b, g, a: (b, g + 2, a), r"values in \[-1, 2\), got values in \[2, 2\]"),
         (lambda b, g, a: (b, g - 2, a), r"values in \[-1, 2\), got values in \[-2, -2\]"),
-        (lambda b, g, a: (b, g, kernels.Moments.zeros(2, 4)), r"expected 4 neurons .* got shape \(4, 3\)"),
+        (lambda b, g, a: (b, g, Moments.zeros(2, 4)), r"expected 4 neurons .* got shape \(4, 3\)"),
         (
             lambda b, g, a: (
                 b,
                 g,
-                kernels.Moments(a.count, a.sum, a.sumsq, a.npos.astype(np.int32), a.nonfinite),
+                Moments(a.count, a.sum, a.sumsq, a.npos.astype(np.int32), a.nonfinite),
             ),
             r"Moments.npos: expected a writable C-contiguous int64 array of shape \(2, 3\), got int32",
         ),
@@ -557,7 +559,7 @@ def test_validation_of_dtype_threads_and_read_only() -> None:
     with pytest.raises(StoreError, match="read-only"):
         kernels.accumulate_moments(block, groups, acc, dtype="float16")
     with pytest.raises(VstoreError):
-        kernels.Moments.zeros(-1, 3)
+        Moments.zeros(-1, 3)
 
 
 def test_histogram_validation() -> None:

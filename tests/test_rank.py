@@ -18,7 +18,8 @@ from make_synthetic_store import make_synthetic_store
 
 from vstore.cli import main
 from vstore.errors import NeuronSetError, VstoreError
-from vstore.rank import load_neuron_set, rank_store
+from vstore.neuronset import NeuronSet
+from vstore.rank import rank_store
 from vstore.stats import read_counter
 
 
@@ -86,7 +87,7 @@ def test_vape_defaults_match_lape_rederivation(llama_store: Path, tmp_path: Path
 def test_neuron_set_format(llama_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "n.json"
     ns = rank_store(llama_store, "value", "mean-diff", out=out, top_k=5, where={"lang": ["zh"]})
-    doc = load_neuron_set(out, n_layers=3, n_neurons=96)
+    doc = NeuronSet.load(out, n_layers=3, n_neurons=96).to_dict()
     assert doc["format"] == {"name": "vstore-neurons", "version": 1}
     assert set(doc["model"]) >= {"name", "source", "sha256", "architecture", "n_layers", "n_neurons"}
     assert set(doc["store"]) == {"path", "committed", "site", "dtype", "pooling"}
@@ -116,17 +117,17 @@ def test_load_neuron_set_errors(tmp_path: Path) -> None:
         p = tmp_path / f"bad{i}.json"
         p.write_text(json.dumps(doc))
         with pytest.raises(NeuronSetError, match=field) as e:
-            load_neuron_set(p, n_neurons=8)
+            NeuronSet.load(p, n_neurons=8).to_dict()
         assert str(p) in str(e.value)
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(NeuronSetError, match="line 1"):
-        load_neuron_set(tmp_path / "broken.json")
+        NeuronSet.load(tmp_path / "broken.json").to_dict()
     with pytest.raises(NeuronSetError, match="no such"):
-        load_neuron_set(tmp_path / "missing.json")
+        NeuronSet.load(tmp_path / "missing.json").to_dict()
     (tmp_path / "ok.json").write_text(json.dumps(good))
-    assert load_neuron_set(tmp_path / "ok.json", n_layers=3, n_neurons=8)["groups"]["a"][0]["score"] == 0.5
+    assert NeuronSet.load(tmp_path / "ok.json", n_layers=3, n_neurons=8).to_dict()["groups"]["a"][0]["score"] == 0.5
     with pytest.raises(NeuronSetError, match="beyond"):
-        load_neuron_set(tmp_path / "ok.json", n_layers=1)
+        NeuronSet.load(tmp_path / "ok.json", n_layers=1).to_dict()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_random_control_matches_per_layer_counts(planted: tuple[Path, dict], tmp
     for g in refset.groups:
         assert a.per_layer()[g] == refset.per_layer()[g] == {2: 2, 5: 2, 9: 2}
     assert neurons(tmp_path / "r1.json") == neurons(tmp_path / "r2.json") != neurons(tmp_path / "r3.json")
-    with pytest.raises(VstoreError, match="--neurons"):
+    with pytest.raises(VstoreError, match="neurons is the reference set of method random"):
         rank_store(path, "value", "welch-t", neurons=ref)
 
 
@@ -198,7 +199,7 @@ def test_split_half_writes_both_sets_and_jaccard(planted: tuple[Path, dict], tmp
     doc = json.loads(out.read_text())
     sh = doc["split_half"]
     assert set(sh["jaccard"]) == set(info["planted"]) and all(j == 1.0 for j in sh["jaccard"].values())
-    h1, h2 = (load_neuron_set(f) for f in sh["files"])
+    h1, h2 = (NeuronSet.load(f).to_dict() for f in sh["files"])
     assert h1["params"]["split_half"]["half"] == 1 and h2["params"]["split_half"]["half"] == 2
     assert h1["examples"] + h2["examples"] == sum(sh["examples"])
     assert neurons(out) == {g: {tuple(x) for x in v} for g, v in info["planted"].items()}

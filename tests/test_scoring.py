@@ -9,20 +9,19 @@ import pytest
 from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
-from vstore.errors import VstoreError
+from vstore.errors import UsageError, VstoreError
+from vstore.methods import canonical_method, score
 from vstore.scoring import (
-    canonical_method,
     cohen_d,
     lape_entropy,
     mean_diff,
     prob_diff,
     probeless,
     random_scores,
-    score,
     vape,
     welch_t,
 )
-from vstore.select import Selection, lape_select, select_matching, select_neurons
+from vstore.select import Selection, control_set, lape_select, select_neurons
 from vstore.stats import GroupStats, auroc_from_histograms
 
 
@@ -30,7 +29,7 @@ def stats_of(X: np.ndarray, y: np.ndarray, names: list[str], sides: list[str] | 
              base: list[str] | None = None) -> GroupStats:
     """GroupStats straight from rows: X (L, R, N) float, y (R,) group index (-1 = none)."""
     L, _, N = X.shape
-    s = GroupStats.zeros(names, list(range(L)), N)
+    s = GroupStats.for_groups(names, list(range(L)), N)
     for g in range(len(names)):
         rows = X[:, y == g, :].astype(np.float64)
         s.count[:, g] = rows.shape[1]
@@ -205,15 +204,17 @@ def test_random_is_seeded_and_matches_counts() -> None:
     b = random_scores(["x", "y"], [0, 4, 8], 50, seed=3)
     c = random_scores(["x", "y"], [0, 4, 8], 50, seed=4)
     assert np.array_equal(a.values, b.values) and not np.array_equal(a.values, c.values)
-    picked = select_matching(a.values[:, 0], {0: 3, 2: 5})
-    layers = [li for li, _, _ in picked]
-    assert layers.count(0) == 3 and layers.count(2) == 5 and layers.count(1) == 0
-    assert len({(li, n) for li, n, _ in picked}) == 8
+    ref = {0: np.arange(3), 8: np.arange(10, 15)}
+    picked = control_set(ref, 50, 3, "x")
+    assert {k: len(v) for k, v in picked.items()} == {0: 3, 8: 5}
+    assert not set(picked[0]) & set(ref[0]) and not set(picked[8]) & set(ref[8])
+    assert {k: v.tolist() for k, v in control_set(ref, 50, 3, "x").items()} == {k: v.tolist() for k, v in picked.items()}
 
 
 def test_method_names() -> None:
     assert canonical_method("lape") == "vape"
-    with pytest.raises(VstoreError, match="--method"):
+    with pytest.raises(UsageError, match="method: expected one of") as e:
         canonical_method("nope")
+    assert e.value.for_cli().startswith("--method: expected one of")
     with pytest.raises(VstoreError, match="auroc"):
         score("auroc")

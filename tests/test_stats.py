@@ -20,7 +20,6 @@ from vstore.cli import main
 from vstore.errors import StoreError, VstoreError
 from vstore.stats import (
     GroupStats,
-    _ActsReader,
     compute_auroc,
     compute_split_stats,
     compute_stats,
@@ -29,7 +28,7 @@ from vstore.stats import (
     read_counter,
     split_halves,
 )
-from vstore.store import Store
+from vstore.store import ChunkReader, Store
 
 BACKENDS = [b for b in kernels.BACKENDS if b != "cpp" or kernels.native_available()]
 
@@ -144,14 +143,14 @@ def test_merge_of_halves_equals_the_whole(tmp_path: Path) -> None:
     a2 = compute_stats(tmp_path / "s", "value", example_mask=ma, use_cache=False)
     assert np.array_equal(a.count, a2.count) and np.allclose(a.sum, a2.sum)
     assert not (ma & mb).any() and (ma | mb).all()
-    merged = GroupStats.zeros(whole.groups, whole.layers, whole.n_neurons)
+    merged = GroupStats.for_groups(whole.groups, whole.layers, whole.n_neurons)
     merged.merge(a)
     merged.merge(b)
     assert np.array_equal(merged.count, whole.count) and np.array_equal(merged.npos, whole.npos)
     np.testing.assert_allclose(merged.sum, whole.sum, rtol=1e-12)
     np.testing.assert_allclose(merged.mean(), whole.mean(), rtol=1e-12)
     with pytest.raises(VstoreError, match="cannot merge"):
-        merged.merge(GroupStats.zeros(["x"], whole.layers, whole.n_neurons))
+        merged.merge(GroupStats.for_groups(["x"], whole.layers, whole.n_neurons))
 
 
 def test_split_halves_keep_items_together(tmp_path: Path) -> None:
@@ -207,8 +206,8 @@ def test_auroc_float32_reports_its_error_bound(tmp_path: Path) -> None:
 def test_zarr_path_equals_direct_reader(tmp_path: Path) -> None:
     synth(tmp_path / "raw")
     synth(tmp_path / "zstd", compressor="zstd-1")
-    assert _ActsReader(Store(tmp_path / "raw"), "0000").direct is not None
-    assert _ActsReader(Store(tmp_path / "zstd"), "0000").direct is None
+    assert ChunkReader(Store(tmp_path / "raw").acts("0000")).direct is not None
+    assert ChunkReader(Store(tmp_path / "zstd").acts("0000")).direct is None
     a = compute_stats(tmp_path / "raw", "value", use_cache=False)
     b = compute_stats(tmp_path / "zstd", "value", use_cache=False)
     for k in ("count", "sum", "sumsq", "npos"):
@@ -226,18 +225,18 @@ def test_corrupt_chunk_is_reported(tmp_path: Path) -> None:
 
 
 def test_unwritable_cache_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vstore.stats as vs
+    import os
 
     synth(tmp_path / "s")
 
     def refuse(*a: object) -> None:
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(vs.os, "replace", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     st = compute_stats(tmp_path / "s", "value")
     assert st.chunks_read > 0 and not st.from_cache
     assert Store(tmp_path / "s").stats_keys() == []  # the temporary group is gone too
-    assert not [p for p in (tmp_path / "s" / "stats").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in (tmp_path / "s" / "stats").iterdir() if p.name.startswith(".")]
 
 
 def test_dask_local_cluster_matches_one_pass(tmp_path: Path) -> None:

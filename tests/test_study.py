@@ -28,7 +28,7 @@ def test_study_runs_every_stage_and_resumes(tiny_model, tmp_path):
     assert Store(out / "store").state == "complete" and Store(out / "store").n_examples == 18
     assert set(s["neurons_per_value"]) == set(tiny_models.VALUES)
     assert all(n == 4 for n in s["neurons_per_value"].values())
-    assert [r["value"] for r in s["per_value"]] == sorted(tiny_models.VALUES) or len(s["per_value"]) == 3
+    assert sorted(r["value"] for r in s["per_value"]) == sorted(tiny_models.VALUES)  # each value once
     ab = json.loads((out / "ablation.json").read_text())
     assert ab["complete"] and len(ab["baseline"]["items"]) == 12
     assert {a["kind"] for a in ab["ablations"]} == {"target", "control"}
@@ -41,6 +41,8 @@ def test_study_runs_every_stage_and_resumes(tiny_model, tmp_path):
     assert (out / "store" / "parts" / "0000" / "acts" / "zarr.json").stat().st_mtime_ns == mtime
     assert any("keeping it" in n for n in notes)
     assert s2["per_value"] == s["per_value"]
+    assert all(a.get("seconds") for a in ab["ablations"])
+    assert json.loads((out / "ablation.json").read_text())["ablations"] == ab["ablations"]  # resumed, not redone
 
 
 def test_study_cli(tiny_model, tmp_path, capsys):

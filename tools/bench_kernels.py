@@ -45,6 +45,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vstore import kernels
+from vstore.stats import Moments
 
 TARGETS_GB_PER_S_PER_CORE = {"cpp": 3.0, "numba": 1.0}
 
@@ -63,7 +64,7 @@ def _time_calls(
     block: np.ndarray, groups: np.ndarray, n_groups: int, backend: str, threads: int, repeats: int
 ) -> tuple[list[float], list[float]]:
     """Wall-clock and process CPU seconds of each of ``repeats`` calls."""
-    acc = kernels.Moments.zeros(n_groups, block.shape[1])
+    acc = Moments.zeros(n_groups, block.shape[1])
     # One untimed call: compiles Numba, faults the pages in, starts the thread pools.
     kernels.accumulate_moments(block, groups, acc, dtype="float16", backend=backend, threads=threads)
     wall, cpu = [], []

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import vstore.store as vstore_store
+import vstore.store._format as vstore_format
 from vstore.store import PartWriter, Store
 
 __all__ = ["GOLDEN_DIR", "golden_acts", "make_golden_store"]
@@ -93,12 +93,12 @@ def make_golden_store(out: str | Path = GOLDEN_DIR, *, overwrite: bool = False) 
         "texts": None, "labels": {}, "limit": None,
     }
     build = {"batch_size": 2, "max_length": 64, "device": "cpu", "pool": "token"}
-    default_rows_chunk = vstore_store._ROWS_CHUNK
-    vstore_store._ROWS_CHUNK = GOLDEN_ROWS_CHUNK
+    default_rows_chunk = vstore_format.ROWS_CHUNK
+    vstore_format.ROWS_CHUNK = GOLDEN_ROWS_CHUNK
     try:
         part = store.start_part(2, start, {"dataset": dataset, "build": build}, compressor="none")
     finally:
-        vstore_store._ROWS_CHUNK = default_rows_chunk
+        vstore_format.ROWS_CHUNK = default_rows_chunk
     writer = PartWriter(store, part)
     acts = golden_acts()
     example = np.array([0, 0, 0, 1, 1], dtype=np.int64)

@@ -1,29 +1,69 @@
-"""Atomic file writes: a temporary file beside the target, then a rename; nothing half-written."""
+"""Atomic writes: the one way vstore writes a file or folder that someone else may read.
+
+:func:`atomic_path` yields a temporary path beside the target; when the block succeeds the temporary
+is renamed onto the target (one ``rename``: readers see the old content or the new, never half of
+it); when it fails the temporary is removed. Every writer of the package goes through it: chunk
+files, cached statistics, neuron sets, results, imported stories.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
-from collections.abc import Callable
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["write_atomic", "write_json_atomic"]
+__all__ = ["PARTIAL_SUFFIX", "atomic_path", "write_atomic", "write_json_atomic"]
+
+#: Suffix of every temporary a writer leaves behind when it is killed before its rename.
+PARTIAL_SUFFIX = ".partial"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces ``path`` when the block ends without error.
+
+    Parameters
+    ----------
+    path
+        The target file (or folder, with ``directory``). Its parent is created if missing.
+    directory
+        The block writes a folder: an existing target folder is removed just before the rename
+        (folders cannot be renamed over one another).
+
+    Yields
+    ------
+    Path
+        ``.<name>.<pid>.<random>.partial`` in the target's folder; nothing exists there yet.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+    try:
+        yield tmp
+        if directory and target.exists():
+            _remove(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def write_json_atomic(path: str | Path, obj: Any, *, allow_nan: bool = False) -> None:

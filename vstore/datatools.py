@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import statistics
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path
 from .data import FIELDS, Story, load_stories
 from .errors import DataError
 
@@ -120,17 +119,10 @@ def import_stories(
         if item.get("split") == "evaluation":
             item.pop("rationale", None)
         items.append({k: item[k] for k in FIELDS if k in item})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".jsonl", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items), encoding="utf-8")
         try:
             load_stories(tmp)
         except DataError as e:
             raise DataError(f"importing {src} would give invalid stories (lines are those of the output):\n{e}") from None
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return len(items)

@@ -15,12 +15,40 @@ __all__ = [
     "StoreExistsError",
     "StoreNotFoundError",
     "UnsupportedArchitectureError",
+    "UsageError",
     "VstoreError",
 ]
 
 
 class VstoreError(Exception):
     """Base class of all vstore errors."""
+
+
+class UsageError(VstoreError, ValueError):
+    """A bad argument to a library function.
+
+    The message speaks of parameters (``top_k``, ``contrast``), never of command-line flags.
+    ``params`` names the parameters the message mentions, so the command line can say
+    ``--top-k`` where the library says ``top_k`` (see :meth:`for_cli`).
+    """
+
+    def __init__(self, message: str, *params: str) -> None:
+        super().__init__(message)
+        self.params = tuple(params)
+
+    def for_cli(self, flags: dict[str, str] | None = None) -> str:
+        """The message with every named parameter replaced by its flag (``top_k`` -> ``--top-k``).
+
+        ``flags`` maps a parameter to its flag where the two differ in more than ``_`` -> ``-``
+        (e.g. ``by_abs`` -> ``--abs``).
+        """
+        import re
+
+        text = str(self)
+        for p in sorted(self.params, key=len, reverse=True):
+            flag = (flags or {}).get(p, "--" + p.replace("_", "-"))
+            text = re.sub(rf"(?<![\w-]){re.escape(p)}(?![\w-])", flag, text)
+        return text
 
 
 class DataError(VstoreError, ValueError):

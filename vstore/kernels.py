@@ -26,7 +26,7 @@ Exactness
 Values are decoded to float32, then widened to float64 (both exact). For every group, a block's
 partial sums start at +0.0 and add its valid rows in row order; the partials are then added once to
 the accumulator. All backends follow this order, so they agree bit for bit, and accumulating two
-blocks one after the other equals accumulating each into its own :class:`Moments` and merging them.
+blocks one after the other equals accumulating each into its own :class:`vstore.stats.Moments` and merging them.
 
 Histogram keys
 --------------
@@ -40,14 +40,17 @@ histogrammed).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import NativeExtensionError, StoreError
+from .errors import NativeExtensionError, StoreError, UsageError
+from .store._format import DTYPES
+
+if TYPE_CHECKING:
+    from .stats.moments import Moments
 
 try:
     from . import _C  # type: ignore[attr-defined]
@@ -61,7 +64,6 @@ __all__ = [
     "BACKENDS",
     "HISTOGRAM_BINS",
     "RAW_DTYPES",
-    "Moments",
     "accumulate_histogram",
     "accumulate_moments",
     "decode",
@@ -75,12 +77,8 @@ __all__ = [
 #: Backend names, fastest first.
 BACKENDS: tuple[str, ...] = ("cpp", "numba", "numpy")
 
-#: Logical dtype -> raw NumPy dtype of a block.
-RAW_DTYPES: dict[str, np.dtype[Any]] = {
-    "float16": np.dtype(np.float16),
-    "float32": np.dtype(np.float32),
-    "bfloat16": np.dtype(np.uint16),
-}
+#: Logical dtype -> raw NumPy dtype of a block (from the store's one dtype table).
+RAW_DTYPES: dict[str, np.dtype[Any]] = {k: v.raw for k, v in DTYPES.items()}
 
 #: Bins per neuron of a histogram: one per 16-bit key.
 HISTOGRAM_BINS = 65536
@@ -136,13 +134,13 @@ def resolve_backend(name: str) -> str:
     ------
     NativeExtensionError
         ``name`` is ``"cpp"`` but the extension is not built.
-    StoreError
+    UsageError
         ``name`` is not a backend.
     """
     if name == "auto":
         return "cpp" if _C is not None else "numba"
     if name not in BACKENDS:
-        raise StoreError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
+        raise UsageError(f"backend: expected 'auto' or one of {BACKENDS}, got {name!r}", "backend")
     if name == "cpp" and _C is None:
         raise NativeExtensionError(
             f"backend 'cpp' needs the native extension vstore._C, which is not built ({_NATIVE_ERROR}); "
@@ -160,137 +158,16 @@ def _backend_module(name: str) -> Any:
     return module
 
 
-@dataclass(eq=False)
-class Moments:
-    """Per-layer sufficient statistics of some rows, per group; mergeable exactly.
-
-    Attributes
-    ----------
-    count : numpy.ndarray
-        int64 ``(G,)``: rows included per group.
-    sum : numpy.ndarray
-        float64 ``(G, N)``: sum of the included rows' values.
-    sumsq : numpy.ndarray
-        float64 ``(G, N)``: sum of their squares.
-    npos : numpy.ndarray
-        int64 ``(G, N)``: how many of them are > 0.
-    nonfinite : numpy.ndarray
-        int64 ``(G,)``: rows skipped because they held NaN or +-Inf.
-    """
-
-    count: npt.NDArray[np.int64]
-    sum: npt.NDArray[np.float64]
-    sumsq: npt.NDArray[np.float64]
-    npos: npt.NDArray[np.int64]
-    nonfinite: npt.NDArray[np.int64]
-
-    @classmethod
-    def zeros(cls, n_groups: int, n_neurons: int) -> Moments:
-        """Empty statistics for ``n_groups`` groups of ``n_neurons`` neurons.
-
-        Parameters
-        ----------
-        n_groups, n_neurons : int
-            Shape ``(G, N)``, both >= 0.
-
-        Returns
-        -------
-        Moments
-            All counts and sums zero.
-        """
-        if n_groups < 0 or n_neurons < 0:
-            raise StoreError(
-                f"Moments.zeros: expected n_groups, n_neurons >= 0, got ({n_groups}, {n_neurons})"
-            )
-        return cls(
-            count=np.zeros(n_groups, dtype=np.int64),
-            sum=np.zeros((n_groups, n_neurons), dtype=np.float64),
-            sumsq=np.zeros((n_groups, n_neurons), dtype=np.float64),
-            npos=np.zeros((n_groups, n_neurons), dtype=np.int64),
-            nonfinite=np.zeros(n_groups, dtype=np.int64),
-        )
-
-    @property
-    def n_groups(self) -> int:
-        """Number of groups G."""
-        return int(self.count.shape[0])
-
-    @property
-    def n_neurons(self) -> int:
-        """Number of neurons N."""
-        return int(self.sum.shape[1])
-
-    def validate(self) -> None:
-        """Checks dtypes, shapes, C order and writability of the arrays.
-
-        Raises
-        ------
-        StoreError
-            Naming the array, what was expected and what was got.
-        """
-        if not isinstance(self.count, np.ndarray) or self.count.ndim != 1:
-            raise StoreError(f"Moments.count: expected a 1-D int64 array, got {_describe(self.count)}")
-        g = self.count.shape[0]
-        if not isinstance(self.sum, np.ndarray) or self.sum.ndim != 2:
-            raise StoreError(f"Moments.sum: expected a 2-D float64 array, got {_describe(self.sum)}")
-        n = self.sum.shape[1]
-        expected = {
-            "count": ((g,), np.int64),
-            "sum": ((g, n), np.float64),
-            "sumsq": ((g, n), np.float64),
-            "npos": ((g, n), np.int64),
-            "nonfinite": ((g,), np.int64),
-        }
-        for name, (shape, dtype) in expected.items():
-            array = getattr(self, name)
-            if (
-                not isinstance(array, np.ndarray)
-                or array.shape != shape
-                or array.dtype != np.dtype(dtype)
-                or not array.flags.c_contiguous
-                or not array.flags.writeable
-            ):
-                raise StoreError(
-                    f"Moments.{name}: expected a writable C-contiguous {np.dtype(dtype)} array of shape "
-                    f"{shape}, got {_describe(array)}"
-                )
-
-    def merge(self, other: Moments) -> None:
-        """Adds ``other`` into these statistics, in place.
-
-        Exact in the sense of the module's summation order: accumulating block B into statistics
-        holding block A gives the same bits as accumulating A and B separately and merging.
-
-        Parameters
-        ----------
-        other : Moments
-            Statistics of the same shape ``(G, N)``.
-
-        Raises
-        ------
-        StoreError
-            The shapes differ or an array is malformed.
-        """
-        self.validate()
-        other.validate()
-        if (other.n_groups, other.n_neurons) != (self.n_groups, self.n_neurons):
-            raise StoreError(
-                f"Moments.merge: expected (groups, neurons) = ({self.n_groups}, {self.n_neurons}), "
-                f"got ({other.n_groups}, {other.n_neurons})"
-            )
-        self.count += other.count
-        self.sum += other.sum
-        self.sumsq += other.sumsq
-        self.npos += other.npos
-        self.nonfinite += other.nonfinite
-
-
-def _describe(array: object) -> str:
+def describe_array(array: object) -> str:
+    """How an argument looks, for error messages: dtype, shape, layout, writability."""
     if not isinstance(array, np.ndarray):
         return type(array).__name__
     layout = "C-contiguous" if array.flags.c_contiguous else "non-contiguous"
     writable = "" if array.flags.writeable else ", read-only"
     return f"{array.dtype} array of shape {array.shape} ({layout}{writable})"
+
+
+_describe = describe_array
 
 
 def _check_dtype(dtype: str) -> np.dtype[Any]:
@@ -358,8 +235,8 @@ def accumulate_moments(
         Raw values ``(rows, N)``, C-contiguous; raw dtype float16, float32, or uint16 (bfloat16 bits).
     groups : numpy.ndarray
         int32 ``(rows,)`` in ``[-1, G)``; rows with -1 are skipped.
-    acc : Moments
-        Statistics of shape ``(G, N)`` to add to.
+    acc : vstore.stats.Moments
+        Statistics of shape ``(G, N)`` to add to (e.g. ``GroupStats.layer(i)``, a view of one layer).
     dtype : str
         Logical dtype: ``"float16"``, ``"float32"`` or ``"bfloat16"``.
     backend : str
@@ -375,6 +252,8 @@ def accumulate_moments(
         ``backend="cpp"`` and the extension is not built.
     """
     block = _check_raw(block, dtype, "block", ndim=2)
+    from .stats.moments import Moments
+
     if not isinstance(acc, Moments):
         raise StoreError(f"acc: expected Moments, got {type(acc).__name__}")
     acc.validate()

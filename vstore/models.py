@@ -11,13 +11,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_path
 from .errors import ModelError, UnsupportedArchitectureError
 
 __all__ = [
@@ -184,18 +183,11 @@ def _dequantize_gguf(gguf: Path, name: str, progress: Callable[[str], None] | No
     except Exception as e:  # transformers raises many kinds here
         raise ModelError(f"cannot load GGUF {gguf}: {e}") from e
     model.hf_quantizer = None  # type: ignore[assignment]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_path(target, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         meta = {"gguf": str(gguf), "gguf_size": gguf.stat().st_size, "name": name, "sha256": _weights_sha256(tmp)}
         (tmp / "vstore-model.json").write_text(json.dumps(meta, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

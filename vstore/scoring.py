@@ -1,5 +1,8 @@
 """Scoring methods: one score per (layer, target group, neuron), all from cached statistics.
 
+This module holds the functions; :mod:`vstore.methods` holds the one table that names them, says
+what each needs, and dispatches (``vstore.methods.score``).
+
 Every method but ``auroc`` and ``random`` needs only the sufficient statistics of
 :mod:`vstore.stats` (counts, sums, sums of squares, counts of activation > 0); ``auroc`` needs the
 histogram pass (:func:`vstore.stats.compute_auroc`); ``random`` needs nothing but the shape.
@@ -38,41 +41,22 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from .errors import VstoreError
+from .errors import UsageError
 from .stats import AurocResult, GroupStats, targets
 
 __all__ = [
-    "ALIASES",
-    "CONTRASTIVE",
-    "METHODS",
     "Scores",
     "activation_probability",
     "auroc_scores",
-    "canonical_method",
     "cohen_d",
     "lape_entropy",
     "mean_diff",
     "prob_diff",
     "probeless",
     "random_scores",
-    "score",
     "vape",
     "welch_t",
 ]
-
-METHODS = ("vape", "prob-diff", "mean-diff", "cohen-d", "welch-t", "auroc", "probeless", "random")
-ALIASES = {"lape": "vape"}
-#: Methods whose score compares a group with the rest (or two contrast sides).
-CONTRASTIVE = ("prob-diff", "mean-diff", "cohen-d", "welch-t", "auroc")
-
-
-def canonical_method(name: str) -> str:
-    """The method's canonical name (``lape`` -> ``vape``); raises VstoreError for an unknown one."""
-    m = ALIASES.get(name, name)
-    if m not in METHODS:
-        raise VstoreError(f"--method: expected one of {', '.join(METHODS + tuple(ALIASES))}, got {name!r}")
-    return m
-
 
 @dataclass
 class Scores:
@@ -256,35 +240,12 @@ def vape(stats: GroupStats) -> Scores:
     probabilities (L, G, N) that assign a kept neuron to its groups.
     """
     if stats.sides:
-        raise VstoreError(
-            "vape compares groups with one another, not the two sides of a contrast; "
-            "use --where COLUMN=VALUE to rank on one side, or a contrastive method"
+        raise UsageError(
+            "contrast: vape compares groups with one another, not the two sides of a contrast; "
+            "rank one side with where, or use a contrastive method", "contrast", "where"
         )
     P = activation_probability(stats)
     ent = lape_entropy(P, stats.groups)
     vals = np.repeat(ent[:, None, :], len(stats.groups), axis=1)
     return Scores("vape", list(stats.groups), list(stats.layers), vals, extra={"prob": P, "entropy": ent},
                   lower_is_better=True)
-
-
-def score(method: str, stats: GroupStats | None = None, *, auroc: AurocResult | None = None,
-          target_names: Sequence[str] | None = None, layers: Sequence[int] | None = None,
-          n_neurons: int | None = None, seed: int = 0) -> Scores:
-    """Scores of ``method`` from statistics (or, for ``auroc``, its result; for ``random``, the shape)."""
-    m = canonical_method(method)
-    if m == "random":
-        if target_names is None or layers is None or n_neurons is None:
-            if stats is None:
-                raise VstoreError("random scores need target names, layers and the neuron count")
-            target_names = target_names or (stats.base or stats.groups)
-            layers, n_neurons = stats.layers, stats.n_neurons
-        return random_scores(target_names, layers, n_neurons, seed)
-    if m == "auroc":
-        if auroc is None:
-            raise VstoreError("auroc scores need compute_auroc's result")
-        return auroc_scores(auroc)
-    if stats is None:
-        raise VstoreError(f"{m} needs statistics")
-    fn = {"vape": vape, "prob-diff": prob_diff, "mean-diff": mean_diff, "cohen-d": cohen_d, "welch-t": welch_t,
-          "probeless": probeless}[m]
-    return fn(stats)

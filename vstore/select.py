@@ -1,5 +1,5 @@
 """Selection of neurons from score matrices: global top-k, per-layer top-k, top-rate, threshold,
-LAPE's selection for vape, and per-layer counts matched to a reference set (the random control).
+LAPE's selection for vape, and the one random-control sampler (:func:`control_set`).
 
 Selections return ``(layer position, neuron, score)`` triples, best first. The top-k itself runs in
 native code (:func:`vstore.kernels.select_top_k`: k largest finite keys, ties to the lower index), so
@@ -8,15 +8,16 @@ selecting from hundreds of thousands of neurons per group stays fast.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import VstoreError
+from .errors import UsageError
 
-__all__ = ["Selection", "lape_select", "rank_keys", "select_matching", "select_neurons"]
+__all__ = ["Selection", "control_set", "lape_select", "rank_keys", "select_neurons"]
 
 Item = tuple[int, int, float]
 
@@ -33,16 +34,16 @@ class Selection:
     by_abs: bool = False
 
     def validate(self) -> None:
-        """Raise VstoreError for contradictory or out-of-range settings."""
-        given = [n for n, v in (("--top-k", self.top_k), ("--per-layer-k", self.per_layer_k),
-                                ("--top-rate", self.top_rate)) if v is not None]
+        """Raise UsageError for contradictory or out-of-range settings."""
+        names = ("top_k", "per_layer_k", "top_rate")
+        given = [n for n, v in zip(names, (self.top_k, self.per_layer_k, self.top_rate), strict=True) if v is not None]
         if len(given) > 1:
-            raise VstoreError(f"choose one of --top-k, --per-layer-k, --top-rate (got {', '.join(given)})")
-        for name, v in (("--top-k", self.top_k), ("--per-layer-k", self.per_layer_k)):
+            raise UsageError(f"choose one of top_k, per_layer_k, top_rate (got {', '.join(given)})", *names)
+        for name, v in (("top_k", self.top_k), ("per_layer_k", self.per_layer_k)):
             if v is not None and v < 0:
-                raise VstoreError(f"{name} must be >= 0, got {v}")
+                raise UsageError(f"{name} must be >= 0, got {v}", name)
         if self.top_rate is not None and not 0 <= self.top_rate <= 1:
-            raise VstoreError(f"--top-rate must be within [0, 1], got {self.top_rate}")
+            raise UsageError(f"top_rate must be within [0, 1], got {self.top_rate}", "top_rate")
 
     def to_json(self) -> dict[str, object]:
         return {"top_k": self.top_k, "per_layer_k": self.per_layer_k, "top_rate": self.top_rate,
@@ -122,20 +123,42 @@ def select_neurons(
     return [(int(i // N), int(i % N), float(scores.reshape(-1)[i])) for i in idx]
 
 
-def select_matching(scores: np.ndarray, counts: Mapping[int, int], *, backend: str = "auto") -> list[Item]:
-    """The ``counts[layer position]`` best neurons of each layer (largest scores), best first per layer.
+def control_set(reference: Mapping[int, np.ndarray], n_neurons: int, seed: int, group: str) -> dict[int, np.ndarray]:
+    """The random control of a neuron set: as many neurons in each layer as ``reference`` has there.
 
-    Used by the random control: with random scores this is a uniform draw of the same per-layer
-    sizes as a reference set.
+    This is the one random-control sampler of vstore (``rank --method random --neurons`` and the
+    controls of ``ablate``). In each layer, ``k`` neurons are drawn uniformly without replacement
+    from the neurons of the layer outside the reference (from the whole layer when the reference
+    fills more than half of it). The draw depends only on ``seed``, the group name and the layer,
+    so it is the same on every run and every machine.
+
+    Parameters
+    ----------
+    reference
+        Model layer index -> the reference's neuron indices in that layer.
+    n_neurons
+        Neurons per layer.
+    seed, group
+        Where the draw comes from.
+
+    Returns
+    -------
+    dict
+        Model layer index -> sorted int64 neuron indices.
+
+    Raises
+    ------
+    UsageError
+        A layer of the reference holds more neurons than the layer has.
     """
-    L, N = scores.shape
-    out: list[Item] = []
-    for li in range(L):
-        k = int(counts.get(li, 0))
-        if k > N:
-            raise VstoreError(f"cannot draw {k} neurons from a layer of {N}")
-        for n in _top(scores[li], k, backend):
-            out.append((li, int(n), float(scores[li, n])))
+    out: dict[int, np.ndarray] = {}
+    for layer, idx in sorted(reference.items()):
+        k = len(idx)
+        if k > n_neurons:
+            raise UsageError(f"reference: cannot draw {k} neurons from a layer of {n_neurons}", "reference")
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(group.encode("utf-8")), int(layer)])
+        pool = np.setdiff1d(np.arange(n_neurons, dtype=np.int64), idx) if 2 * k <= n_neurons else np.arange(n_neurons)
+        out[int(layer)] = np.sort(rng.choice(pool, size=k, replace=False)).astype(np.int64)
     return out
 
 
@@ -171,11 +194,11 @@ def lape_select(
     thresholds ``{"top_prob", "bar", "kept"}``.
     """
     L, G, N = prob.shape
-    for name, v in (("--filter-rate", filter_rate), ("--bar-ratio", bar_ratio), ("--top-rate", top_rate)):
+    for name, v in (("filter_rate", filter_rate), ("bar_ratio", bar_ratio), ("top_rate", top_rate)):
         if not 0 <= v <= 1:
-            raise VstoreError(f"{name} must be within [0, 1], got {v}")
+            raise UsageError(f"{name} must be within [0, 1], got {v}", name)
     if top_k is not None and top_k < 0:
-        raise VstoreError(f"--top-k must be >= 0, got {top_k}")
+        raise UsageError(f"top_k must be >= 0, got {top_k}", "top_k")
     flat = np.sort(prob.reshape(-1))
     if flat.size == 0:
         return [[] for _ in range(G)], {"top_prob": float("nan"), "bar": float("nan"), "kept": 0}
@@ -192,11 +215,3 @@ def lape_select(
         for g in np.flatnonzero(prob[li, :, n] > bar):
             out[int(g)].append((li, n, float(entropy[li, n])))
     return out, {"top_prob": top_prob, "bar": bar, "kept": len(kept)}
-
-
-def per_layer_counts(items: Sequence[Item], n_layers: int) -> list[int]:
-    """How many items fall in each layer position."""
-    c = [0] * n_layers
-    for li, _, _ in items:
-        c[li] += 1
-    return c

@@ -14,7 +14,7 @@ complete one is kept, and the ablation resumes its finished sets.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from .atomic import write_json_atomic
 from .build import build_store
 from .data import bundled_stories, sample_stories
 from .models import DEFAULT_MODEL, load_model
-from .rank import rank_store
+from .progress import Note, Progress
+from .rank import RankResult, rank_store, write_rank_result
 from .store import Store, is_store
 
 __all__ = ["run_study"]
@@ -43,8 +44,8 @@ def run_study(
     batch_size: int = 8,
     device: str = "cpu",
     seed: int = 0,
-    progress: bool = True,
-    say: Callable[[str], None] = print,
+    progress: Progress | None = None,
+    say: Note = print,
 ) -> dict[str, Any]:
     """Build a store from the activation split, rank value neurons, and ablate them.
 
@@ -84,16 +85,31 @@ def run_study(
     else:
         say(f"[1/3] building {store_path} from the activation split of {data_path}")
         build_store(store_path, model=lm, data=data_path, split="activation", dtype=dtype,
-                    batch_size=batch_size, device=device, progress=progress)
+                    batch_size=batch_size, device=device, progress=progress, on_note=say)
     neurons = out / "neurons.json"
     say(f"[2/3] ranking value neurons ({method}) -> {neurons}")
-    ns = rank_store(store_path, "value", method, out=neurons, top_k=top_k, seed=seed, progress=progress)
+    ns = rank_store(store_path, "value", method, top_k=top_k, seed=seed, progress=progress)
+    if _same_ranking(neurons, ns):  # keep the file (and its digest): a finished ablation of it resumes
+        ns.neurons.path = neurons
+    else:
+        write_rank_result(ns, neurons)
     say(f"[3/3] ablating each value's neurons (+{n_controls} random control(s) each) -> {out / 'ablation.json'}")
     result = run_ablation(lm, neurons, data_path, out / "ablation.json", split="evaluation", scorer=scorer,
-                          controls=n_controls, seed=seed, batch_size=batch_size, device=device, progress=progress)
+                          controls=n_controls, seed=seed, batch_size=batch_size, device=device, progress=progress,
+                          on_note=say)
     summary = _summarise(result, ns, store_path)
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def _same_ranking(path: Path, ns: RankResult) -> bool:
+    """Whether ``path`` holds this very ranking (everything but the time it was written)."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    new = json.loads(json.dumps(ns.data))
+    return isinstance(old, dict) and {**old, "created": None} == {**new, "created": None} and path.with_suffix(".npz").exists()
 
 
 def _own_delta(ablation: dict[str, Any], value: str) -> float | None:
@@ -105,7 +121,7 @@ def _own_delta(ablation: dict[str, Any], value: str) -> float | None:
     return rows[0].get("delta") if len(rows) == 1 else None
 
 
-def _summarise(result: dict[str, Any], ns: Any, store_path: Path) -> dict[str, Any]:
+def _summarise(result: dict[str, Any], ns: RankResult, store_path: Path) -> dict[str, Any]:
     groups = ns.groups
     per_value = []
     for target in (a for a in result["ablations"] if a["kind"] == "target"):

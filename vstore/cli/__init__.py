@@ -1,7 +1,8 @@
 """The ``vstore`` command line: parses arguments and calls one library function per command.
 
 Each command group lives in its own module with ``register(subparsers)``; every handler returns an
-exit code. A :class:`~vstore.errors.VstoreError` ends in a one-line message and exit code 2.
+exit code. A :class:`~vstore.errors.VstoreError` ends in a one-line message and exit code 2; the
+parameters a :class:`~vstore.errors.UsageError` names are shown as the flags that set them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from rich.markup import escape
 
 from .. import native_status
 from .._version import __version__
-from ..errors import VstoreError
-from .common import console_err
+from ..errors import UsageError, VstoreError
+from .common import FLAGS, console_err
 
 __all__ = ["main", "make_parser"]
 
@@ -57,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except VstoreError as e:
-        console_err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        msg = e.for_cli(FLAGS) if isinstance(e, UsageError) else str(e)
+        console_err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console_err.print("interrupted; an incomplete store resumes when the same build is run again")

@@ -10,6 +10,7 @@ from rich.table import Table
 from ..ablate import run_ablation
 from ..evaluate import SCORERS
 from .common import add_common_model_args, console, console_err, delta_matrix
+from .progress import make_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -58,7 +59,7 @@ def cmd_ablate(a: argparse.Namespace) -> int:
         a.model, a.neurons, a.data, a.out, split=None if a.split == "all" else a.split, groups=a.groups,
         mode=a.mode, scorer=a.scorer, controls=a.controls, seed=a.seed, metric=a.metric, store=a.store,
         batch_size=a.batch_size, device=a.device, limit=a.limit, overwrite=a.overwrite,
-        trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
+        trust_remote_code=a.trust_remote_code, progress=make_progress(not a.no_progress),
         on_note=lambda m: console_err.print(f"[yellow]{m}[/]", highlight=False),
     )
     print_summary(res)

@@ -10,8 +10,9 @@ from rich.table import Table
 from ..build import POOLINGS, build_store
 from ..data import parse_labels
 from ..models import ALIASES, DEFAULT_MODEL, SITES, cache_dir, cached_models
-from ..store import Store
-from .common import add_common_model_args, console, console_err, human_bytes
+from ..store import DTYPES, Store
+from .common import add_common_model_args, console, console_err, human_bytes, say
+from .progress import make_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--split", default="activation", help="stories of this split (default activation; 'all' keeps every split)")
     p.add_argument("--texts", default=None, help="aligned,violating: each item once per action, labelled polarity")
     p.add_argument("--pool", choices=POOLINGS, default="token", help="rows: token (default), mean or last per example")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16", help="stored dtype (default float16)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="stored dtype (default float16)")
     p.add_argument("--layers", default=None, help="model layers: all (default), '0,3,5', '4-8', '-1'")
     p.add_argument("--site", choices=SITES, default="act", help="act: act_fn(gate_proj(x)) (default); down_in: down_proj input")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
@@ -63,7 +64,8 @@ def cmd_build(a: argparse.Namespace) -> int:
         texts=[t.strip() for t in a.texts.split(",")] if a.texts else None, pool=a.pool, dtype=a.dtype,
         layers=a.layers, site=a.site, batch_size=a.batch_size, max_length=a.max_length, limit=a.limit,
         device=a.device, labels=parse_labels(a.label), append=a.append, overwrite=a.overwrite, resume=a.resume,
-        compressor=a.compressor, commit_every=a.commit_every, trust_remote_code=a.trust_remote_code, progress=not a.no_progress,
+        compressor=a.compressor, commit_every=a.commit_every, trust_remote_code=a.trust_remote_code,
+        progress=make_progress(not a.no_progress), on_note=say,
     )
     what = f"resumed at example {res.resumed_from}; " if res.resumed_from else ""
     console_err.print(

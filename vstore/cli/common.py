@@ -11,6 +11,14 @@ from rich.table import Table
 console = Console()
 console_err = Console(stderr=True)
 
+#: Library parameters whose flag is not ``--`` + the name with ``-`` for ``_``.
+FLAGS = {"by_abs": "--abs", "use_cache": "--no-cache", "verify": "--no-verify", "progress": "--no-progress"}
+
+
+def say(message: str) -> None:
+    """A note or warning for the user, on standard error (the CLI's ``on_note``)."""
+    console_err.print(message, highlight=False)
+
 
 def add_common_model_args(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--device`` and ``--trust-remote-code`` (shared by build, ablate and study)."""

@@ -7,19 +7,20 @@ from typing import Any
 
 from rich.table import Table
 
-from ..errors import VstoreError
-from ..rank import NeuronSet, rank_store
-from ..scoring import ALIASES, METHODS
-from ..stats import clear_cache
-from ..store import Store
+from ..errors import UsageError
+from ..kernels import BACKENDS
+from ..methods import METHODS, method_choices
+from ..rank import RankResult, rank_store
+from ..store import Store, clear_cache
 from .common import console, console_err, human_bytes
+from .progress import make_progress
 
 
 def _kv(text: str, flag: str) -> tuple[str, list[str]]:
     key, sep, vals = text.partition("=")
     values = [v.strip() for v in vals.split(",") if v.strip()]
     if not sep or not key.strip() or not values:
-        raise VstoreError(f"{flag}: expected COLUMN=VALUE[,VALUE...], got {text!r}")
+        raise UsageError(f"{flag}: expected COLUMN=VALUE[,VALUE...], got {text!r}")
     return key.strip(), values
 
 
@@ -31,7 +32,7 @@ def _size(text: str) -> int:
             return int(float(t[:-1]) * mult[t[-1]])
         return int(float(t))
     except ValueError:
-        raise VstoreError(f"--auroc-memory: expected a size such as 512MB or 2GB, got {text!r}") from None
+        raise UsageError(f"--auroc-memory: expected a size such as 512MB or 2GB, got {text!r}") from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,14 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "Score every (layer, neuron) of a store per group of a label column with one method, from\n"
             "sufficient statistics cached in the store, and write a neuron-set JSON (docs/neuron-set.md)\n"
             "plus the full score matrices in an .npz beside it.\n\n"
-            "methods: vape (LAPE's entropy; alias lape), prob-diff, mean-diff, cohen-d, welch-t, auroc,\n"
-            "probeless, random (a seeded control; --neurons FILE matches a set's per-layer counts)."
+            "methods:\n" + "\n".join(f"  {m.name:<10} {m.summary}" for m in METHODS.values())
+            + "\n  (lape is an alias of vape; random --neurons FILE draws each group's control: the same\n"
+            "  count per layer, other neurons)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("store", help="store folder")
     p.add_argument("--by", default=None, help="label column whose values are the groups (default: one group 'all')")
-    p.add_argument("--method", default="vape", choices=list(METHODS) + list(ALIASES), metavar="M",
+    p.add_argument("--method", default="vape", choices=method_choices(), metavar="M",
                    help=f"scoring method: {', '.join(METHODS)} (default vape)")
     p.add_argument("--out", required=True, help="neuron-set JSON to write (scores go to the same name .npz)")
     p.add_argument("--where", action="append", default=[], metavar="COL=V[,V]",
@@ -65,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sel.add_argument("--bar-ratio", type=float, default=0.95, help="vape: probability quantile to join a group (0.95)")
     p.add_argument("--split-half", action="store_true", help="also rank two halves of the items; report Jaccard")
     p.add_argument("--seed", type=int, default=0, help="seed of random and of --split-half (default 0)")
-    p.add_argument("--neurons", default=None, metavar="FILE", help="random: match this neuron set's per-layer counts")
-    p.add_argument("--backend", default="auto", choices=("auto", "cpp", "numba", "numpy"),
+    p.add_argument("--neurons", default=None, metavar="FILE", help="random: draw the control of each group of this set")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
                    help="statistics kernels (auto: the C++ extension when built)")
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     p.add_argument("--dask", default=None, metavar="ADDRESS|local:N",
@@ -99,7 +101,7 @@ def cmd_rank(a: argparse.Namespace) -> int:
         a.store, a.by, a.method, out=a.out, where=where, contrast=contrast, top_k=a.top_k, per_layer_k=a.per_layer_k,
         top_rate=a.top_rate, threshold=a.threshold, by_abs=a.abs, filter_rate=a.filter_rate, bar_ratio=a.bar_ratio,
         backend=a.backend, split_half=a.split_half, seed=a.seed, neurons=a.neurons, use_cache=not a.no_cache,
-        progress=not a.no_progress, threads=a.threads, dask=a.dask, auroc_memory=_size(a.auroc_memory),
+        progress=make_progress(not a.no_progress), threads=a.threads, dask=a.dask, auroc_memory=_size(a.auroc_memory),
         verify=not a.no_verify,
     )
     console.print(summary_table(ns))
@@ -117,7 +119,7 @@ def cmd_rank(a: argparse.Namespace) -> int:
     return 0
 
 
-def summary_table(ns: NeuronSet) -> Table:
+def summary_table(ns: RankResult) -> Table:
     """Neurons per group and per layer (and split-half Jaccard), as a rich table."""
     d = ns.data
     layers: list[int] = list(d.get("layers", []))

@@ -6,8 +6,12 @@ import argparse
 
 from rich.table import Table
 
+from ..evaluate import SCORERS
+from ..methods import method_choices
+from ..store import DTYPES
 from ..study import run_study
-from .common import add_common_model_args, console, console_err
+from .common import add_common_model_args, console, console_err, say
+from .progress import make_progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -25,11 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", required=True, help="folder for the store and the results")
     p.add_argument("--data", default=None, help="story file/folder with both splits (default: bundled)")
     p.add_argument("--quick", action="store_true", help="quick profile: the bundled sample, one control")
-    p.add_argument("--method", default="vape", help="scoring method for rank (default vape)")
+    p.add_argument("--method", default="vape", choices=method_choices(), metavar="M",
+                   help="scoring method for rank (default vape; see vstore rank --help)")
     p.add_argument("--top-k", type=int, default=None, help="neurons per value (default: the method's selection)")
-    p.add_argument("--scorer", choices=("ll", "choice"), default="ll", help="value-consistency scorer (default ll)")
+    p.add_argument("--scorer", choices=SCORERS, default="ll", help="value-consistency scorer (default ll)")
     p.add_argument("--controls", type=int, default=None, help="random control sets per value (default 1 quick, 3 full)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="stored dtype (default float16)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -41,7 +46,7 @@ def cmd_study(a: argparse.Namespace) -> int:
     s = run_study(
         a.out, model=a.model, data=a.data, quick=a.quick, method=a.method, top_k=a.top_k, scorer=a.scorer,
         controls=a.controls, dtype=a.dtype, batch_size=a.batch_size, device=a.device, seed=a.seed,
-        progress=not a.no_progress, say=lambda m: console_err.print(m, highlight=False),
+        progress=make_progress(not a.no_progress), say=say,
     )
     console.print(f"baseline value consistency {s['baseline_value_consistency']:.3f}", highlight=False)
     t = Table(title="value neurons switched off: change of the value's own consistency")

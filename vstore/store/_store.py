@@ -19,9 +19,8 @@ after them, at example boundaries. Readers trust only the counters.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,32 +28,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import StoreError, StoreExistsError, StoreNotFoundError
+from ..errors import StoreError, StoreExistsError, StoreNotFoundError
+from . import _format
+from ._format import DTYPES, FORMAT_NAME, FORMAT_VERSION, ITEMSIZE, codecs_for
 
-__all__ = [
-    "FORMAT_NAME",
-    "FORMAT_VERSION",
-    "STORAGE_DTYPES",
-    "PartWriter",
-    "Store",
-    "chunk_rows_for",
-    "is_store",
-]
-
-FORMAT_NAME = "vstore"
-FORMAT_VERSION = 1
-STORAGE_DTYPES = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
-ITEMSIZE = {"float16": 2, "float32": 4, "bfloat16": 2}
-_TARGET_CHUNK_BYTES = 8 << 20
-_ROWS_CHUNK = 1 << 16
-_EXAMPLES_CHUNK = 4096
-
-
-def chunk_rows_for(n_neurons: int, dtype: str) -> int:
-    """Rows per chunk so a chunk of one layer holds about 8 MiB (within 4-16 MiB)."""
-    per_row = max(1, n_neurons * ITEMSIZE[dtype])
-    rows = max(1, _TARGET_CHUNK_BYTES // per_row)
-    return int(rows - rows % 256) if rows >= 512 else int(rows)
+__all__ = ["PartInfo", "Store", "is_store"]
 
 
 def is_store(path: str | Path) -> bool:
@@ -66,17 +44,6 @@ def is_store(path: str | Path) -> bool:
         return FORMAT_NAME in json.loads(meta.read_text()).get("attributes", {})
     except (json.JSONDecodeError, OSError):
         return False
-
-
-def _codecs(compressor: str) -> list[Any]:
-    import zarr.codecs as zc
-
-    if compressor == "none":
-        return [zc.Crc32cCodec()]
-    if compressor.startswith("zstd"):
-        level = int(compressor.partition("-")[2] or 1)
-        return [zc.ZstdCodec(level=level), zc.Crc32cCodec()]
-    raise StoreError(f"unknown compressor {compressor!r}; use 'none' or 'zstd-N'")
 
 
 @dataclass(frozen=True)
@@ -156,12 +123,13 @@ class Store:
             raise StoreError(f"{self.path}: no group {path!r}")
         return node
 
-    def _check_writable(self) -> None:
+    def check_writable(self) -> None:
+        """Raise ``StoreError`` unless the store is open ``"r+"``."""
         if self.mode == "r":
             raise StoreError(f"{self.path} is open read-only")
 
     def _save_meta(self) -> None:
-        self._check_writable()
+        self.check_writable()
         self.group.attrs.update({FORMAT_NAME: self.meta})
 
     def part_info(self, name: str) -> PartInfo:
@@ -234,6 +202,14 @@ class Store:
                 r1 = min(p.committed_rows, r0 + step)
                 yield p.name, r0, np.asarray(arr[layer_pos, r0:r1])
 
+    def chunk_ranges(self) -> list[tuple[str, int, int]]:
+        """Every committed chunk row range of every part: ``(part, first row, end row)``."""
+        out: list[tuple[str, int, int]] = []
+        for p in self.parts:
+            step = int(self.acts(p.name).chunks[1])
+            out.extend((p.name, r0, min(p.committed_rows, r0 + step)) for r0 in range(0, p.committed_rows, step))
+        return out
+
     def label_columns(self) -> list[str]:
         """Names of the label columns in ``examples/``."""
         return sorted(k for k in self.subgroup("examples").array_keys() if k not in ("text", "id"))
@@ -293,13 +269,13 @@ class Store:
         The examples count in the attributes is only advanced by :meth:`start_part`, so a crash
         between the two leaves arrays that are trimmed back on the next call.
         """
-        self._check_writable()
+        self.check_writable()
         start = int(self.meta["n_examples"])
         n = len(ids)
         ex = self.subgroup("examples")
         for name, values in (("id", ids), ("text", texts)):
             if name not in ex:
-                ex.create_array(name, shape=(0,), chunks=(_EXAMPLES_CHUNK,), dtype=str, dimension_names=("example",))
+                ex.create_array(name, shape=(0,), chunks=(_format.EXAMPLES_CHUNK,), dtype=str, dimension_names=("example",))
             arr = self.array(f"examples/{name}")
             arr.resize((start + n,))
             if n:
@@ -308,7 +284,7 @@ class Store:
         for col in columns:
             if col not in ex:
                 ex.create_array(
-                    col, shape=(0,), chunks=(_EXAMPLES_CHUNK,), dtype="int32", fill_value=-1,
+                    col, shape=(0,), chunks=(_format.EXAMPLES_CHUNK,), dtype="int32", fill_value=-1,
                     dimension_names=("example",), attributes={"categories": []},
                 )
             arr = self.array(f"examples/{col}")
@@ -334,7 +310,7 @@ class Store:
 
     def start_part(self, n_examples: int, example_start: int, extra: Mapping[str, Any], *, compressor: str) -> str:
         """Create ``parts/NNNN`` for ``n_examples`` examples starting at ``example_start``."""
-        self._check_writable()
+        self.check_writable()
         name = f"{len(self.meta['parts']):04d}"
         base = f"parts/{name}"
         if base in self.group:  # left over by a crash before the counters were written
@@ -342,14 +318,14 @@ class Store:
         L, N = len(self.layers), self.n_neurons
         chunk = int(self.meta["chunk_rows"])
         self.group.create_array(
-            f"{base}/acts", shape=(L, 0, N), chunks=(1, chunk, N), dtype=STORAGE_DTYPES[self.dtype],
-            fill_value=0, compressors=_codecs(compressor), config={"write_empty_chunks": True},
+            f"{base}/acts", shape=(L, 0, N), chunks=(1, chunk, N), dtype=DTYPES[self.dtype].storage,
+            fill_value=0, compressors=codecs_for(compressor), config={"write_empty_chunks": True},
             dimension_names=("layer", "row", "neuron"), attributes={"logical_dtype": self.dtype},
         )
         for col, dt in (("example", "int64"), ("position", "int32"), ("token", "int32")):
             self.group.create_array(
-                f"{base}/rows/{col}", shape=(0,), chunks=(_ROWS_CHUNK,), dtype=dt, fill_value=-1,
-                compressors=_codecs("none"), dimension_names=("row",),
+                f"{base}/rows/{col}", shape=(0,), chunks=(_format.ROWS_CHUNK,), dtype=dt, fill_value=-1,
+                compressors=codecs_for("none"), dimension_names=("row",),
             )
         self.meta["parts"].append(
             {
@@ -364,7 +340,7 @@ class Store:
 
     def trim_examples(self) -> None:
         """Cut example arrays back to the count in the attributes (after a crash mid-append)."""
-        self._check_writable()
+        self.check_writable()
         n = int(self.meta["n_examples"])
         for key in self.subgroup("examples").array_keys():
             arr = self.array(f"examples/{key}")
@@ -373,7 +349,7 @@ class Store:
 
     def commit(self, part: str, examples: int, rows: int, *, overflow: Mapping[str, int] | None = None) -> None:
         """Advance a part's committed counters (after its rows are written)."""
-        self._check_writable()
+        self.check_writable()
         for p in self.meta["parts"]:
             if p["name"] == part:
                 p["committed_examples"] = int(examples)
@@ -384,7 +360,7 @@ class Store:
 
     def finish_part(self, part: str) -> None:
         """Mark a part, and the store, complete."""
-        self._check_writable()
+        self.check_writable()
         for p in self.meta["parts"]:
             if p["name"] == part:
                 p["state"] = "complete"
@@ -394,141 +370,6 @@ class Store:
 
     def update_meta(self, **fields: Any) -> None:
         """Set top-level ``vstore`` attributes."""
-        self._check_writable()
+        self.check_writable()
         self.meta.update(fields)
         self._save_meta()
-
-
-def direct_chunk_layout(arr: zarr.Array) -> tuple[Path, Callable[[tuple[int, ...]], str], bool] | None:
-    """How to read/write an array's chunk files directly, bypassing zarr's codec pipeline.
-
-    Returns ``(array folder, chunk-key encoder, has crc32c)`` when the array lives on a local file
-    system and its chunks are stored raw (``bytes`` codec, little endian, optionally followed by
-    ``crc32c``), else ``None`` (then use zarr).
-    """
-    try:
-        from zarr.codecs import BytesCodec, Crc32cCodec
-        from zarr.storage import LocalStore
-
-        meta = arr.metadata
-        sp = arr.store_path
-        if not isinstance(sp.store, LocalStore) or not np.little_endian:
-            return None
-        codecs = tuple(meta.codecs)  # type: ignore[union-attr]
-        if not codecs or not isinstance(codecs[0], BytesCodec):
-            return None
-        if np.dtype(arr.dtype).itemsize > 1 and (codecs[0].endian is None or codecs[0].endian.value != "little"):
-            return None
-        rest = codecs[1:]
-        if rest and not (len(rest) == 1 and isinstance(rest[0], Crc32cCodec)):
-            return None
-        return Path(sp.store.root) / sp.path, meta.chunk_key_encoding.encode_chunk_key, bool(rest)  # type: ignore[union-attr]
-    except Exception:  # any layout we do not recognise: go through zarr
-        return None
-
-
-def _write_file_atomic(path: Path, *buffers: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as f:
-        for b in buffers:
-            f.write(b)
-    os.replace(tmp, path)
-
-
-class PartWriter:
-    """Appends rows to one part, chunk by chunk, and commits at example boundaries.
-
-    Rows arrive in example order and are copied once into a staging buffer the size of one chunk
-    row-range of every layer. A full buffer is written as whole chunks (straight to the chunk
-    files, checksum included, when the store is local and uncompressed; through zarr otherwise);
-    :meth:`flush` also writes a partial one. After each write the part's counters advance to the
-    last example whose rows are all written.
-    """
-
-    def __init__(self, store: Store, part: str) -> None:
-        self.store = store
-        self.part = part
-        store._check_writable()
-        info = store.part_info(part)
-        self.acts = store.acts(part)
-        self.rows = {c: store.array(f"parts/{part}/rows/{c}") for c in ("example", "position", "token")}
-        self.chunk = int(self.acts.chunks[1])
-        self.written = info.committed_rows
-        self.committed_examples = info.committed_examples
-        self.example_start = info.example_start
-        self.overflow: dict[str, int] = dict(store.meta.get("overflow", {}))
-        self._boundaries: list[tuple[int, int]] = []  # (row end, examples done) not yet committed
-        self.bytes_written = 0
-        self._direct = direct_chunk_layout(self.acts)
-        # drop anything written after the last commit (a killed build)
-        if self.acts.shape[1] != self.written:
-            self.acts.resize((self.acts.shape[0], self.written, self.acts.shape[2]))
-        for arr in self.rows.values():
-            if arr.shape[0] != self.written:
-                arr.resize((self.written,))
-        L, _, N = self.acts.shape
-        self._buf = np.zeros((L, self.chunk, N), dtype=self.acts.dtype)
-        self._rows_buf = {c: np.full(self.chunk, -1, dtype=a.dtype) for c, a in self.rows.items()}
-        self._base = self.written - self.written % self.chunk  # first row of the buffer
-        self._fill = self.written - self._base  # rows in the buffer
-        if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
-            self._buf[:, : self._fill] = self.acts[:, self._base : self.written]
-
-    def add(self, acts: np.ndarray, example: np.ndarray, position: np.ndarray, token: np.ndarray, examples_done: int) -> None:
-        """Queue rows (``acts`` shaped (layers, rows, neurons)); ``examples_done`` of the part are then complete.
-
-        Every call must end at an example boundary: the rows of an example arrive in one call.
-        """
-        n, i = acts.shape[1], 0
-        cols = {"example": example, "position": position, "token": token}
-        while i < n:
-            take = min(n - i, self.chunk - self._fill)
-            self._buf[:, self._fill : self._fill + take] = acts[:, i : i + take]
-            for c, v in cols.items():
-                self._rows_buf[c][self._fill : self._fill + take] = v[i : i + take]
-            self._fill += take
-            i += take
-            if self._fill == self.chunk:
-                self._write()
-        self._boundaries.append((self._base + self._fill, examples_done))
-
-    def flush(self) -> None:
-        """Write every queued row (a partial chunk too) and commit."""
-        if self._base + self._fill > self.written:
-            self._write()
-        else:
-            self._commit()
-
-    def _write(self) -> None:
-        r0, r1 = self._base, self._base + self._fill
-        L, _, N = self.acts.shape
-        if self._direct is not None:
-            root, encode, crc = self._direct
-            import crc32c as _crc
-
-            for layer in range(L):
-                data = np.ascontiguousarray(self._buf[layer]).view(np.uint8).reshape(-1)
-                tail = _crc.crc32c(data.data).to_bytes(4, "little") if crc else b""
-                _write_file_atomic(root / encode((layer, r0 // self.chunk, 0)), data, tail)
-            self.acts.resize((L, r1, N))
-        else:
-            self.acts.resize((L, r1, N))
-            self.acts[:, r0:r1] = self._buf[:, : self._fill]
-        for col, arr in self.rows.items():
-            arr.resize((r1,))
-            arr[self.written : r1] = self._rows_buf[col][self.written - r0 : self._fill]
-        self.bytes_written += (r1 - self.written) * L * N * self._buf.itemsize
-        self.written = r1
-        if self._fill == self.chunk:  # start the next chunk
-            self._base, self._fill = r1, 0
-            self._buf[...] = 0
-        self._commit()
-
-    def _commit(self) -> None:
-        done = None
-        while self._boundaries and self._boundaries[0][0] <= self.written:
-            done = self._boundaries.pop(0)
-        if done is not None and done[1] != self.committed_examples:
-            self.committed_examples = done[1]
-            self.store.commit(self.part, done[1], done[0], overflow=self.overflow)

@@ -1,0 +1,201 @@
+"""Streaming a model's activations into a part of a store: the forward loop, the row sink, the writer.
+
+The forward pass runs on fixed batches (example ``i`` is always in batch ``i // batch_size``),
+right-padded so that padding cannot move any real token's position. Hooks at the capture site hand
+each layer's activation to :class:`RowSink`, which reduces it to its rows (tokens, or one pooled row
+per example) inside the hook and stops the forward after the last captured layer. Rows leave the
+device through non-blocking copies (pinned on CUDA); a :class:`WriterThread` appends them to the
+part while the model runs the next batch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .data import Example
+from .progress import Task
+from .store import DTYPES, PartWriter
+
+__all__ = ["FLOAT16_MAX", "POOLINGS", "RowSink", "StreamResult", "WriterThread", "estimate_rows", "stream_part"]
+
+POOLINGS = ("token", "mean", "last")
+FLOAT16_MAX = 65504.0
+
+
+def tokenize(tok: Any, texts: Sequence[str], max_length: int) -> dict[str, Any]:
+    """A right-padded batch with its special-tokens mask."""
+    return tok(list(texts), padding=True, truncation=True, max_length=max_length,
+               return_special_tokens_mask=True, return_tensors="pt")
+
+
+def estimate_rows(tok: Any, examples: Sequence[Example], pool: str, max_length: int) -> int:
+    """Rows a build of ``examples`` writes (real tokens, or one per example when pooled)."""
+    if pool != "token":
+        return len(examples)
+    total = 0
+    for i in range(0, len(examples), 256):
+        enc = tok([e.text for e in examples[i : i + 256]], truncation=True, max_length=max_length,
+                  return_special_tokens_mask=True)
+        total += sum(len(m) - sum(m) for m in enc["special_tokens_mask"])
+    return total
+
+
+class WriterThread(threading.Thread):
+    """Drains the queue of host batches into the part; the error it met is kept for the main thread."""
+
+    def __init__(self, writer: PartWriter, q: queue.Queue[Any], commit_every: float) -> None:
+        super().__init__(daemon=True, name="vstore-writer")
+        self.writer, self.q, self.commit_every = writer, q, commit_every
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        last = time.monotonic()
+        try:
+            while True:
+                item = self.q.get()
+                if item is None:
+                    self.writer.flush()
+                    return
+                host, example, position, token, done, event = item
+                if event is not None:
+                    event.synchronize()
+                arr = host.numpy()
+                if arr.dtype == np.int16:  # bfloat16 travels as its bits
+                    arr = arr.view(np.uint16)
+                self.writer.add(arr, example, position, token, done)
+                if time.monotonic() - last >= self.commit_every:  # bound the work a kill can lose
+                    self.writer.flush()
+                    last = time.monotonic()
+        except BaseException as e:  # surfaced by the producer
+            self.error = e
+            while self.q.get() is not None:  # keep draining so the producer never blocks on a dead writer
+                pass
+
+
+class RowSink:
+    """Reduces each captured layer to its rows inside the hook, straight into one output tensor
+    (layers, rows, neurons) of the stored dtype, so no full (batch, tokens, neurons) activation
+    outlives its layer."""
+
+    def __init__(self, layers: Sequence[int], pool: str, dtype: Any, *, check_overflow: bool) -> None:
+        self.pos = {lyr: i for i, lyr in enumerate(layers)}
+        self.pool, self.dtype = pool, dtype
+        self.check_overflow = check_overflow
+        self.overflow: dict[int, int] = {}  # model layer -> values beyond the float16 range
+        self.out: Any = None
+
+    def prepare(
+        self, valid: Any, input_ids: Any, skip: int, n_neurons: int, device: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Fix the rows of the next forward; returns per row its batch example, position, token."""
+        import torch
+
+        valid = valid.clone()
+        valid[:skip] = False
+        if self.pool == "token":
+            b, t = valid.nonzero(as_tuple=True)
+            meta = (b.numpy(), t.numpy().astype(np.int32), input_ids[b, t].numpy().astype(np.int32))
+            self.index: tuple[Any, ...] = (b.to(device), t.to(device))
+        else:
+            keep = valid.any(dim=1).nonzero(as_tuple=True)[0]
+            T = valid.shape[1]
+            last = (T - 1 - valid.flip(dims=[1]).int().argmax(dim=1))[keep]
+            if self.pool == "mean":
+                w = valid[keep].to(torch.float32)
+                self.index = (keep.to(device), (w / w.sum(dim=1, keepdim=True).clamp(min=1)).to(device))
+                n = len(keep)
+                meta = (keep.numpy(), np.full(n, -1, np.int32), np.full(n, -1, np.int32))
+            else:
+                self.index = (keep.to(device), last.to(device))
+                meta = (keep.numpy(), last.numpy().astype(np.int32), input_ids[keep, last].numpy().astype(np.int32))
+        self.out = torch.empty((len(self.pos), len(meta[0]), n_neurons), dtype=self.dtype, device=device)
+        return meta
+
+    def __call__(self, layer: int, t: Any) -> None:
+        import torch
+
+        if self.pool == "mean":
+            keep, w = self.index
+            src = (w.unsqueeze(1).to(t.dtype) @ t[keep]).squeeze(1)  # weighted mean over tokens, float32
+        else:
+            src = t[self.index]
+        if self.check_overflow and src.numel():
+            lo, hi = torch.aminmax(src)  # one cheap pass in float32; count exactly only when needed
+            if hi > FLOAT16_MAX or lo < -FLOAT16_MAX:
+                self.overflow[layer] = self.overflow.get(layer, 0) + int((src.abs() > FLOAT16_MAX).sum())
+        self.out[self.pos[layer]].copy_(src)
+
+
+@dataclass
+class StreamResult:
+    """What streaming a part did."""
+
+    tokens: int
+    overflow: dict[str, int]
+
+
+def stream_part(
+    lm: Any, examples: Sequence[Example], writer: PartWriter, *, layers: Sequence[int], site: str, pool: str,
+    dtype: str, batch_size: int, max_length: int, device: str, example_start: int, queue_depth: int,
+    commit_every: float, bar: Task,
+) -> StreamResult:
+    """Run the model over the examples not yet committed in ``writer``'s part and append their rows.
+
+    Raises whatever the writer thread met (a full disk, say) once the forward loop has stopped.
+    """
+    import torch
+
+    from .hooks import Capture, run_until_stop
+
+    first = writer.committed_examples
+    q: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
+    wthread = WriterThread(writer, q, commit_every)
+    wthread.start()
+    on_cuda = str(device).startswith("cuda")
+    overflow = dict(writer.overflow)
+    tokens_seen = 0
+    t0 = time.perf_counter()
+    sink = RowSink(layers, pool, getattr(torch, DTYPES[dtype].torch), check_overflow=dtype == "float16")
+    try:
+        with torch.inference_mode(), Capture(lm.model, site, list(layers), stop=True, on_output=sink):
+            for b0 in range((first // batch_size) * batch_size, len(examples), batch_size):
+                if wthread.error is not None:
+                    break
+                batch = examples[b0 : b0 + batch_size]
+                enc = tokenize(lm.tokenizer, [e.text for e in batch], max_length)
+                valid = enc["attention_mask"].bool() & ~enc.pop("special_tokens_mask").bool()
+                skip = max(0, first - b0)  # examples of this batch committed before a resume
+                ex_idx, pos, tokn = sink.prepare(valid, enc["input_ids"], skip, lm.identity.n_neurons, device)
+                run_until_stop(lm.model, **{k: v.to(device) for k, v in enc.items()})
+                for lyr, n in sink.overflow.items():
+                    overflow[str(lyr)] = overflow.get(str(lyr), 0) + n
+                if sink.overflow:
+                    sink.overflow.clear()
+                    writer.overflow = overflow
+                acts = sink.out.view(torch.int16) if dtype == "bfloat16" else sink.out
+                # device -> host: pinned, non-blocking on CUDA (the writer waits on the event);
+                # the queue bound (queue_depth) keeps at most that many batches in flight
+                host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=on_cuda)
+                host.copy_(acts, non_blocking=on_cuda)
+                event = None
+                if on_cuda:
+                    event = torch.cuda.Event()
+                    event.record()
+                q.put((host, (ex_idx + b0 + example_start).astype(np.int64), pos, tokn, b0 + len(batch), event))
+                tokens_seen += int(valid.sum())
+                bar.advance(len(batch) - skip)
+                rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
+                bar.describe(f"{rate:,.0f} tok/s, {writer.bytes_written / 1e6:,.1f} MB written")
+    finally:
+        q.put(None)
+        wthread.join()
+    if wthread.error is not None:
+        raise wthread.error
+    return StreamResult(tokens_seen, overflow)

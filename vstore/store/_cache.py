@@ -1,0 +1,113 @@
+"""The statistics cache of a store: ``stats/<key>/`` groups of plain arrays with one attribute.
+
+An entry is identified by its key and must carry the same ``spec`` (grouping, filter, committed
+rows) to be used; committing more rows changes the spec, and writing the new entry drops the stale
+one of the same grouping and kind. Entries are written whole through :func:`vstore.atomic.atomic_path`
+(a temporary group, then one rename), so a reader never sees half of one. Writing needs a store
+opened ``"r+"``; a read-only store is never written through.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..atomic import PARTIAL_SUFFIX, atomic_path
+from ..errors import StoreError
+from ._store import Store
+
+__all__ = ["CACHE_ATTR", "clear_cache", "read_cached", "write_cached"]
+
+CACHE_ATTR = "vstore_stats"
+_STALE_SECONDS = 24 * 3600
+
+
+def read_cached(store: Store, key: str, spec: dict[str, Any], kind: str) -> dict[str, np.ndarray] | None:
+    """The arrays of entry ``key`` when it is complete, of ``kind``, and made for ``spec``; else None."""
+    root: Any = store.group
+    try:
+        if "stats" not in root or key not in set(root["stats"].group_keys()):
+            return None
+        g: Any = root[f"stats/{key}"]
+        attrs = dict(g.attrs.get(CACHE_ATTR, {}))
+        if not attrs.get("complete") or attrs.get("kind") != kind or attrs.get("spec") != json.loads(json.dumps(spec)):
+            return None
+        return {name: np.asarray(g[name][...]) for name in g.array_keys()}
+    except (KeyError, OSError, ValueError):
+        return None
+
+
+def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> bool:
+    """Write entry ``key`` whole, and drop stale entries of the same grouping and kind.
+
+    Returns False (and leaves nothing behind) when the disk refuses the write.
+
+    Raises
+    ------
+    StoreError
+        The store is open read-only.
+    """
+    if store.mode != "r+":
+        raise StoreError(f"{store.path} is open read-only; open it with mode 'r+' to cache statistics")
+    base = store.path / "stats"
+    try:
+        store.group.require_group("stats")
+        with atomic_path(base / key, directory=True) as tmp:
+            g: Any = zarr.open_group(str(tmp), mode="w")
+            for name, arr in arrays.items():
+                a = np.ascontiguousarray(arr)
+                z = g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=tuple(max(1, d) for d in a.shape),
+                                   fill_value=0)
+                if a.size:
+                    z[...] = a
+            g.attrs.update({CACHE_ATTR: {**attrs, "complete": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+        _drop_stale(base, key, attrs)
+        return True
+    except OSError:  # a full or read-only disk: rank without caching
+        return False
+
+
+def _drop_stale(base: Path, key: str, attrs: dict[str, Any]) -> None:
+    spec: Any = attrs.get("spec", {})
+    for other in list(base.iterdir()):
+        if not other.is_dir() or other.name == key:
+            continue
+        if other.name.startswith("."):  # a temporary: another writer's, or left by a killed one
+            if other.name.endswith(PARTIAL_SUFFIX) and _older_than(other, _STALE_SECONDS):
+                shutil.rmtree(other, ignore_errors=True)
+            continue
+        try:
+            oattrs: Any = zarr.open_group(str(other), mode="r").attrs.get(CACHE_ATTR, {})
+        except Exception:
+            continue
+        ospec = oattrs.get("spec", {})
+        same_grouping = all(ospec.get(k) == spec.get(k) for k in ("by", "where", "contrast", "mask"))
+        if same_grouping and oattrs.get("kind") == attrs.get("kind") and ospec.get("committed") != spec.get("committed"):
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+def clear_cache(store: Store | str | Path) -> int:
+    """Delete every cached statistic of a store; returns how many entries were removed."""
+    st = store if isinstance(store, Store) else Store(store, mode="r+")
+    if st.mode != "r+":
+        raise StoreError(f"{st.path} is open read-only; open it with mode 'r+' to clear its cache")
+    n = len(st.stats_keys())
+    if "stats" in st.group:
+        del st.group["stats"]
+    d = st.path / "stats"
+    if d.exists():
+        shutil.rmtree(d, ignore_errors=True)
+    return n

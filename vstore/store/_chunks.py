@@ -1,0 +1,145 @@
+"""Chunk files read and written directly, bypassing zarr's codec pipeline, where the layout allows.
+
+An uncompressed array on a local file system (``bytes`` codec, little endian, optionally followed by
+``crc32c``) stores each chunk as one file: the raw bytes, then the 4-byte checksum. Writing such a
+file ourselves (atomically) and memory-mapping it for reading is byte-for-byte what zarr does, at
+the speed of the disk. Any other layout goes through zarr.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from ..atomic import atomic_path
+from ..errors import StoreError
+
+__all__ = ["ChunkReader", "crc32c", "direct_chunk_layout", "write_chunk_file"]
+
+Layout = tuple[Path, Callable[[tuple[int, ...]], str], bool]
+
+
+def crc32c(data: Any) -> int:
+    """CRC-32C of a bytes-like object (the checksum zarr's ``crc32c`` codec appends)."""
+    try:
+        import crc32c as _crc
+
+        return int(_crc.crc32c(data))
+    except ImportError:  # zarr's own dependency
+        import google_crc32c
+
+        return int(google_crc32c.value(bytes(data)))
+
+
+def direct_chunk_layout(arr: zarr.Array) -> Layout | None:
+    """How to read/write an array's chunk files directly.
+
+    Returns ``(array folder, chunk-key encoder, has crc32c)`` when the array lives on a local file
+    system and its chunks are stored raw (``bytes`` codec, little endian, optionally followed by
+    ``crc32c``), else ``None`` (then use zarr).
+    """
+    try:
+        from zarr.codecs import BytesCodec, Crc32cCodec
+        from zarr.storage import LocalStore
+
+        meta = arr.metadata
+        sp = arr.store_path
+        if not isinstance(sp.store, LocalStore) or not np.little_endian:
+            return None
+        codecs = tuple(meta.codecs)  # type: ignore[union-attr]
+        if not codecs or not isinstance(codecs[0], BytesCodec):
+            return None
+        if np.dtype(arr.dtype).itemsize > 1 and (codecs[0].endian is None or codecs[0].endian.value != "little"):
+            return None
+        rest = codecs[1:]
+        if rest and not (len(rest) == 1 and isinstance(rest[0], Crc32cCodec)):
+            return None
+        return Path(sp.store.root) / sp.path, meta.chunk_key_encoding.encode_chunk_key, bool(rest)  # type: ignore[union-attr]
+    except Exception:  # any layout we do not recognise: go through zarr
+        return None
+
+
+def write_chunk_file(layout: Layout, coords: tuple[int, ...], block: np.ndarray) -> None:
+    """Write one whole chunk (its raw bytes, then the checksum if the layout has one), atomically."""
+    root, encode, crc = layout
+    data = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
+    path = root / encode(coords)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        if crc:
+            f.write(crc32c(data.data).to_bytes(4, "little"))
+
+
+class ChunkReader:
+    """Reads row ranges of one layer of a ``(layer, row, neuron)`` array chunked ``(1, rows, N)``.
+
+    Uncompressed chunks on a local file system are memory-mapped straight from their files
+    (``MAP_POPULATE``: one system call, no copy out of the page cache) and their checksum verified;
+    anything else is read through zarr.
+    """
+
+    def __init__(self, arr: zarr.Array, *, verify: bool = True) -> None:
+        self.arr = arr
+        self.chunk_rows = int(arr.chunks[1])
+        self.n_neurons = int(arr.shape[2])
+        self.dtype = np.dtype(arr.dtype)
+        self.verify = verify
+        self.direct = direct_chunk_layout(arr) if arr.chunks == (1, self.chunk_rows, self.n_neurons) else None
+        self.chunk_bytes = self.chunk_rows * self.n_neurons * self.dtype.itemsize
+
+    def read(self, layer: int, r0: int, r1: int) -> np.ndarray:
+        """Rows ``r0:r1`` of layer position ``layer`` (raw storage dtype, C order; may be read-only)."""
+        n = r1 - r0
+        if self.direct is not None and r0 % self.chunk_rows == 0 and n <= self.chunk_rows:
+            block = self._read_direct(layer, r0 // self.chunk_rows, n)
+            if block is not None:
+                return block
+        return np.ascontiguousarray(np.asarray(self.arr[layer, r0:r1]))
+
+    def advise(self, layer: int, r0: int) -> None:
+        """Ask the OS to start reading the chunk holding row ``r0`` (``POSIX_FADV_WILLNEED``)."""
+        if self.direct is None or not hasattr(os, "posix_fadvise"):
+            return
+        root, encode, _ = self.direct
+        try:
+            fd = os.open(root / encode((layer, r0 // self.chunk_rows, 0)), os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def _read_direct(self, layer: int, chunk: int, n: int) -> np.ndarray | None:
+        assert self.direct is not None
+        root, encode, crc = self.direct
+        path = root / encode((layer, chunk, 0))
+        want = self.chunk_bytes + (4 if crc else 0)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None  # an unwritten chunk: zarr fills it in
+        try:
+            if os.fstat(fd).st_size != want:
+                return None
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fd, want, flags=flags, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        if crc and self.verify:
+            stored = int.from_bytes(mm[self.chunk_bytes : self.chunk_bytes + 4], "little")
+            if crc32c(memoryview(mm)[: self.chunk_bytes]) != stored:
+                mm.close()
+                raise StoreError(f"{path}: checksum mismatch (the chunk is corrupt)")
+        # the array keeps the mapping alive; it is unmapped when the block is dropped
+        return np.frombuffer(mm, dtype=self.dtype, count=n * self.n_neurons).reshape(n, self.n_neurons)

@@ -1,0 +1,102 @@
+"""The store format (version 1): its name and version, the one dtype table, chunking and codecs.
+
+Everything that decides how bytes lie on disk is here, so a reader, a writer and a migration agree
+by construction. See ``docs/store-format.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError, UsageError
+
+__all__ = [
+    "DTYPES",
+    "EXAMPLES_CHUNK",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ITEMSIZE",
+    "ROWS_CHUNK",
+    "STORAGE_DTYPES",
+    "DtypeSpec",
+    "chunk_rows_for",
+    "codecs_for",
+    "dtype_spec",
+]
+
+FORMAT_NAME = "vstore"
+FORMAT_VERSION = 1
+TARGET_CHUNK_BYTES = 8 << 20
+#: Rows per chunk of the ``rows/*`` columns (read at part creation, so a tool may change it).
+ROWS_CHUNK = 1 << 16
+EXAMPLES_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class DtypeSpec:
+    """One logical activation dtype and how it is stored.
+
+    Attributes
+    ----------
+    name
+        Logical dtype (``float16``, ``bfloat16``, ``float32``): what the values are.
+    storage
+        NumPy dtype of the zarr array and of raw blocks (bfloat16 travels as ``uint16`` bits).
+    torch
+        Name of the matching ``torch`` dtype.
+    """
+
+    name: str
+    storage: str
+    torch: str
+
+    @property
+    def itemsize(self) -> int:
+        return int(np.dtype(self.storage).itemsize)
+
+    @property
+    def raw(self) -> np.dtype[Any]:
+        """The NumPy dtype of raw blocks."""
+        return np.dtype(self.storage)
+
+
+#: The one dtype table: logical dtype -> how it is stored.
+DTYPES: dict[str, DtypeSpec] = {
+    "float16": DtypeSpec("float16", "float16", "float16"),
+    "bfloat16": DtypeSpec("bfloat16", "uint16", "bfloat16"),
+    "float32": DtypeSpec("float32", "float32", "float32"),
+}
+STORAGE_DTYPES: dict[str, str] = {k: v.storage for k, v in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {k: v.itemsize for k, v in DTYPES.items()}
+
+
+def dtype_spec(name: str, param: str = "dtype") -> DtypeSpec:
+    """The :class:`DtypeSpec` of logical dtype ``name`` (``UsageError`` naming ``param`` otherwise)."""
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise UsageError(f"{param}: expected one of {', '.join(DTYPES)}, got {name!r}", param) from None
+
+
+def chunk_rows_for(n_neurons: int, dtype: str) -> int:
+    """Rows per chunk so a chunk of one layer holds about 8 MiB (within 4-16 MiB)."""
+    per_row = max(1, n_neurons * ITEMSIZE[dtype])
+    rows = max(1, TARGET_CHUNK_BYTES // per_row)
+    return int(rows - rows % 256) if rows >= 512 else int(rows)
+
+
+def codecs_for(compressor: str) -> list[Any]:
+    """The zarr codecs after ``bytes`` for ``none`` (crc32c only) or ``zstd-N`` (zstd, then crc32c)."""
+    import zarr.codecs as zc
+
+    if compressor == "none":
+        return [zc.Crc32cCodec()]
+    if compressor.startswith("zstd"):
+        level = compressor.partition("-")[2] or "1"
+        if not level.lstrip("-").isdigit():
+            raise StoreError(f"unknown compressor {compressor!r}; use 'none' or 'zstd-N'")
+        return [zc.ZstdCodec(level=int(level)), zc.Crc32cCodec()]
+    raise StoreError(f"unknown compressor {compressor!r}; use 'none' or 'zstd-N'")
