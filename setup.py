@@ -1,16 +1,32 @@
-"""Builds the native extension vstore._C (pybind11, C++17, OpenMP where the compiler has it).
+"""Builds the native extension vstore._C (pybind11, C++17, OpenMP where the compiler has it), and
+ships the bundled benchmark (``data/``) inside the package as ``vstore/_data`` in wheels.
 
 Set VSTORE_NO_EXT=1 to install without native code (vstore then uses its Numba/NumPy kernels and
 says so). No -march=native: float16 conversion picks F16C/AVX2 at run time.
 """
 
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class build_py_with_data(build_py):
+    """Copies ``data/`` (values, stories, sample) into the built package as ``vstore/_data``."""
+
+    def run(self):
+        super().run()
+        here = os.path.dirname(os.path.abspath(__file__))
+        src, dst = os.path.join(here, "data"), os.path.join(self.build_lib, "vstore", "_data")
+        if os.path.isdir(src) and not getattr(self, "editable_mode", False):
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.md"))
+
 
 ext_modules = []
-cmdclass = {}
+cmdclass = {"build_py": build_py_with_data}
 if os.environ.get("VSTORE_NO_EXT", "") not in ("1", "true", "yes"):
     from pybind11.setup_helpers import Pybind11Extension, build_ext
 

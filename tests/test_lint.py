@@ -1,4 +1,4 @@
-"""The code stays clean under ruff (configured in pyproject.toml)."""
+"""The code stays clean under ruff and mypy (both configured in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -18,4 +18,11 @@ def test_ruff_is_clean():
         pytest.skip("ruff is not installed (pip install -e '.[test]')")
     res = subprocess.run([sys.executable, "-m", "ruff", "check", "vstore", "tests", "tools"], cwd=ROOT,
                          capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_mypy_is_clean():
+    if subprocess.run([sys.executable, "-m", "mypy", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("mypy is not installed (pip install -e '.[test]')")
+    res = subprocess.run([sys.executable, "-m", "mypy", "vstore"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -31,11 +31,16 @@ LayerNeurons = dict[int, np.ndarray]
 
 
 class _Identity(Protocol):
-    name: str
-    architecture: str
-    n_layers: int
-    n_neurons: int
-    sha256: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def architecture(self) -> str: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def n_neurons(self) -> int: ...
+    @property
+    def sha256(self) -> str: ...
 
 
 def _is_int(v: Any) -> bool:

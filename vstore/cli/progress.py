@@ -52,7 +52,7 @@ class RichProgress:
             columns += [MofNCompleteColumn(), TextColumn(unit), TimeRemainingColumn()]
         columns.append(TextColumn("{task.fields[note]}"))
         bar = Progress(*columns, console=self.console, transient=unit == "bytes")
-        t = _RichTask(bar, bar.add_task(label, total=total, completed=done, note=""))
+        t = _RichTask(bar, bar.add_task(label, total=float(total), completed=int(done), note=""))
         self._bars[id(t)] = bar
         bar.start()
         return t

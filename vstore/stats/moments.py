@@ -62,7 +62,8 @@ class Moments:
         """
         if n_groups < 0 or n_neurons < 0:
             raise StoreError(f"Moments.zeros: expected n_groups, n_neurons >= 0, got ({n_groups}, {n_neurons})")
-        return cls(**_zero_arrays((), n_groups, n_neurons))
+        a = _zero_arrays((), n_groups, n_neurons)
+        return cls(a["count"], a["sum"], a["sumsq"], a["npos"], a["nonfinite"])
 
     @property
     def n_groups(self) -> int:
@@ -80,7 +81,7 @@ class Moments:
 
     def layer(self, index: int) -> Moments:
         """The statistics of one position of the leading axis, as views (writes go through)."""
-        return Moments(*(getattr(self, k)[index] for k in FIELDS))
+        return Moments(self.count[index], self.sum[index], self.sumsq[index], self.npos[index], self.nonfinite[index])
 
     def validate(self) -> None:
         """Checks dtypes, shapes, C order and writability of the arrays.
@@ -188,8 +189,9 @@ class GroupStats(Moments):
     @classmethod
     def for_groups(cls, groups: Sequence[str], layers: Sequence[int], n_neurons: int, key: str = "") -> GroupStats:
         """Empty statistics (all counts and sums zero) of these groups and layers."""
-        arrays = _zero_arrays((len(layers),), len(groups), int(n_neurons))
-        return cls(**arrays, groups=list(groups), layers=[int(x) for x in layers], key=key, base=list(groups))
+        a = _zero_arrays((len(layers),), len(groups), int(n_neurons))
+        return cls(a["count"], a["sum"], a["sumsq"], a["npos"], a["nonfinite"], groups=list(groups),
+                   layers=[int(x) for x in layers], key=key, base=list(groups))
 
     @property
     def n_layers(self) -> int:
@@ -197,7 +199,8 @@ class GroupStats(Moments):
 
     def copy(self) -> GroupStats:
         """A deep copy of the arrays, with the same labels."""
-        return GroupStats(*(getattr(self, k).copy() for k in FIELDS), groups=list(self.groups),
+        return GroupStats(self.count.copy(), self.sum.copy(), self.sumsq.copy(), self.npos.copy(),
+                          self.nonfinite.copy(), groups=list(self.groups),
                           layers=list(self.layers), key=self.key, base=list(self.base),
                           sides=list(self.sides) if self.sides else None, spec=dict(self.spec))
 

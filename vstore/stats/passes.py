@@ -153,7 +153,8 @@ def cached_pass(
 
 def labelled(arrays: Mapping[str, np.ndarray], grouping: Grouping, store: Store, from_cache: bool) -> GroupStats:
     """:class:`GroupStats` of ``arrays`` labelled with ``grouping``."""
-    return GroupStats(*(np.ascontiguousarray(arrays[k]) for k in FIELDS), groups=list(grouping.names),
+    a = {k: np.ascontiguousarray(arrays[k]) for k in FIELDS}
+    return GroupStats(a["count"], a["sum"], a["sumsq"], a["npos"], a["nonfinite"], groups=list(grouping.names),
                       layers=store.layers, key=grouping.key(store), base=list(grouping.base),
                       sides=list(grouping.sides) if grouping.sides else None, spec=grouping.spec(store),
                       from_cache=from_cache)

@@ -71,7 +71,7 @@ def write_chunk_file(layout: Layout, coords: tuple[int, ...], block: np.ndarray)
     data = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
     path = root / encode(coords)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+        f.write(data.data)
         if crc:
             f.write(crc32c(data.data).to_bytes(4, "little"))
 
