@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -49,8 +49,24 @@ import numpy.typing as npt
 from .errors import NativeExtensionError, StoreError, UsageError
 from .store._format import DTYPES
 
-if TYPE_CHECKING:
-    from .stats.moments import Moments
+
+class MomentsLike(Protocol):
+    """What :func:`accumulate_moments` adds into: :class:`vstore.stats.Moments` (this module sits
+    below the statistics package and does not import it)."""
+
+    count: np.ndarray
+    sum: np.ndarray
+    sumsq: np.ndarray
+    npos: np.ndarray
+    nonfinite: np.ndarray
+
+    @property
+    def n_groups(self) -> int: ...
+
+    @property
+    def n_neurons(self) -> int: ...
+
+    def validate(self) -> None: ...
 
 try:
     from . import _C  # type: ignore[attr-defined]
@@ -221,7 +237,7 @@ def _check_threads(threads: int | None) -> int:
 def accumulate_moments(
     block: np.ndarray,
     groups: np.ndarray,
-    acc: Moments,
+    acc: MomentsLike,
     *,
     dtype: str,
     backend: str = "auto",
@@ -252,9 +268,7 @@ def accumulate_moments(
         ``backend="cpp"`` and the extension is not built.
     """
     block = _check_raw(block, dtype, "block", ndim=2)
-    from .stats.moments import Moments
-
-    if not isinstance(acc, Moments):
+    if not all(hasattr(acc, k) for k in ("count", "sum", "sumsq", "npos", "nonfinite", "validate")):
         raise StoreError(f"acc: expected Moments, got {type(acc).__name__}")
     acc.validate()
     if acc.n_neurons != block.shape[1]:
