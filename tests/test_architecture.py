@@ -38,7 +38,7 @@ def _imports(path: Path) -> set[str]:
         targets: list[list[str]] = []
         if isinstance(node, ast.ImportFrom) and node.level:
             base = pkg[: len(pkg) - (node.level - 1)] + (node.module.split(".") if node.module else [])
-            targets = [base + [a.name] for a in node.names] if not node.module else [base]
+            targets = [[*base, a.name] for a in node.names] if not node.module else [base]
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vstore":
             targets = [node.module.split(".")]
         elif isinstance(node, ast.Import):

@@ -2,9 +2,10 @@
 
 A story file is JSONL, one item per line, with the fields
 
-``id``, ``value``, ``lang``, ``split``, ``story``, ``aligned``, ``violating``, ``rationale``
+``id``, ``value``, ``lang``, ``split``, ``story``, ``aligned``, ``violating``, ``rationale``, ``setting``
 
-``split`` is ``activation`` or ``evaluation``; ``rationale`` is required on activation items.
+``split`` is ``activation`` or ``evaluation``; ``rationale`` is required on activation items;
+``setting`` (optional) tags where the situation happens (the bundled benchmark uses :data:`SETTINGS`).
 Plain text files (``.txt``) hold one text per line and carry no labels (use ``--label``).
 
 Text templates (what the model reads; see ``docs/data.md``):
@@ -29,6 +30,7 @@ from .errors import DataError
 
 __all__ = [
     "FIELDS",
+    "SETTINGS",
     "SPLITS",
     "Example",
     "Story",
@@ -43,10 +45,13 @@ __all__ = [
     "sample_stories",
 ]
 
-FIELDS = ("id", "value", "lang", "split", "story", "aligned", "violating", "rationale")
+FIELDS = ("id", "value", "lang", "split", "setting", "story", "aligned", "violating", "rationale")
 REQUIRED = ("id", "value", "lang", "split", "story", "aligned", "violating")
 SPLITS = ("activation", "evaluation")
 TEXT_KINDS = ("aligned", "violating")
+#: The controlled vocabulary of ``setting`` tags of the bundled benchmark (optional in users' files).
+SETTINGS = ("family", "school", "work", "commerce", "community", "public", "online", "rural", "health",
+            "government", "travel")
 _NO_SPACE_LANGS = {"zh", "ja", "zh-cn", "zh-tw", "zh-hans", "zh-hant"}
 _MAX_REPORTED = 20
 
@@ -63,6 +68,7 @@ class Story:
     aligned: str
     violating: str
     rationale: str | None = None
+    setting: str | None = None
     source: str = ""
     line: int = 0
 
@@ -164,6 +170,7 @@ def _parse_story_line(text: str, source: str, n: int, errors: list[str]) -> Stor
         aligned=str(vals["aligned"]),
         violating=str(vals["violating"]),
         rationale=vals["rationale"],
+        setting=vals["setting"],
         source=source,
         line=n,
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .data import FIELDS, Story, load_stories
-from .errors import DataError
+from .data import FIELDS, SPLITS, Story, load_stories
+from .errors import DataError, UsageError
 
 __all__ = ["import_stories", "parse_mapping", "story_stats", "validate_stories"]
 
@@ -22,31 +22,63 @@ def validate_stories(path: str | Path) -> list[Story]:
     return load_stories(path)
 
 
-def story_stats(path: str | Path) -> dict[str, Any]:
-    """Counts per (value, lang, split) and story length distributions per language.
+def _length(text: str, lang: str) -> int:
+    return len(text) if lang.startswith("zh") else len(text.split())
 
-    Lengths are in characters for ``zh`` and in words otherwise.
+
+def story_stats(path: str | Path, *, baseline: float = 0.6, flip_rate: float = 0.05, alpha: float = 0.05,
+                power: float = 0.8) -> dict[str, Any]:
+    """Counts, settings, lengths and the power of the evaluation split, per value and language.
+
+    Lengths are in characters for ``zh`` and in words otherwise. ``power`` rows give, per value and
+    language (``*``: both languages, or every value), the smallest drop of value consistency from
+    ``baseline`` that the evaluation items detect (:func:`vstore.inference.detectable_drop`: exact
+    McNemar at ``alpha``, with ``flip_rate`` of the items flipping each way by chance).
     """
+    from .inference import detectable_drop
+
+    if not 0 < baseline <= 1 or not 0 <= flip_rate < baseline:
+        raise UsageError(f"baseline must be in (0, 1] and flip_rate in [0, baseline), got {baseline}, {flip_rate}",
+                         "baseline", "flip_rate")
     stories = load_stories(path)
     counts = Counter((s.value, s.lang, s.split) for s in stories)
     lengths: dict[str, list[int]] = {}
     for s in stories:
-        n = len(s.story) if s.lang.startswith("zh") else len(s.story.split())
-        lengths.setdefault(s.lang, []).append(n)
+        lengths.setdefault(s.lang, []).append(_length(s.story, s.lang))
     dist = {
         lang: {"unit": "chars" if lang.startswith("zh") else "words", "min": min(v), "median": statistics.median(v),
                "max": max(v), "mean": statistics.fmean(v)}
         for lang, v in lengths.items()
     }
-    aligned_longer = sum(len(s.aligned) > len(s.violating) for s in stories) / len(stories)
+    cells = []
+    for value, lang in sorted({(s.value, s.lang) for s in stories}):
+        sub = [s for s in stories if s.value == value and s.lang == lang]
+        cells.append({
+            "value": value, "lang": lang, **{sp: counts[(value, lang, sp)] for sp in SPLITS},
+            "settings": dict(Counter(s.setting or "-" for s in sub).most_common()),
+            "mean_story": statistics.fmean(_length(s.story, lang) for s in sub),
+            "mean_aligned": statistics.fmean(_length(s.aligned, lang) for s in sub),
+            "mean_violating": statistics.fmean(_length(s.violating, lang) for s in sub),
+        })
+    n_eval = Counter((s.value, s.lang) for s in stories if s.split == "evaluation")
+    vals, langs = sorted({v for v, _ in n_eval}), sorted({lg for _, lg in n_eval})
+    keys = [k for v in vals for k in [(v, lg) for lg in langs if (v, lg) in n_eval] + [(v, "*")]]
+    keys += [("*", lg) for lg in langs] + [("*", "*")]
+    rows = []
+    for value, lang in keys:
+        n = sum(c for (v, lg), c in n_eval.items() if value in ("*", v) and lang in ("*", lg))
+        rows.append({"value": value, "lang": lang, "n": n,
+                     "detectable_drop": detectable_drop(n, baseline, flip_rate=flip_rate, alpha=alpha, power=power)})
     return {
         "items": len(stories),
         "values": sorted({s.value for s in stories}),
         "langs": sorted({s.lang for s in stories}),
         "splits": sorted({s.split for s in stories}),
         "counts": [{"value": v, "lang": lang, "split": sp, "n": n} for (v, lang, sp), n in sorted(counts.items())],
+        "cells": cells,
         "story_length": dist,
-        "aligned_longer_share": aligned_longer,
+        "aligned_longer_share": sum(len(s.aligned) > len(s.violating) for s in stories) / len(stories),
+        "power": {"baseline": baseline, "flip_rate": flip_rate, "alpha": alpha, "power": power, "rows": rows},
     }
 
 

@@ -17,8 +17,10 @@ __all__ = [
     "N_BOOT",
     "bootstrap_interval",
     "clean",
+    "detectable_drop",
     "json_safe",
     "mcnemar_exact",
+    "mcnemar_power",
     "relative",
     "rng_for",
     "sign_test",
@@ -43,6 +45,55 @@ def mcnemar_exact(before: np.ndarray, after: np.ndarray) -> tuple[float, int, in
     b, c = int((x & ~y).sum()), int((~x & y).sum())
     p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5).pvalue)
     return min(p, 1.0), b, c
+
+
+def mcnemar_power(n: int, drop: float, *, flip_rate: float = 0.05, alpha: float = 0.05) -> float:
+    """Power of the exact two-sided McNemar test (as :func:`mcnemar_exact`, rejecting at ``p < alpha``)
+    to detect a drop of value consistency by ``drop`` over ``n`` paired items.
+
+    The model: by chance, a share ``flip_rate`` of the items turn from won to lost and as many from
+    lost to won (what a random control does); the ablation turns a further ``drop`` of the items from
+    won to lost. So the discordant pairs are ``b ~ n (drop + flip_rate)`` and ``c ~ n flip_rate``,
+    and the power is exact over their multinomial distribution.
+    """
+    from scipy.stats import binom
+
+    pb, pc = drop + flip_rate, flip_rate
+    psi = pb + pc
+    if n <= 0 or psi <= 0 or pb > 1 or psi > 1:
+        return 0.0
+    m = np.arange(n + 1)
+    # per number m of discordant pairs, the smallest b with a two-sided exact p < alpha (p = 2 P(X >= b))
+    ks = np.arange(n + 2)
+    power = 0.0
+    pm = binom.pmf(m, n, psi)
+    for mi in m[pm > 1e-15]:
+        tail = 2.0 * binom.sf(ks[: mi + 1] - 1, mi, 0.5)
+        hits = np.flatnonzero((tail < alpha) & (ks[: mi + 1] * 2 > mi))
+        if hits.size:
+            k = int(hits[0])
+            q = pb / psi
+            power += float(pm[mi]) * float(binom.sf(k - 1, mi, q) + binom.cdf(mi - k, mi, q))
+    return min(power, 1.0)
+
+
+def detectable_drop(n: int, baseline: float, *, flip_rate: float = 0.05, alpha: float = 0.05, power: float = 0.8,
+                    step: float = 0.005) -> float | None:
+    """The smallest drop of value consistency (absolute, on ``step``'s grid) that ``n`` paired items
+    detect with the given ``power`` (:func:`mcnemar_power`); None when even the largest possible
+    drop (``baseline - flip_rate``: only won items can be lost) is not detected."""
+    grid = np.arange(step, baseline - flip_rate + 1e-12, step)
+
+    def ok(i: int) -> bool:
+        return mcnemar_power(n, float(grid[i]), flip_rate=flip_rate, alpha=alpha) >= power
+
+    if not grid.size or not ok(grid.size - 1):
+        return None
+    lo, hi = -1, grid.size - 1  # power grows with the drop: bisect for the first grid point that is enough
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return round(float(grid[hi]), 6)
 
 
 def sign_test(before: np.ndarray, after: np.ndarray) -> float:

@@ -18,8 +18,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     v = dsub.add_parser("validate", help="check every line of a story file; exit 2 on errors")
     v.add_argument("file", help="story .jsonl file or folder")
     v.set_defaults(handler=cmd_validate)
-    s = dsub.add_parser("stats", help="items per value x language x split, story lengths")
+    s = dsub.add_parser(
+        "stats", help="items, settings and lengths per value x language, and what the evaluation split can detect",
+        description=(
+            "Per value and language: items per split, the spread of settings, mean lengths (characters\n"
+            "in zh, words otherwise), and a power table: the smallest drop of value consistency from\n"
+            "--baseline that the evaluation items detect with an exact McNemar test at alpha 0.05 and\n"
+            "80% power, when --flip-rate of the items also flip each way by chance (as under a random\n"
+            "control). Measure your model's baseline with `vstore ablate` and pass it here."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("file", help="story .jsonl file or folder")
+    s.add_argument("--baseline", type=float, default=0.6, help="value consistency before ablation (default 0.6)")
+    s.add_argument("--flip-rate", type=float, default=0.05,
+                   help="share of items flipping each way by chance (default 0.05)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(handler=cmd_stats)
     i = dsub.add_parser("import", help="convert a JSONL/CSV file into the story schema")
@@ -37,27 +50,33 @@ def cmd_validate(a: argparse.Namespace) -> int:
 
 
 def cmd_stats(a: argparse.Namespace) -> int:
-    st = story_stats(a.file)
+    st = story_stats(a.file, baseline=a.baseline, flip_rate=a.flip_rate)
     if a.json:
         print(json.dumps(st, ensure_ascii=False, indent=1))
         return 0
     t = Table(title=f"{a.file}: {st['items']} items")
-    t.add_column("value")
-    cols = [(lang, sp) for sp in st["splits"] for lang in st["langs"]]
-    for lang, sp in cols:
-        t.add_column(f"{sp}\n{lang}", justify="right")
-    cell = {(c["value"], c["lang"], c["split"]): c["n"] for c in st["counts"]}
-    for v in st["values"]:
-        t.add_row(v, *[str(cell.get((v, lang, sp), 0)) for lang, sp in cols])
-    t.add_row("[bold]total", *[str(sum(cell.get((v, lang, sp), 0) for v in st["values"])) for lang, sp in cols])
+    short = {"activation": "act.", "evaluation": "eval."}
+    for col in ("value", "lang", *(short.get(sp, sp) for sp in st["splits"]), "settings", "length s/a/v"):
+        t.add_column(col, justify="left" if col in ("value", "lang", "settings") else "right")
+    for c in st["cells"]:
+        tags = c["settings"]
+        top, n_top = next(iter(tags.items()))
+        spread = "untagged" if list(tags) == ["-"] else f"{len(tags)} tags, top {top} {n_top}"
+        t.add_row(c["value"], c["lang"], *[str(c.get(sp, 0)) for sp in st["splits"]], spread,
+                  f"{c['mean_story']:.0f}/{c['mean_aligned']:.0f}/{c['mean_violating']:.0f}")
     console.print(t)
-    lt = Table(title="story length")
-    for c in ("lang", "unit", "min", "median", "mean", "max"):
-        lt.add_column(c)
-    for lang, d in st["story_length"].items():
-        lt.add_row(lang, d["unit"], str(d["min"]), f"{d['median']:.0f}", f"{d['mean']:.1f}", str(d["max"]))
-    console.print(lt)
-    console.print(f"aligned action longer than violating in {st['aligned_longer_share']:.0%} of items")
+    console.print("length s/a/v: mean story / aligned / violating length, characters (zh) or words (others); "
+                  f"aligned action longer than violating in {st['aligned_longer_share']:.0%} of items", highlight=False)
+    pw = st["power"]
+    p = Table(title=f"smallest detectable drop of value consistency from a baseline of {pw['baseline']:.2f} "
+                    f"(exact McNemar, alpha {pw['alpha']}, power {pw['power']:.0%}, chance flips {pw['flip_rate']:.0%} "
+                    "each way)")
+    for col in ("value", "lang", "evaluation items", "detectable drop"):
+        p.add_column(col, justify="right" if col in ("evaluation items", "detectable drop") else "left")
+    for r in pw["rows"]:
+        d = r["detectable_drop"]
+        p.add_row(r["value"], r["lang"], str(r["n"]), "not detectable" if d is None else f"{d * 100:.1f} points")
+    console.print(p)
     return 0
 
 
