@@ -6,11 +6,16 @@ import collections
 import itertools
 import json
 import re
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import sparse
 
 from vstore.cli import main
 from vstore.data import (
+    SETTINGS,
     bundled_stories,
     bundled_values,
     join_text,
@@ -19,7 +24,11 @@ from vstore.data import (
     sample_stories,
 )
 from vstore.datatools import import_stories, parse_mapping, story_stats
-from vstore.errors import DataError
+from vstore.errors import DataError, UsageError
+from vstore.inference import detectable_drop, mcnemar_power
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import check_stories
 
 KEYS = ["prosperity", "democracy", "civility", "harmony", "freedom", "equality", "justice", "rule_of_law",
         "patriotism", "dedication", "integrity", "friendliness"]
@@ -34,6 +43,10 @@ def _stem(i: str) -> str:
     return re.sub(r"-(zh|en)$", "", i)
 
 
+def test_settings_vocabulary_is_one():
+    assert check_stories.SETTINGS is SETTINGS
+
+
 def test_values_json_has_the_twelve_values():
     vals = bundled_values()
     assert [v["key"] for v in vals] == KEYS
@@ -45,8 +58,8 @@ def test_counts_per_value_language_split(bundled):
     count = collections.Counter((s.value, s.lang, s.split) for s in bundled)
     for key in KEYS:
         for lang in ("zh", "en"):
-            assert count[(key, lang, "activation")] >= 40, (key, lang)
-            assert count[(key, lang, "evaluation")] >= 25, (key, lang)
+            assert count[(key, lang, "activation")] >= 100, (key, lang)
+            assert count[(key, lang, "evaluation")] >= 100, (key, lang)
     assert {s.value for s in bundled} == set(KEYS)
 
 
@@ -102,6 +115,87 @@ def test_no_near_duplicates_within_value_and_language(bundled):
     assert worst[0] < 0.5, worst
 
 
+def test_settings_are_tagged_and_spread(bundled):
+    cells: dict[tuple[str, str, str], collections.Counter] = collections.defaultdict(collections.Counter)
+    for s in bundled:
+        assert s.setting in SETTINGS, (s.id, s.setting)
+        cells[(s.value, s.lang, s.split)][s.setting] += 1
+    for cell, c in cells.items():
+        total = sum(c.values())
+        assert len(c) >= check_stories.MIN_SETTINGS, (cell, dict(c))
+        assert max(c.values()) / total <= check_stories.MAX_SETTING_SHARE, (cell, dict(c))
+
+
+def test_length_balance_per_value_and_language(bundled):
+    for key in KEYS:
+        for lang in ("zh", "en"):
+            sub = [s for s in bundled if s.value == key and s.lang == lang]
+            ratio = sum(len(s.aligned) for s in sub) / sum(len(s.violating) for s in sub)
+            assert 0.85 <= ratio <= 1.15, (key, lang, ratio)
+
+
+def test_parallel_items_are_translations_in_length(bundled):
+    by_stem = collections.defaultdict(dict)
+    for s in bundled:
+        by_stem[_stem(s.id)][s.lang] = s
+    for stem, p in by_stem.items():
+        zh, en = p["zh"], p["en"]
+        assert zh.setting == en.setting, stem
+        for field, (lo, hi) in (("story", check_stories.STORY_RATIO), ("aligned", check_stories.ACTION_RATIO),
+                                ("violating", check_stories.ACTION_RATIO)):
+            r = len(getattr(en, field)) / len(getattr(zh, field))
+            assert lo <= r <= hi, (stem, field, round(r, 2))
+
+
+def _jaccard_matrix(texts: list[str]) -> np.ndarray:
+    """5-gram Jaccard of every pair of texts (dense, from a sparse text x gram incidence matrix)."""
+    vocab: dict[str, int] = {}
+    rows, cols = [], []
+    for i, t in enumerate(texts):
+        for g in _grams(t):
+            rows.append(i)
+            cols.append(vocab.setdefault(g, len(vocab)))
+    x = sparse.csr_matrix((np.ones(len(rows), np.int32), (rows, cols)), shape=(len(texts), len(vocab)))
+    inter = (x @ x.T).toarray().astype(np.float64)
+    size = np.diag(inter)
+    return inter / (size[:, None] + size[None, :] - inter)
+
+
+def test_jaccard_matrix_matches_sets() -> None:
+    texts = ["the cat sat on the mat", "the cat sat on a mat", "完全不同的一句话", "the cat sat on the mat"]
+    j = _jaccard_matrix(texts)
+    for a, b in itertools.combinations(range(len(texts)), 2):
+        ga, gb = _grams(texts[a]), _grams(texts[b])
+        assert j[a, b] == pytest.approx(len(ga & gb) / len(ga | gb))
+
+
+def test_no_near_duplicates_across_the_benchmark(bundled):
+    for lang in ("zh", "en"):
+        sub = [s for s in bundled if s.lang == lang]
+        j = _jaccard_matrix([s.story for s in sub])
+        np.fill_diagonal(j, 0.0)
+        a, b = np.unravel_index(int(np.argmax(j)), j.shape)
+        assert j[a, b] < 0.5, (sub[a].id, sub[b].id, float(j[a, b]))
+
+
+def test_power_of_the_exact_mcnemar_test() -> None:
+    from scipy.stats import binomtest
+
+    rng = np.random.default_rng(7)
+    n, drop, flip, reps = 60, 0.15, 0.05, 3000
+    hits = 0
+    for _ in range(reps):
+        b, c, _rest = rng.multinomial(n, [drop + flip, flip, 1 - drop - 2 * flip])
+        hits += (1.0 if b + c == 0 else binomtest(int(b), int(b + c), 0.5).pvalue) < 0.05
+    exact = mcnemar_power(n, drop, flip_rate=flip)
+    assert abs(hits / reps - exact) < 4 * np.sqrt(exact * (1 - exact) / reps)
+    assert mcnemar_power(n, 0.0, flip_rate=0.0) == 0.0
+    d50, d200 = detectable_drop(50, 0.6), detectable_drop(200, 0.6)
+    assert d50 is not None and d200 is not None and d200 < d50
+    assert mcnemar_power(50, d50) >= 0.8 > mcnemar_power(50, d50 - 0.005)
+    assert detectable_drop(4, 0.6) is None  # four items can never reach p < 0.05
+
+
 def test_evaluation_stories_differ_from_activation_stories(bundled):
     for key in KEYS:
         for lang in ("zh", "en"):
@@ -155,6 +249,15 @@ def test_cli_validate_stats_import(tmp_path, capsys):
     assert len(st["values"]) == 12 and st["langs"] == ["en", "zh"]
     assert story_stats(sample_stories())["items"] == st["items"]
     assert main(["data", "stats", str(sample_stories())]) == 0
+    assert "smallest detectable drop" in capsys.readouterr().out
+    assert main(["data", "stats", str(sample_stories()), "--baseline", "1.5"]) == 2
+    assert "--baseline" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="baseline"):
+        story_stats(sample_stories(), baseline=0.0)
+    st = story_stats(sample_stories(), baseline=0.7)
+    overall = st["power"]["rows"][-1]
+    assert (overall["value"], overall["lang"], overall["n"]) == ("*", "*", 48)
+    assert overall["detectable_drop"] == detectable_drop(48, 0.7)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a"}\n')
     assert main(["data", "validate", str(bad)]) == 2

@@ -293,18 +293,18 @@ def load_examples(
     if texts is not None:
         bad = [t for t in texts if t not in TEXT_KINDS]
         if bad or not texts:
-            raise DataError(f"--texts takes a comma-separated subset of {list(TEXT_KINDS)}, got {list(texts)}")
+            raise DataError(f"texts takes a subset of {list(TEXT_KINDS)}, got {list(texts)}")
     if p.suffix == ".txt":
         if not p.exists():
             raise DataError(f"{p}: no such file")
         if texts is not None:
-            raise DataError(f"{p}: --texts needs a story file (plain text has no actions)")
+            raise DataError(f"{p}: texts needs a story file (plain text has no actions)")
         out = _load_txt(p)[: limit if limit else None]
         return [Example(e.id, e.text, {**e.labels, **extra}) for e in out]
     stories = load_stories(p)
     if split is not None:
         if split not in SPLITS:
-            raise DataError(f"--split must be one of {list(SPLITS)}, got {split!r}")
+            raise DataError(f"split must be one of {list(SPLITS)}, got {split!r}")
         stories = [s for s in stories if s.split == split]
         if not stories:
             raise DataError(f"{p}: no stories of split {split!r}")

@@ -72,7 +72,7 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
 
 
 class StoreExistsError(StoreError, FileExistsError):
-    """A complete store exists and --overwrite was not given."""
+    """A complete store exists and overwriting it was not asked for."""
 
 
 class DiskSpaceError(VstoreError, OSError):

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .data import Story, join_text
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, UsageError
 from .lm import CausalLM, Encoder, batches, common_prefix, left_padded, right_padded
 
 __all__ = [
@@ -241,7 +241,7 @@ def score_choice(
     import torch
 
     if not orders or any(o not in ("AB", "BA") for o in orders):
-        raise ValueError(f"orders must be a non-empty sequence of 'AB'/'BA', got {list(orders)}")
+        raise UsageError(f"orders must be a non-empty sequence of 'AB'/'BA', got {list(orders)}", "orders")
     lm, enc = CausalLM(model), Encoder(tokenizer)
     letters = {x: _letter_ids(tokenizer, x) for x in "AB"}
     if set(letters["A"]) & set(letters["B"]):
@@ -291,7 +291,7 @@ def score_items(
         return score_ll(model, tokenizer, stories, batch_size=batch_size, progress=progress)
     if scorer == "choice":
         return score_choice(model, tokenizer, stories, batch_size=batch_size, progress=progress)
-    raise ValueError(f"unknown scorer {scorer!r}; use one of {list(SCORERS)}")
+    raise UsageError(f"unknown scorer {scorer!r}; use one of {list(SCORERS)}", "scorer")
 
 
 # ----------------------------------------------------------------------------------------------

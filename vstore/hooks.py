@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .errors import UsageError
 from .models import capture_modules
 
 __all__ = ["Capture", "Edit", "StopForward", "run_until_stop"]
@@ -143,9 +144,9 @@ class Edit(_Hooks):
     ) -> None:
         super().__init__()
         if mode not in ("zero", "mean", "scale"):
-            raise ValueError(f"unknown ablation mode {mode!r}; use zero, mean or scale:F")
+            raise UsageError(f"unknown ablation mode {mode!r}; use zero, mean or scale:F", "mode")
         if mode == "mean" and means is None:
-            raise ValueError("mode 'mean' needs per-neuron means")
+            raise UsageError("mode 'mean' needs per-neuron means", "mode", "means")
         layers = sorted(k for k, v in neurons.items() if len(v))
         if not layers:
             return

@@ -311,7 +311,7 @@ def decoder_layers(model: Any, architecture: str | None = None) -> list[Any]:
             return list(_get(model, path))
         except (AttributeError, IndexError, TypeError):
             continue
-    raise LookupError(f"{type(model).__name__}: no decoder layers at any of {list(spec.layers)}")
+    raise UnsupportedArchitectureError(f"{type(model).__name__}: no decoder layers at any of {list(spec.layers)}")
 
 
 def _n_neurons(layer: Any, arch: str) -> int:

@@ -98,7 +98,7 @@ class Store:
         p = Path(path)
         if p.exists() and any(p.iterdir()):
             if not overwrite:
-                raise StoreExistsError(f"{p} exists; pass --overwrite to replace it")
+                raise StoreExistsError(f"{p} exists; pass overwrite to replace it")
             if not is_store(p):
                 raise StoreError(f"{p} exists and is not a vstore store; refusing to delete it")
             shutil.rmtree(p)
