@@ -73,3 +73,14 @@ def test_imports_only_go_down() -> None:
 def test_rank_docs_list_every_method() -> None:
     text = (ROOT / "docs" / "rank.md").read_text(encoding="utf-8")
     assert [m for m in METHODS if f"`{m}`" not in text] == []
+
+
+def test_only_the_command_line_draws() -> None:
+    drawing = []
+    for path in sorted(PKG.rglob("*.py")):
+        if _top(path) == "cli":
+            continue
+        text = path.read_text(encoding="utf-8")
+        if re.search(r"^\s*(from rich|import rich)", text, re.M) or "VSTORE_NO_PROGRESS" in text:
+            drawing.append(str(path.relative_to(ROOT)))
+    assert drawing == []

@@ -248,3 +248,17 @@ def test_dask_local_cluster_matches_one_pass(tmp_path: Path) -> None:
     np.testing.assert_allclose(dist.sum, one.sum, rtol=1e-12)
     np.testing.assert_allclose(dist.sumsq, one.sumsq, rtol=1e-12)
     assert dist.chunks_read == one.chunks_read
+
+
+def test_read_only_store_is_never_written_through(tmp_path: Path) -> None:
+    from vstore.store import write_cached
+
+    synth(tmp_path / "s")
+    ro = Store(tmp_path / "s", mode="r")
+    st = compute_stats(ro, "value")
+    assert not st.from_cache and Store(tmp_path / "s").stats_keys() == []  # computed, not cached
+    with pytest.raises(StoreError, match="read-only"):
+        write_cached(ro, "x", {"count": np.zeros(1)}, {"kind": "moments", "spec": {}})
+    compute_stats(tmp_path / "s", "value")  # a path is opened for writing when it will cache
+    assert len(Store(tmp_path / "s").stats_keys()) == 1
+    assert compute_stats(ro, "value").from_cache  # and a read-only store reads the cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -775,3 +776,16 @@ def test_direct_chunk_writes_equal_zarr_writes(tmp_path):
     assert len(files) == 6  # 2 layers x 3 chunks of 4 rows
     for f in files:
         assert (paths["direct"] / f).read_bytes() == (paths["zarr"] / f).read_bytes(), f
+
+
+def test_golden_store_ranks_as_it_always_did(golden: Path, tmp_path: Path) -> None:
+    from vstore.rank import rank_store
+
+    want = json.loads((GOLDEN.parent / "store-v1-ranks.json").read_text(encoding="utf-8"))
+    copy = tmp_path / "g"
+    shutil.copytree(golden, copy)
+    for method, rec in want["ranks"].items():
+        got = rank_store(copy, want["by"], method, use_cache=False, **rec["kw"])
+        assert {g: [[it["layer"], it["neuron"], it["score"]] for it in items] for g, items in got.groups.items()} \
+            == rec["groups"], method
+    rank_store(golden, want["by"], "welch-t", top_k=2, use_cache=False)  # ranking without the cache writes nothing
