@@ -29,7 +29,7 @@ from ._version import __version__
 from .ablation_result import RESULT_FORMAT, EvalItems, LayerNeurons
 from .atomic import write_json_atomic
 from .data import file_sha256, load_examples, load_stories
-from .errors import DataError, StoreError, UsageError
+from .errors import DataError, OutputError, StoreError, UsageError
 from .evaluate import SCORERS, score_items, text_nll
 from .inference import json_safe
 from .models import LoadedModel, ModelIdentity
@@ -103,6 +103,8 @@ def _means_from_store(store: str | Path, identity: ModelIdentity, site: str, lay
 
 
 def _load_previous(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    if (out.exists() or out.is_symlink()) and not (out.is_file() and not out.is_symlink()):
+        raise OutputError(f"{out} is not a regular file; the result is written only to a file (choose another out)")
     if overwrite or not out.exists():
         return None
     try:
@@ -175,7 +177,7 @@ class _Run:
         return entry
 
 
-def _check_arguments(metric: str, scorer: str, controls: int, batch_size: int, mode: str,
+def _check_arguments(metric: str, scorer: str, controls: int, batch_size: int, limit: int | None, mode: str,
                      store: str | Path | None) -> tuple[str, float]:
     if metric not in METRICS:
         raise UsageError(f"unknown metric {metric!r}; use one of {list(METRICS)}", "metric")
@@ -185,6 +187,8 @@ def _check_arguments(metric: str, scorer: str, controls: int, batch_size: int, m
         raise UsageError(f"controls must be >= 0, got {controls}", "controls")
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}", "batch_size")
+    if limit is not None and limit < 1:
+        raise UsageError(f"limit must be >= 1 (None: every item), got {limit}", "limit")
     mode_name, factor = parse_mode(mode)
     if mode_name == "mean" and store is None:
         raise UsageError("mode mean needs store (the neurons' means come from its statistics)", "mode", "store")
@@ -304,7 +308,7 @@ def run_ablation(
     from .models import load_model
 
     note = on_note or note_to_stderr
-    mode_name, factor = _check_arguments(metric, scorer, controls, batch_size, mode, store)
+    mode_name, factor = _check_arguments(metric, scorer, controls, batch_size, limit, mode, store)
     ns = NeuronSet.load(neurons).require_model()
     sets = ns.select(groups)
     items = load_eval_items(data, split, metric, limit)

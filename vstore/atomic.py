@@ -12,10 +12,13 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from .errors import OutputError
 
 __all__ = ["PARTIAL_SUFFIX", "atomic_path", "write_atomic", "write_json_atomic"]
 
@@ -28,6 +31,21 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _kind(path: Path) -> str:
+    mode = path.lstat().st_mode
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISREG(mode):
+        return "a file"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
 
 
 @contextlib.contextmanager
@@ -46,8 +64,21 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
     ------
     Path
         ``.<name>.<pid>.<random>.partial`` in the target's folder; nothing exists there yet.
+
+    Raises
+    ------
+    OutputError
+        The target exists and is not what is written there (a folder, device, FIFO, socket or
+        symbolic link where a file goes, or a file where a folder goes): it is never replaced.
     """
     target = Path(path)
+    if target.exists() or target.is_symlink():
+        kind = _kind(target)
+        if kind != ("a folder" if directory else "a file"):
+            raise OutputError(f"{target} is {kind}; vstore writes only {'folders' if directory else 'regular files'} "
+                              "there (choose another path)")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise OutputError(f"{target.parent} is not a folder; cannot write {target.name} in it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:

@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__
 from .capture import POOLINGS, estimate_rows, stream_part
 from .data import Example, file_sha256, load_examples
-from .errors import DiskSpaceError, StoreError, StoreExistsError, UsageError
+from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError
 from .models import DEFAULT_MODEL, SITES, LoadedModel, ModelIdentity, load_model
 from .progress import Note, Progress, note_to_stderr, task
 from .store import DTYPES, ITEMSIZE, PartWriter, Store, chunk_rows_for, dtype_spec, is_store
@@ -93,8 +93,8 @@ def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str
         )
 
 
-def _check_arguments(pool: str, dtype: str, site: str, batch_size: int, max_length: int, append: bool,
-                     overwrite: bool) -> None:
+def _check_arguments(pool: str, dtype: str, site: str, batch_size: int, max_length: int, limit: int | None,
+                     append: bool, overwrite: bool) -> None:
     if pool not in POOLINGS:
         raise UsageError(f"pool must be one of {list(POOLINGS)}, got {pool!r}", "pool")
     dtype_spec(dtype)
@@ -102,12 +102,16 @@ def _check_arguments(pool: str, dtype: str, site: str, batch_size: int, max_leng
         raise UsageError(f"site must be one of {list(SITES)}, got {site!r}", "site")
     if batch_size < 1 or max_length < 1:
         raise UsageError("batch_size and max_length must be positive", "batch_size", "max_length")
+    if limit is not None and limit < 1:
+        raise UsageError(f"limit must be >= 1 (None: every item), got {limit}", "limit")
     if append and overwrite:
         raise UsageError("append and overwrite cannot be combined", "append", "overwrite")
 
 
 def _existing(out: Path, *, append: bool, overwrite: bool, resume: bool) -> Store | None:
     """The store at ``out`` to resume or append to (None: create one), or a refusal; before any model load."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder; a store is a folder (choose another out)")
     existing = Store(out, mode="r+") if is_store(out) else None
     if existing is None and out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
         raise StoreExistsError(f"{out} exists and is not a vstore store; choose another out")
@@ -242,7 +246,7 @@ def build_store(
     t_start = time.perf_counter()
     out = Path(out)
     note = on_note or note_to_stderr
-    _check_arguments(pool, dtype, site, batch_size, max_length, append, overwrite)
+    _check_arguments(pool, dtype, site, batch_size, max_length, limit, append, overwrite)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
     existing = _existing(out, append=append, overwrite=overwrite, resume=resume)

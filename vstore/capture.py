@@ -10,6 +10,8 @@ part while the model runs the next batch.
 
 from __future__ import annotations
 
+import errno
+import os
 import queue
 import threading
 import time
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .data import Example
+from .errors import DiskSpaceError
 from .progress import Task
 from .store import DTYPES, PartWriter
 
@@ -57,10 +60,12 @@ class WriterThread(threading.Thread):
 
     def run(self) -> None:
         last = time.monotonic()
+        ended = False  # the producer's end marker arrived: nothing more will be queued
         try:
             while True:
                 item = self.q.get()
                 if item is None:
+                    ended = True
                     self.writer.flush()
                     return
                 host, example, position, token, done, event = item
@@ -75,7 +80,7 @@ class WriterThread(threading.Thread):
                     last = time.monotonic()
         except BaseException as e:  # surfaced by the producer
             self.error = e
-            while self.q.get() is not None:  # keep draining so the producer never blocks on a dead writer
+            while not ended and self.q.get() is not None:  # drain, so the producer never blocks on a dead writer
                 pass
 
 
@@ -197,5 +202,19 @@ def stream_part(
         q.put(None)
         wthread.join()
     if wthread.error is not None:
-        raise wthread.error
+        err = _write_error(wthread.error, writer)
+        if err is wthread.error:
+            raise err
+        raise err from wthread.error
     return StreamResult(tokens_seen, overflow)
+
+
+def _write_error(error: BaseException, writer: PartWriter) -> BaseException:
+    """A full disk or a file-size limit as one clear :class:`DiskSpaceError`; anything else as it is."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return DiskSpaceError(
+            f"writing {writer.store.path} failed: {os.strerror(error.errno or 0).lower()} ({error.filename or 'store'}); "
+            f"{writer.committed_examples} examples of part {writer.part} are committed and kept: free space and run "
+            "the same build again to resume"
+        )
+    return error

@@ -11,6 +11,7 @@ __all__ = [
     "ModelError",
     "NativeExtensionError",
     "NeuronSetError",
+    "OutputError",
     "StoreError",
     "StoreExistsError",
     "StoreNotFoundError",
@@ -76,7 +77,11 @@ class StoreExistsError(StoreError, FileExistsError):
 
 
 class DiskSpaceError(VstoreError, OSError):
-    """The estimated store size does not fit on the disk."""
+    """The store does not fit on the disk (estimated before a build, or met while writing)."""
+
+
+class OutputError(VstoreError, OSError):
+    """An output path that vstore will not write: a directory, device, FIFO or socket where a file goes."""
 
 
 class NeuronSetError(VstoreError, ValueError):

@@ -346,6 +346,9 @@ def rank_store(
         An unknown label column/value, a malformed reference set, a store without rows.
     """
     t0 = time.perf_counter()
+    if out is not None and Path(out).suffix.lower() == ".npz":
+        raise UsageError(f"out: {out} would be overwritten by the scores, which go to <out>.npz beside the "
+                         "neuron set; give the neuron set a .json name", "out")
     con = normalise_contrast(contrast)
     sel = Selection(top_k=top_k, per_layer_k=per_layer_k, top_rate=top_rate, threshold=threshold, by_abs=by_abs)
     req = _request(method, sel, contrast=con, neurons=neurons, split_half=split_half, filter_rate=filter_rate,

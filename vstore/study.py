@@ -22,6 +22,7 @@ from .ablate import run_ablation
 from .atomic import write_json_atomic
 from .build import build_store
 from .data import bundled_stories, sample_stories
+from .errors import OutputError
 from .models import DEFAULT_MODEL, load_model
 from .progress import Note, Progress
 from .rank import RankResult, rank_store, write_rank_result
@@ -75,6 +76,8 @@ def run_study(
         The summary also written to ``summary.json``.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder; the study writes a folder (choose another out)")
     out.mkdir(parents=True, exist_ok=True)
     data_path = Path(data) if data is not None else (sample_stories() if quick else bundled_stories())
     n_controls = controls if controls is not None else (1 if quick else 3)

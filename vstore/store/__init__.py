@@ -15,7 +15,7 @@ The format is documented in ``docs/store-format.md``; it stays readable by plain
 """
 
 from ._cache import clear_cache, read_cached, write_cached
-from ._chunks import ChunkReader, crc32c, direct_chunk_layout, write_chunk_file
+from ._chunks import ChunkReader, chunk_file, crc32c, direct_chunk_layout, write_chunk_file
 from ._format import (
     DTYPES,
     FORMAT_NAME,
@@ -41,6 +41,7 @@ __all__ = [
     "PartInfo",
     "PartWriter",
     "Store",
+    "chunk_file",
     "chunk_rows_for",
     "clear_cache",
     "codecs_for",

@@ -57,7 +57,7 @@ def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: d
         raise StoreError(f"{store.path} is open read-only; open it with mode 'r+' to cache statistics")
     base = store.path / "stats"
     try:
-        store.group.require_group("stats")
+        _require_stats_group(store)
         with atomic_path(base / key, directory=True) as tmp:
             g: Any = zarr.open_group(str(tmp), mode="w")
             for name, arr in arrays.items():
@@ -71,6 +71,15 @@ def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: d
         return True
     except OSError:  # a full or read-only disk: rank without caching
         return False
+
+
+def _require_stats_group(store: Store) -> None:
+    """``stats/``, created if missing; another process creating it at the same moment is fine."""
+    try:
+        store.group.require_group("stats")
+    except Exception:  # zarr's ContainsGroupError when a concurrent writer won the race
+        if not (store.path / "stats" / "zarr.json").exists():
+            raise
 
 
 def _drop_stale(base: Path, key: str, attrs: dict[str, Any]) -> None:

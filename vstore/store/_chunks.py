@@ -20,7 +20,7 @@ import zarr
 from ..atomic import atomic_path
 from ..errors import StoreError
 
-__all__ = ["ChunkReader", "crc32c", "direct_chunk_layout", "write_chunk_file"]
+__all__ = ["ChunkReader", "chunk_file", "crc32c", "direct_chunk_layout", "write_chunk_file"]
 
 Layout = tuple[Path, Callable[[tuple[int, ...]], str], bool]
 
@@ -65,6 +65,19 @@ def direct_chunk_layout(arr: zarr.Array) -> Layout | None:
         return None
 
 
+def chunk_file(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
+    """The file holding chunk ``coords`` of an array on a local file system (whatever its codecs), else None."""
+    try:
+        from zarr.storage import LocalStore
+
+        sp = arr.store_path
+        if not isinstance(sp.store, LocalStore):
+            return None
+        return Path(sp.store.root) / sp.path / arr.metadata.chunk_key_encoding.encode_chunk_key(coords)  # type: ignore[union-attr]
+    except Exception:  # a layout we do not recognise
+        return None
+
+
 def write_chunk_file(layout: Layout, coords: tuple[int, ...], block: np.ndarray) -> None:
     """Write one whole chunk (its raw bytes, then the checksum if the layout has one), atomically."""
     root, encode, crc = layout
@@ -94,13 +107,26 @@ class ChunkReader:
         self.chunk_bytes = self.chunk_rows * self.n_neurons * self.dtype.itemsize
 
     def read(self, layer: int, r0: int, r1: int) -> np.ndarray:
-        """Rows ``r0:r1`` of layer position ``layer`` (raw storage dtype, C order; may be read-only)."""
+        """Committed rows ``r0:r1`` of layer position ``layer`` (raw storage dtype, C order; may be read-only).
+
+        Raises
+        ------
+        StoreError
+            A chunk of these rows is missing, truncated or fails its checksum (never read as zeros).
+        """
         n = r1 - r0
         if self.direct is not None and r0 % self.chunk_rows == 0 and n <= self.chunk_rows:
-            block = self._read_direct(layer, r0 // self.chunk_rows, n)
-            if block is not None:
-                return block
-        return np.ascontiguousarray(np.asarray(self.arr[layer, r0:r1]))
+            return self._read_direct(layer, r0 // self.chunk_rows, n)
+        for c in range(r0 // self.chunk_rows, (r1 - 1) // self.chunk_rows + 1 if n > 0 else 0):
+            f = chunk_file(self.arr, (layer, c, 0))
+            if f is not None and not f.exists():
+                raise StoreError(f"{f}: missing chunk: its rows are committed but the file is gone "
+                                 "(run `vstore verify` on the store)")
+        try:
+            return np.ascontiguousarray(np.asarray(self.arr[layer, r0:r1]))
+        except (ValueError, RuntimeError, OSError) as e:  # zarr's codecs: a bad checksum, a truncated chunk
+            raise StoreError(f"{self.arr.store_path}: rows {r0}:{r1} of layer position {layer} cannot be read: {e} "
+                             "(the chunk is corrupt; run `vstore verify` on the store)") from None
 
     def advise(self, layer: int, r0: int) -> None:
         """Ask the OS to start reading the chunk holding row ``r0`` (``POSIX_FADV_WILLNEED``)."""
@@ -118,22 +144,25 @@ class ChunkReader:
         finally:
             os.close(fd)
 
-    def _read_direct(self, layer: int, chunk: int, n: int) -> np.ndarray | None:
+    def _read_direct(self, layer: int, chunk: int, n: int) -> np.ndarray:
         assert self.direct is not None
+        if self.chunk_bytes == 0:  # no neurons: nothing to map
+            return np.zeros((n, self.n_neurons), dtype=self.dtype)
         root, encode, crc = self.direct
         path = root / encode((layer, chunk, 0))
         want = self.chunk_bytes + (4 if crc else 0)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            return None  # an unwritten chunk: zarr fills it in
+            raise StoreError(f"{path}: missing chunk: its rows are committed but the file is gone "
+                             "(run `vstore verify` on the store)") from None
         try:
-            if os.fstat(fd).st_size != want:
-                return None
+            size = os.fstat(fd).st_size
+            if size != want:
+                raise StoreError(f"{path}: truncated or padded chunk: {size} bytes, expected {want} "
+                                 "(the chunk is corrupt; run `vstore verify` on the store)")
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             mm = mmap.mmap(fd, want, flags=flags, prot=mmap.PROT_READ)
-        except (OSError, ValueError):
-            return None
         finally:
             os.close(fd)
         if crc and self.verify:

@@ -1,0 +1,166 @@
+"""Damage is never read as data: `vstore verify`, missing and corrupt chunks in rank, a full disk in build."""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from make_synthetic_store import make_synthetic_store
+
+from vstore.cli import main
+from vstore.errors import DiskSpaceError, StoreError
+from vstore.rank import rank_store
+from vstore.stats import compute_stats
+from vstore.verify import verify_store
+
+
+def synth(path: Path, **kw: object) -> Path:
+    args = dict(n_layers=2, n_neurons=32, n_examples=40, rows_per_example=(3, 9), groups=3, planted=2, effect=3.0,
+                dtype="float16", seed=3, chunk_rows=64)
+    args.update(kw)
+    make_synthetic_store(path, **args)  # type: ignore[arg-type]
+    return path
+
+
+def chunk_files(store: Path) -> list[Path]:
+    return sorted(p for p in (store / "parts" / "0000" / "acts" / "c").rglob("*") if p.is_file())
+
+
+def test_a_whole_store_verifies(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    s = synth(tmp_path / "s")
+    rep = verify_store(s)
+    assert rep.ok and rep.chunks == len(chunk_files(s)) and rep.bytes > 0
+    assert main(["verify", str(s), "--no-progress"]) == 0
+    assert "whole" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_chunk_is_named_by_verify_and_refused_by_rank(tmp_path: Path, damage: str,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    s = synth(tmp_path / "s")
+    f = chunk_files(s)[1]
+    data = bytearray(f.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif damage == "truncate":
+        f.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        f.unlink()
+    rep = verify_store(s)
+    key = "/".join(f.relative_to(s / "parts" / "0000" / "acts" / "c").parts)
+    assert not rep.ok and len(rep.damage) == 1 and key in rep.damage[0].where, rep.damage
+    with pytest.raises(StoreError, match=r"corrupt|missing"):
+        compute_stats(s, "value", use_cache=False)  # never zeros
+    assert main(["rank", str(s), "--by", "value", "--method", "mean-diff", "--out", str(tmp_path / "n.json"),
+                 "--no-cache", "--no-progress"]) == 2
+    assert f.name in capsys.readouterr().err
+    assert main(["verify", str(s), "--no-progress"]) == 1
+    assert key in capsys.readouterr().out.replace("\n", "")
+
+
+def test_missing_chunk_of_a_compressed_store_is_damage(tmp_path: Path) -> None:
+    s = synth(tmp_path / "z", compressor="zstd-1")
+    f = chunk_files(s)[0]
+    f.unlink()
+    with pytest.raises(StoreError, match="missing chunk"):
+        compute_stats(s, "value", use_cache=False)
+    assert not verify_store(s).ok
+
+
+def test_partial_files_are_listed_and_removed(tmp_path: Path) -> None:
+    s = synth(tmp_path / "s")
+    left = s / "parts" / "0000" / "acts" / "c" / ".0.123.abcd1234.partial"
+    left.write_bytes(b"x" * 100)
+    rep = verify_store(s)
+    assert rep.ok and rep.partial_files == [str(left.relative_to(s))] and left.exists()
+    rep = verify_store(s, fix_partial=True)
+    assert rep.removed == rep.partial_files and not left.exists()
+
+
+def test_bad_root_metadata_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    s = synth(tmp_path / "s")
+    meta = s / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["attributes"]["vstore"]["format_version"] = "1"
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match=r"format_version is .1..*integer 1"):
+        verify_store(s)
+    meta.write_text(meta.read_text()[:40])
+    assert main(["verify", str(s)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_full_disk_ends_the_build_with_one_clear_error(tiny_model: Path, stories: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that fails in its final flush must not leave the build waiting forever."""
+    import vstore.store._writer as writer_mod
+    from vstore.build import build_store
+
+    calls = {"n": 0}
+
+    def full(*a: object, **k: object) -> None:
+        calls["n"] += 1
+        raise OSError(errno.ENOSPC, "No space left on device", "chunk")
+
+    monkeypatch.setattr(writer_mod, "write_chunk_file", full)
+    result: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            build_store(tmp_path / "s", model=str(tiny_model), data=stories, dtype="float32")
+        except BaseException as e:  # recorded for the assertions below
+            result["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the build hung on a full disk"
+    assert isinstance(result.get("error"), DiskSpaceError), result
+    assert "no space left on device" in str(result["error"]) and "resume" in str(result["error"])
+    assert calls["n"] >= 1 and not list((tmp_path / "s").rglob("*.partial"))
+    monkeypatch.undo()
+    build_store(tmp_path / "s", model=str(tiny_model), data=stories, dtype="float32")  # space again: it resumes
+    assert verify_store(tmp_path / "s").ok
+
+
+def test_rank_names_the_store_it_cannot_read(tmp_path: Path) -> None:
+    s = synth(tmp_path / "s")
+    chunk_files(s)[0].unlink()
+    with pytest.raises(StoreError, match="missing chunk"):
+        rank_store(s, "value", "welch-t", top_k=2, use_cache=False)
+
+
+def test_outputs_go_only_to_regular_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import os
+
+    from vstore.atomic import write_json_atomic
+    from vstore.errors import OutputError
+
+    s = synth(tmp_path / "s")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for target in (fifo, folder):
+        with pytest.raises(OutputError, match="vstore writes only regular files"):
+            write_json_atomic(target, {"a": 1})
+        assert main(["rank", str(s), "--by", "value", "--method", "welch-t", "--out", str(target), "--no-progress"]) == 2
+    assert fifo.exists() and folder.is_dir() and not list(folder.iterdir())  # neither replaced nor written into
+    assert main(["rank", str(s), "--by", "value", "--method", "welch-t", "--out", str(tmp_path / "n.npz")]) == 2
+    assert "--out" in capsys.readouterr().err and not (tmp_path / "n.npz").exists()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("keep me")
+    from vstore.data import sample_stories
+
+    assert main(["build", "--out", str(a_file), "--data", str(sample_stories()), "--no-progress"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["study", "--out", str(a_file), "--model", str(tmp_path / "nope")]) == 2
+    assert a_file.read_text() == "keep me"
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*partial"))
