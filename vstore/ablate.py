@@ -177,14 +177,16 @@ class _Run:
         return entry
 
 
-def _check_arguments(metric: str, scorer: str, controls: int, batch_size: int, limit: int | None, mode: str,
-                     store: str | Path | None) -> tuple[str, float]:
+def _check_arguments(metric: str, scorer: str, controls: int, seed: int, batch_size: int, limit: int | None,
+                     mode: str, store: str | Path | None) -> tuple[str, float]:
     if metric not in METRICS:
         raise UsageError(f"unknown metric {metric!r}; use one of {list(METRICS)}", "metric")
     if metric == "vc" and scorer not in SCORERS:
         raise UsageError(f"unknown scorer {scorer!r}; use one of {list(SCORERS)}", "scorer")
     if controls < 0:
         raise UsageError(f"controls must be >= 0, got {controls}", "controls")
+    if seed < 0:
+        raise UsageError(f"seed must be >= 0, got {seed}", "seed")
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}", "batch_size")
     if limit is not None and limit < 1:
@@ -308,7 +310,7 @@ def run_ablation(
     from .models import load_model
 
     note = on_note or note_to_stderr
-    mode_name, factor = _check_arguments(metric, scorer, controls, batch_size, limit, mode, store)
+    mode_name, factor = _check_arguments(metric, scorer, controls, seed, batch_size, limit, mode, store)
     ns = NeuronSet.load(neurons).require_model()
     sets = ns.select(groups)
     items = load_eval_items(data, split, metric, limit)

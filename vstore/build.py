@@ -22,7 +22,7 @@ from .data import Example, file_sha256, load_examples
 from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError
 from .models import DEFAULT_MODEL, SITES, LoadedModel, ModelIdentity, load_model
 from .progress import Note, Progress, note_to_stderr, task
-from .store import DTYPES, ITEMSIZE, PartWriter, Store, chunk_rows_for, dtype_spec, is_store
+from .store import DTYPES, ITEMSIZE, PartWriter, Store, chunk_rows_for, codecs_for, dtype_spec, is_store
 
 __all__ = ["POOLINGS", "BuildResult", "build_store", "parse_layers"]
 
@@ -94,7 +94,7 @@ def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str
 
 
 def _check_arguments(pool: str, dtype: str, site: str, batch_size: int, max_length: int, limit: int | None,
-                     append: bool, overwrite: bool) -> None:
+                     compressor: str, append: bool, overwrite: bool) -> None:
     if pool not in POOLINGS:
         raise UsageError(f"pool must be one of {list(POOLINGS)}, got {pool!r}", "pool")
     dtype_spec(dtype)
@@ -104,6 +104,7 @@ def _check_arguments(pool: str, dtype: str, site: str, batch_size: int, max_leng
         raise UsageError("batch_size and max_length must be positive", "batch_size", "max_length")
     if limit is not None and limit < 1:
         raise UsageError(f"limit must be >= 1 (None: every item), got {limit}", "limit")
+    codecs_for(compressor)  # before anything is written: a bad compressor must not leave a store behind
     if append and overwrite:
         raise UsageError("append and overwrite cannot be combined", "append", "overwrite")
 
@@ -153,6 +154,9 @@ def _open_part(out: Path, existing: Store | None, plan: _Plan, lm: LoadedModel, 
                compressor: str, pool: str, max_length: int) -> tuple[Store, str, int]:
     """The store and part to write, and the global index of the part's first example."""
     ident, examples = lm.identity, plan.examples
+    if existing is not None and not append and not existing.meta["parts"]:
+        existing = None  # created, then killed before its first part: it holds nothing, start it again
+        overwrite = True
     if existing is not None and not append:  # resume
         last = existing.meta["parts"][-1] if existing.meta["parts"] else None
         _check_same(existing, plan.meta, ident)
@@ -246,7 +250,7 @@ def build_store(
     t_start = time.perf_counter()
     out = Path(out)
     note = on_note or note_to_stderr
-    _check_arguments(pool, dtype, site, batch_size, max_length, limit, append, overwrite)
+    _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
     existing = _existing(out, append=append, overwrite=overwrite, resume=resume)
@@ -256,6 +260,8 @@ def build_store(
     layer_list = parse_layers(layers, ident.n_layers) if isinstance(layers, str) or layers is None else sorted(
         {int(i) % ident.n_layers for i in layers})
     layer_list = layer_list if layer_list is not None else list(range(ident.n_layers))
+    if not layer_list:
+        raise UsageError(f"layers {layers!r} selects no layer of the model's {ident.n_layers}", "layers")
     lm.tokenizer.padding_side = "right"
     dataset = {"paths": [str(data_path.resolve())], "sha256": file_sha256(data_path), "examples": len(examples),
                "split": split, "texts": list(texts) if texts else None, "labels": labels or {}, "limit": limit}

@@ -137,6 +137,11 @@ def _check_str(obj: dict[str, object], key: str, where: str, errors: list[str], 
     if required and not val.strip():
         errors.append(f"{where}: field {key!r} is empty")
         return None
+    try:
+        val.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (e.g. "\ud800" in the JSON): no tokenizer can read it
+        errors.append(f"{where}: field {key!r} holds a character that is not valid Unicode at position {e.start}")
+        return None
     return val
 
 

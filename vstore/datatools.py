@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from collections import Counter
@@ -99,12 +100,16 @@ def parse_mapping(spec: str) -> dict[str, str]:
 def _read_rows(src: Path) -> list[tuple[int, dict[str, Any]]]:
     if not src.exists():
         raise DataError(f"{src}: no such file")
+    try:
+        text = src.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        at = src.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{src}:{at}: not UTF-8 (byte {e.start}: {e.reason}); save the file as UTF-8") from None
     if src.suffix.lower() in (".csv", ".tsv"):
-        with open(src, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if src.suffix.lower() == ".tsv" else ",")
-            return [(n, dict(r)) for n, r in enumerate(reader, 2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if src.suffix.lower() == ".tsv" else ",")
+        return [(n, dict(r)) for n, r in enumerate(reader, 2)]
     rows = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

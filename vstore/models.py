@@ -255,6 +255,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_device(device)
     hf_logging.disable_progress_bar()
     where, name, source = _local_folder(spec, progress)
     # no network is assumed: hub ids must already be in the local Hugging Face cache
@@ -284,6 +285,28 @@ def load_model(
     n_neurons = _n_neurons(layers[0], arch)
     ident = ModelIdentity(name, source, sha, arch, len(layers), n_neurons)
     return LoadedModel(model, tok, ident, folder)
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device that does not parse or is not present here, naming it.
+
+    Raises
+    ------
+    ModelError
+        ``device`` is not a torch device (``cpu``, ``cuda``, ``cuda:N``, ...), or a CUDA device
+        was asked for without CUDA (or beyond the devices there are).
+    """
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ModelError(f"device {device!r} is not a torch device (use cpu, cuda or cuda:N): {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"device {device!r}: CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
 
 
 def _architecture(config: Any) -> str:

@@ -189,7 +189,9 @@ class NeuronSet:
         """The capture site the set was ranked on (``act`` unless its store says otherwise)."""
         store = self.data.get("store") if isinstance(self.data.get("store"), dict) else {}
         site = str((store or {}).get("site") or "act")
-        return site if site in SITES else "act"
+        if site not in SITES:
+            raise self._fail("store.site", f"unknown capture site {site!r}; vstore knows {', '.join(SITES)}")
+        return site
 
     def per_layer(self) -> dict[str, dict[int, int]]:
         """Neurons per model layer, per group."""

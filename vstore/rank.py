@@ -132,6 +132,8 @@ def _request(method: str, sel: Selection, *, contrast: Any, neurons: str | Path 
         raise UsageError("neurons is the reference set of method random", "neurons")
     if split_half and m.needs == "none":
         raise UsageError("split_half needs a data-driven method, not random", "split_half")
+    if kw.get("seed", 0) < 0:
+        raise UsageError(f"seed must be >= 0, got {kw['seed']}", "seed")
     reference = NeuronSet.load(neurons) if neurons is not None else None
     return RankRequest(m, sel, reference=reference, **kw)
 
@@ -357,6 +359,9 @@ def rank_store(
     if st.n_rows == 0 and req.method.needs != "none":
         raise VstoreError(f"{st.path}: the store has no committed rows to rank")
     grouping = make_grouping(st, by, where=normalise_where(where), contrast=con)
+    if con is None and req.method.needs != "none" and len(grouping.base) < 2:
+        raise UsageError(f"by: {by or 'no column'} gives the single group {grouping.base}; every method compares a "
+                         "group with the others, so it needs two or more (or a contrast)", "by", "contrast")
     opts = _PassOptions(backend, use_cache, progress, threads, verify, dask, auroc_memory)
     halves: tuple[GroupStats, GroupStats] | None = None
     stats: GroupStats | None = None

@@ -8,6 +8,7 @@ selecting from hundreds of thousands of neurons per group stays fast.
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ class Selection:
                 raise UsageError(f"{name} must be >= 0, got {v}", name)
         if self.top_rate is not None and not 0 <= self.top_rate <= 1:
             raise UsageError(f"top_rate must be within [0, 1], got {self.top_rate}", "top_rate")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise UsageError(f"threshold must be a finite number, got {self.threshold}", "threshold")
 
     def to_json(self) -> dict[str, object]:
         return {"top_k": self.top_k, "per_layer_k": self.per_layer_k, "top_rate": self.top_rate,

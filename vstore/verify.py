@@ -20,7 +20,7 @@ import zarr
 from .atomic import PARTIAL_SUFFIX
 from .errors import StoreError
 from .progress import Progress, task
-from .store import FORMAT_NAME, FORMAT_VERSION, ChunkReader, Store, chunk_file
+from .store import FORMAT_NAME, ChunkReader, Store, check_format_version, chunk_file
 
 __all__ = ["Damage", "VerifyReport", "verify_store"]
 
@@ -73,10 +73,7 @@ def _root_meta(path: Path) -> dict[str, Any]:
     meta = attrs.get(FORMAT_NAME) if isinstance(attrs, dict) else None
     if not isinstance(meta, dict):
         raise StoreError(f"{meta_file}: a Zarr group without 'vstore' attributes (not a vstore store)")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
-        raise StoreError(f"{meta_file}: attributes.vstore.format_version is {version!r}; this vstore reads the "
-                         f"integer {FORMAT_VERSION}")
+    check_format_version(meta.get("format_version"), str(meta_file))
     return meta
 
 

@@ -61,6 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = e.for_cli(FLAGS) if isinstance(e, UsageError) else str(e)
         console_err.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
         return 2
+    except BrokenPipeError:  # the reader went away (`vstore info --json | head`): stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         console_err.print("interrupted; an incomplete store resumes when the same build is run again")
         return 130

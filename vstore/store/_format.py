@@ -22,6 +22,7 @@ __all__ = [
     "ROWS_CHUNK",
     "STORAGE_DTYPES",
     "DtypeSpec",
+    "check_format_version",
     "chunk_rows_for",
     "codecs_for",
     "dtype_spec",
@@ -71,6 +72,13 @@ DTYPES: dict[str, DtypeSpec] = {
 }
 STORAGE_DTYPES: dict[str, str] = {k: v.storage for k, v in DTYPES.items()}
 ITEMSIZE: dict[str, int] = {k: v.itemsize for k, v in DTYPES.items()}
+
+
+def check_format_version(version: object, where: str) -> None:
+    """Refuse any ``format_version`` but the integer :data:`FORMAT_VERSION` (a string ``"1"`` included)."""
+    if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
+        raise StoreError(f"{where}: store format version {version!r} is not supported (this vstore reads version "
+                         f"{FORMAT_VERSION}, an integer)")
 
 
 def dtype_spec(name: str, param: str = "dtype") -> DtypeSpec:

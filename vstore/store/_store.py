@@ -30,7 +30,7 @@ import zarr
 
 from ..errors import StoreError, StoreExistsError, StoreNotFoundError
 from . import _format
-from ._format import DTYPES, FORMAT_NAME, FORMAT_VERSION, ITEMSIZE, codecs_for
+from ._format import DTYPES, FORMAT_NAME, FORMAT_VERSION, ITEMSIZE, check_format_version, codecs_for
 
 __all__ = ["PartInfo", "Store", "is_store"]
 
@@ -78,17 +78,33 @@ class Store:
             raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path = Path(path)
         if not is_store(self.path):
-            if self.path.exists() and (self.path / "zarr.json").exists():
+            meta_file = self.path / "zarr.json"
+            if meta_file.exists():
+                try:
+                    json.loads(meta_file.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise StoreError(f"{meta_file}: damaged group metadata, not valid JSON ({e})") from None
                 raise StoreError(f"{self.path} is a Zarr group but not a vstore store (no 'vstore' attributes)")
             raise StoreNotFoundError(f"no vstore store at {self.path}")
         self.mode = mode
         self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
         self.meta: dict[str, Any] = dict(self.group.attrs[FORMAT_NAME])  # type: ignore[arg-type]
-        if self.meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{self.path}: store format version {self.meta.get('format_version')} is not supported "
-                f"(this vstore reads version {FORMAT_VERSION})"
-            )
+        check_format_version(self.meta.get("format_version"), str(self.path))
+        self._check_counters()
+
+    def _check_counters(self) -> None:
+        """The attributes the readers trust, checked once: parts and their committed counters."""
+        parts = self.meta.get("parts")
+        if not isinstance(parts, list):
+            raise StoreError(f"{self.path}: attributes.vstore.parts is {type(parts).__name__}, expected a list")
+        for i, p in enumerate(parts):
+            for k in ("committed_rows", "committed_examples", "n_examples", "example_start"):
+                v = p.get(k) if isinstance(p, dict) else None
+                if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                    raise StoreError(f"{self.path}: attributes.vstore.parts[{i}].{k} is {v!r}, expected an integer >= 0")
+        layers = self.meta.get("layers")
+        if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            raise StoreError(f"{self.path}: attributes.vstore.layers is {layers!r}, expected a list of layer indices")
 
     # -- creation ---------------------------------------------------------------------------------
     @classmethod

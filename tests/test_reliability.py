@@ -1,4 +1,5 @@
-"""Damage is never read as data: `vstore verify`, missing and corrupt chunks in rank, a full disk in build."""
+"""Reliability: damage is never read as data (`vstore verify`, missing and corrupt chunks), a full disk, unsafe
+outputs, and bad input end in one clear error."""
 
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_bad_root_metadata_is_a_clear_error(tmp_path: Path, capsys: pytest.Captu
     doc = json.loads(meta.read_text())
     doc["attributes"]["vstore"]["format_version"] = "1"
     meta.write_text(json.dumps(doc))
-    with pytest.raises(StoreError, match=r"format_version is .1..*integer 1"):
+    with pytest.raises(StoreError, match=r"format version '1' is not supported.*version 1, an integer"):
         verify_store(s)
     meta.write_text(meta.read_text()[:40])
     assert main(["verify", str(s)]) == 2
@@ -164,3 +165,85 @@ def test_outputs_go_only_to_regular_files(tmp_path: Path, capsys: pytest.Capture
     assert main(["study", "--out", str(a_file), "--model", str(tmp_path / "nope")]) == 2
     assert a_file.read_text() == "keep me"
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*partial"))
+
+
+def test_bad_arguments_are_usage_errors(tmp_path: Path, tiny_model: Path, stories: Path) -> None:
+    from vstore.build import build_store
+    from vstore.errors import ModelError, UsageError
+
+    s = synth(tmp_path / "s")
+    for kw in ({"seed": -1}, {"threshold": float("nan")}):
+        with pytest.raises(UsageError, match=next(iter(kw))):
+            rank_store(s, "value", "welch-t", **kw)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="single group"):
+        rank_store(s, None, "welch-t")
+    for kw in ({"limit": 0}, {"limit": -1}, {"compressor": "zstd-abc"}, {"layers": "1-0"}):
+        with pytest.raises((UsageError, StoreError)):
+            build_store(tmp_path / "b", model=str(tiny_model), data=stories, **kw)  # type: ignore[arg-type]
+        assert not (tmp_path / "b").exists() or not list((tmp_path / "b" / "parts").iterdir())
+    build_store(tmp_path / "b", model=str(tiny_model), data=stories)  # nothing left behind blocks a good build
+    assert verify_store(tmp_path / "b").ok
+    with pytest.raises(ModelError, match="not a torch device"):
+        build_store(tmp_path / "c", model=str(tiny_model), data=stories, device="bogus")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            build_store(tmp_path / "c", model=str(tiny_model), data=stories, device="cuda")
+
+
+def test_a_store_killed_before_its_first_part_builds_again(tmp_path: Path, tiny_model: Path, stories: Path) -> None:
+    from vstore.build import build_store
+    from vstore.store import Store
+
+    Store.create(tmp_path / "s", {"layers": [0, 1], "model": {}, "dtype": "float32"})  # what a kill leaves
+    res = build_store(tmp_path / "s", model=str(tiny_model), data=stories, dtype="float32")
+    assert res.examples > 0 and verify_store(tmp_path / "s").ok
+
+
+def test_bad_data_is_a_data_error(tmp_path: Path) -> None:
+    from vstore.data import load_stories
+    from vstore.datatools import import_stories
+    from vstore.errors import DataError
+
+    line = {"id": "x-en", "value": "v", "lang": "en", "split": "evaluation", "story": "A \ud800 story.",
+            "aligned": "Help.", "violating": "Refuse."}
+    f = tmp_path / "s.jsonl"
+    f.write_text(json.dumps(line) + "\n", encoding="utf-8")  # JSON escapes the surrogate: valid JSON, bad text
+    with pytest.raises(DataError, match=r"s\.jsonl:1: field 'story' holds a character that is not valid Unicode"):
+        load_stories(f)
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes("text,good,bad\nCaf\xe9 story.,Help.,Refuse.\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1\.csv:2: not UTF-8"):
+        import_stories(csv, tmp_path / "o.jsonl", {"story": "text", "aligned": "good", "violating": "bad"}, {})
+
+
+def test_damaged_store_metadata_is_named(tmp_path: Path) -> None:
+    from vstore.store import Store
+
+    s = synth(tmp_path / "s")
+    meta = s / "zarr.json"
+    good = meta.read_text()
+    doc = json.loads(good)
+    doc["attributes"]["vstore"]["parts"][0]["committed_rows"] = -5
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match=r"parts\[0\]\.committed_rows is -5"):
+        Store(s)
+    doc = json.loads(good)
+    doc["attributes"]["vstore"]["format_version"] = "1"
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match=r"format version '1' is not supported.*version 1, an integer"):
+        Store(s)
+    meta.write_text(good[: len(good) // 2])
+    with pytest.raises(StoreError, match="damaged group metadata"):
+        Store(s)
+
+
+def test_unknown_site_of_a_neuron_set_is_refused(tmp_path: Path) -> None:
+    from vstore.errors import NeuronSetError
+    from vstore.neuronset import NeuronSet
+
+    doc = {"format": {"name": "vstore-neurons", "version": 1}, "model": {"n_layers": 2, "n_neurons": 4},
+           "method": "vape", "store": {"site": "resid"}, "groups": {"a": [{"layer": 0, "neuron": 1, "score": 1.0}]}}
+    with pytest.raises(NeuronSetError, match=r"store\.site: unknown capture site 'resid'"):
+        _ = NeuronSet.from_dict(doc).site
