@@ -247,3 +247,61 @@ def test_unknown_site_of_a_neuron_set_is_refused(tmp_path: Path) -> None:
            "method": "vape", "store": {"site": "resid"}, "groups": {"a": [{"layer": 0, "neuron": 1, "score": 1.0}]}}
     with pytest.raises(NeuronSetError, match=r"store\.site: unknown capture site 'resid'"):
         _ = NeuronSet.from_dict(doc).site
+
+
+def test_a_second_build_of_the_same_store_is_refused(tmp_path: Path, tiny_model: Path, stories: Path) -> None:
+    import fcntl
+    import os
+
+    from vstore.build import build_store
+
+    lock = tmp_path / ".s.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as a running build holds it
+    try:
+        with pytest.raises(StoreError, match="being written by another build"):
+            build_store(tmp_path / "s", model=str(tiny_model), data=stories)
+    finally:
+        os.close(fd)
+    build_store(tmp_path / "s", model=str(tiny_model), data=stories)
+    assert not lock.exists()
+
+
+def test_concurrent_ranks_converge_on_one_cache_entry(tmp_path: Path) -> None:
+    import subprocess
+
+    s = synth(tmp_path / "s", n_examples=80)
+    code = ("import sys; from vstore.rank import rank_store; "
+            "rank_store(sys.argv[1], 'value', 'welch-t', top_k=3, out=sys.argv[2])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(s), str(tmp_path / f"r{i}.json")],
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    from vstore.store import Store
+
+    assert len(Store(s).stats_keys()) == 1
+    docs = [json.loads((tmp_path / f"r{i}.json").read_text())["groups"] for i in range(3)]
+    assert docs[0] == docs[1] == docs[2]
+
+
+def test_statistics_never_leave_the_store(tmp_path: Path) -> None:
+    s = synth(tmp_path / "s")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (s / "stats").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(StoreError, match="leads outside the store"):
+        compute_stats(s, "value")
+    assert not list(elsewhere.iterdir())
+
+
+def test_float16_overflow_counts_only_what_became_inf() -> None:
+    import torch
+
+    from vstore.capture import RowSink
+
+    sink = RowSink([0], "token", torch.float16, check_overflow=True)
+    valid = torch.ones((1, 4), dtype=torch.bool)
+    sink.prepare(valid, torch.zeros((1, 4), dtype=torch.long), 0, 3, "cpu")
+    t = torch.tensor([[[65504.0, 65510.0, 65519.0], [65520.0, -70000.0, 1.0], [0.0, 0.0, 0.0], [1e6, 2.0, 3.0]]])
+    sink(0, t)
+    assert sink.overflow == {0: int(torch.isinf(sink.out).sum())} == {0: 3}

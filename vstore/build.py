@@ -8,10 +8,12 @@ it stopped and ends identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,9 +81,13 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str) -> None:
-    """Refuse a build whose activations and row table would not fit in 95% of the free space."""
-    need = rows * (n_layers * n_neurons * ITEMSIZE[dtype] + ROW_TABLE_BYTES)
+def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str, chunk_rows: int) -> None:
+    """Refuse a build whose activations and row table would not fit in 95% of the free space.
+
+    Chunk files are whole chunks (the last one of a part padded), so rows count up to whole chunks.
+    """
+    padded = -(-rows // max(1, chunk_rows)) * max(1, chunk_rows)
+    need = padded * n_layers * n_neurons * ITEMSIZE[dtype] + rows * ROW_TABLE_BYTES
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -168,7 +174,7 @@ def _open_part(out: Path, existing: Store | None, plan: _Plan, lm: LoadedModel, 
         existing.trim_examples()
         return existing, last["name"], int(last["example_start"])
     rows_est = estimate_rows(lm.tokenizer, examples, pool, max_length)
-    _check_disk(out, rows_est, len(plan.layers), ident.n_neurons, plan.meta["dtype"])
+    _check_disk(out, rows_est, len(plan.layers), ident.n_neurons, plan.meta["dtype"], int(plan.meta["chunk_rows"]))
     if existing is not None:  # append
         _check_same(existing, plan.meta, ident)
         store = existing
@@ -253,35 +259,57 @@ def build_store(
     _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
-    existing = _existing(out, append=append, overwrite=overwrite, resume=resume)
-    lm = model if isinstance(model, LoadedModel) else load_model(
-        model, device=device, trust_remote_code=trust_remote_code, progress=note)
-    ident = lm.identity
-    layer_list = parse_layers(layers, ident.n_layers) if isinstance(layers, str) or layers is None else sorted(
-        {int(i) % ident.n_layers for i in layers})
-    layer_list = layer_list if layer_list is not None else list(range(ident.n_layers))
-    if not layer_list:
-        raise UsageError(f"layers {layers!r} selects no layer of the model's {ident.n_layers}", "layers")
-    lm.tokenizer.padding_side = "right"
-    dataset = {"paths": [str(data_path.resolve())], "sha256": file_sha256(data_path), "examples": len(examples),
-               "split": split, "texts": list(texts) if texts else None, "labels": labels or {}, "limit": limit}
-    meta = {"model": ident.to_json(), "site": site, "layers": layer_list, "dtype": dtype, "pooling": pool,
-            "storage_dtype": DTYPES[dtype].storage, "compressor": compressor,
-            "chunk_rows": chunk_rows_for(ident.n_neurons, dtype), "versions": _versions()}
-    plan = _Plan(examples, layer_list, meta, {"dataset": dataset, "build": {"batch_size": batch_size,
-                 "max_length": max_length, "device": device, "pool": pool}})
-    store, part, example_start = _open_part(out, existing, plan, lm, append=append, overwrite=overwrite,
-                                            compressor=compressor, pool=pool, max_length=max_length)
-    writer = PartWriter(store, part)
-    resumed_from = writer.committed_examples
-    with task(progress, "build", len(examples), unit="examples", done=resumed_from) as bar:
-        res = stream_part(lm, examples, writer, layers=layer_list, site=site, pool=pool, dtype=dtype,
-                          batch_size=batch_size, max_length=max_length, device=device, example_start=example_start,
-                          queue_depth=queue_depth, commit_every=commit_every, bar=bar)
-    store.commit(part, len(examples), writer.written, overflow=res.overflow)
-    store.finish_part(part)
-    if res.overflow:
-        note(f"warning: {sum(res.overflow.values())} activation value(s) beyond ±65504 became ±inf in float16 "
-             f"(per layer: {res.overflow}); store bfloat16 or float32 instead")
-    return BuildResult(out, part, len(examples) - resumed_from, writer.written, res.tokens,
-                       time.perf_counter() - t_start, writer.bytes_written, resumed_from, res.overflow)
+    with _build_lock(out):  # one writer at a time
+        existing = _existing(out, append=append, overwrite=overwrite, resume=resume)
+        lm = model if isinstance(model, LoadedModel) else load_model(
+            model, device=device, trust_remote_code=trust_remote_code, progress=note)
+        ident = lm.identity
+        layer_list = parse_layers(layers, ident.n_layers) if isinstance(layers, str) or layers is None else sorted(
+            {int(i) % ident.n_layers for i in layers})
+        layer_list = layer_list if layer_list is not None else list(range(ident.n_layers))
+        if not layer_list:
+            raise UsageError(f"layers {layers!r} selects no layer of the model's {ident.n_layers}", "layers")
+        lm.tokenizer.padding_side = "right"
+        dataset = {"paths": [str(data_path.resolve())], "sha256": file_sha256(data_path), "examples": len(examples),
+                   "split": split, "texts": list(texts) if texts else None, "labels": labels or {}, "limit": limit}
+        meta = {"model": ident.to_json(), "site": site, "layers": layer_list, "dtype": dtype, "pooling": pool,
+                "storage_dtype": DTYPES[dtype].storage, "compressor": compressor,
+                "chunk_rows": chunk_rows_for(ident.n_neurons, dtype), "versions": _versions()}
+        plan = _Plan(examples, layer_list, meta, {"dataset": dataset, "build": {"batch_size": batch_size,
+                     "max_length": max_length, "device": device, "pool": pool}})
+        store, part, example_start = _open_part(out, existing, plan, lm, append=append, overwrite=overwrite,
+                                                compressor=compressor, pool=pool, max_length=max_length)
+        writer = PartWriter(store, part)
+        resumed_from = writer.committed_examples
+        with task(progress, "build", len(examples), unit="examples", done=resumed_from) as bar:
+            res = stream_part(lm, examples, writer, layers=layer_list, site=site, pool=pool, dtype=dtype,
+                              batch_size=batch_size, max_length=max_length, device=device, example_start=example_start,
+                              queue_depth=queue_depth, commit_every=commit_every, bar=bar)
+        store.commit(part, len(examples), writer.written, overflow=res.overflow)
+        store.finish_part(part)
+        if res.overflow:
+            note(f"warning: {sum(res.overflow.values())} activation value(s) beyond ±65504 became ±inf in float16 "
+                 f"(per layer: {res.overflow}); store bfloat16 or float32 instead")
+        return BuildResult(out, part, len(examples) - resumed_from, writer.written, res.tokens,
+                           time.perf_counter() - t_start, writer.bytes_written, resumed_from, res.overflow)
+
+
+@contextlib.contextmanager
+def _build_lock(out: Path) -> Iterator[None]:
+    """An advisory lock beside the store for the duration of a build: a second writer is refused."""
+    import fcntl
+
+    lock = out.with_name(f".{out.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{out} is being written by another build (lock {lock}); wait for it to end") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)

@@ -30,6 +30,8 @@ __all__ = ["FLOAT16_MAX", "POOLINGS", "RowSink", "StreamResult", "WriterThread",
 
 POOLINGS = ("token", "mean", "last")
 FLOAT16_MAX = 65504.0
+#: The smallest magnitude that becomes inf in float16 (round to nearest even: 65504 < x < 65520 stays finite).
+FLOAT16_INF_FROM = 65520.0
 
 
 def tokenize(tok: Any, texts: Sequence[str], max_length: int) -> dict[str, Any]:
@@ -133,8 +135,8 @@ class RowSink:
             src = t[self.index]
         if self.check_overflow and src.numel():
             lo, hi = torch.aminmax(src)  # one cheap pass in float32; count exactly only when needed
-            if hi > FLOAT16_MAX or lo < -FLOAT16_MAX:
-                self.overflow[layer] = self.overflow.get(layer, 0) + int((src.abs() > FLOAT16_MAX).sum())
+            if hi >= FLOAT16_INF_FROM or lo <= -FLOAT16_INF_FROM:
+                self.overflow[layer] = self.overflow.get(layer, 0) + int((src.abs() >= FLOAT16_INF_FROM).sum())
         self.out[self.pos[layer]].copy_(src)
 
 

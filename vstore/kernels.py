@@ -96,6 +96,9 @@ BACKENDS: tuple[str, ...] = ("cpp", "numba", "numpy")
 #: Logical dtype -> raw NumPy dtype of a block (from the store's one dtype table).
 RAW_DTYPES: dict[str, np.dtype[Any]] = {k: v.raw for k, v in DTYPES.items()}
 
+#: The most kernel threads one call may ask for (OpenMP aborts the process far above the cores there are).
+MAX_THREADS = 1024
+
 #: Bins per neuron of a histogram: one per 16-bit key.
 HISTOGRAM_BINS = 65536
 
@@ -229,8 +232,8 @@ def _check_groups(groups: object, rows: int, n_groups: int) -> np.ndarray:
 def _check_threads(threads: int | None) -> int:
     if threads is None:
         return 0
-    if isinstance(threads, bool) or not isinstance(threads, int | np.integer) or threads < 1:
-        raise StoreError(f"threads: expected None (all) or an int >= 1, got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int | np.integer) or not 1 <= threads <= MAX_THREADS:
+        raise StoreError(f"threads: expected None (all) or an int in 1..{MAX_THREADS}, got {threads!r}")
     return int(threads)
 
 

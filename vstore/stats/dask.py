@@ -34,7 +34,10 @@ def _client(address: str) -> tuple[object, object | None]:
     except ImportError as e:  # pragma: no cover - optional dependency
         raise VstoreError("dask needs dask.distributed (pip install 'dask[distributed]')") from e
     if not address.startswith("local:"):
-        return Client(address), None
+        try:
+            return Client(address, timeout=10), None
+        except (OSError, TimeoutError) as e:  # unreachable or refused: say so, without a traceback
+            raise VstoreError(f"dask: cannot reach the scheduler at {address!r} within 10 s ({e})") from None
     try:
         n = int(address.split(":", 1)[1])
     except ValueError:

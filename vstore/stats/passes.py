@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import kernels
+from ..errors import UsageError
 from ..progress import Progress, task
 from ..store import Store, read_cached, write_cached
 from .grouping import Grouping, make_grouping
@@ -49,6 +50,8 @@ def plan_workers(n_layers: int, backend: str, threads: int | None) -> tuple[int,
     default threading layer must not be entered from several threads, and NumPy is the reference:
     both run one worker whose kernel uses ``threads`` (default: all cores but the reader's).
     """
+    if threads is not None and not 1 <= int(threads) <= kernels.MAX_THREADS:
+        raise UsageError(f"threads must be in 1..{kernels.MAX_THREADS}, got {threads}", "threads")
     explicit = threads is not None and int(threads) > 0
     cores = max(1, int(threads)) if explicit else cpu_count()  # type: ignore[arg-type]
     if kernels.resolve_backend(backend) != "cpp" or n_layers <= 1:

@@ -56,6 +56,8 @@ def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: d
     if store.mode != "r+":
         raise StoreError(f"{store.path} is open read-only; open it with mode 'r+' to cache statistics")
     base = store.path / "stats"
+    if base.is_symlink() or (base.exists() and not base.resolve().is_relative_to(store.path.resolve())):
+        raise StoreError(f"{base} leads outside the store; vstore writes statistics only inside it")
     try:
         _require_stats_group(store)
         with atomic_path(base / key, directory=True) as tmp:

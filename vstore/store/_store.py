@@ -127,7 +127,10 @@ class Store:
 
     def array(self, path: str) -> zarr.Array:
         """The zarr array at ``path`` inside the store (``StoreError`` when it is missing or a group)."""
-        node = self.group.get(path)
+        try:
+            node = self.group.get(path)
+        except Exception as e:  # zarr raises JSON, key and value errors on damaged array metadata
+            raise StoreError(f"{self.path}/{path}: damaged array metadata ({type(e).__name__}: {e})") from None
         if not isinstance(node, zarr.Array):
             raise StoreError(f"{self.path}: no array {path!r}")
         return node
@@ -200,7 +203,11 @@ class Store:
 
     def acts(self, part: str) -> Any:
         """The raw ``acts`` array of a part (storage dtype; bfloat16 is uint16 bits)."""
-        return self.array(f"parts/{part}/acts")
+        arr = self.array(f"parts/{part}/acts")
+        if arr.ndim != 3 or arr.shape[0] != len(self.layers) or arr.shape[2] != self.n_neurons:
+            raise StoreError(f"{self.path}/parts/{part}/acts: shape {arr.shape} does not match the attributes "
+                             f"({len(self.layers)} layers, {self.n_neurons} neurons)")
+        return arr
 
     def rows(self, part: str, column: str) -> np.ndarray:
         """A committed row column (``example``, ``position``, ``token``) of a part."""
