@@ -84,3 +84,11 @@ def test_only_the_command_line_draws() -> None:
         if re.search(r"^\s*(from rich|import rich)", text, re.M) or "VSTORE_NO_PROGRESS" in text:
             drawing.append(str(path.relative_to(ROOT)))
     assert drawing == []
+
+
+def test_nothing_is_unpickled() -> None:
+    """Stores, neuron sets and results are read as JSON, Zarr and safetensors only; keep it so."""
+    risky = re.compile(r"\bimport pickle\b|\bpickle\.|allow_pickle\s*=\s*True|torch\.load\(|\bmarshal\.|(?<![.\w])eval\(|(?<![.\w])exec\(")
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in sorted(PKG.rglob("*.py"))
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if risky.search(line)]
+    assert found == []

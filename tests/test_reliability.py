@@ -305,3 +305,17 @@ def test_float16_overflow_counts_only_what_became_inf() -> None:
     t = torch.tensor([[[65504.0, 65510.0, 65519.0], [65520.0, -70000.0, 1.0], [0.0, 0.0, 0.0], [1e6, 2.0, 3.0]]])
     sink(0, t)
     assert sink.overflow == {0: int(torch.isinf(sink.out).sum())} == {0: 3}
+
+
+def test_texts_longer_than_the_model_can_read_are_cut(tiny_model_factory, tmp_path: Path) -> None:
+    from vstore.build import build_store
+    from vstore.store import Store
+
+    gpt2 = tiny_model_factory("gpt2")  # n_positions = 256
+    long = " ".join(["the value of a good deed"] * 120)
+    row = {"id": "v-a01-en", "value": "v", "lang": "en", "split": "activation", "story": long,
+           "aligned": "Help.", "violating": "Refuse.", "rationale": "Because."}
+    f = tmp_path / "long.jsonl"
+    f.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    res = build_store(tmp_path / "s", model=str(gpt2), data=f, dtype="float32", max_length=512)
+    assert 0 < res.rows <= 256 and Store(tmp_path / "s").n_rows == res.rows

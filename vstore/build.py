@@ -22,6 +22,7 @@ from . import __version__
 from .capture import POOLINGS, estimate_rows, stream_part
 from .data import Example, file_sha256, load_examples
 from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError
+from .lm import fit_length
 from .models import DEFAULT_MODEL, SITES, LoadedModel, ModelIdentity, load_model
 from .progress import Note, Progress, note_to_stderr, task
 from .store import DTYPES, ITEMSIZE, PartWriter, Store, chunk_rows_for, codecs_for, dtype_spec, is_store
@@ -277,13 +278,14 @@ def build_store(
                 "chunk_rows": chunk_rows_for(ident.n_neurons, dtype), "versions": _versions()}
         plan = _Plan(examples, layer_list, meta, {"dataset": dataset, "build": {"batch_size": batch_size,
                      "max_length": max_length, "device": device, "pool": pool}})
+        fit = fit_length(lm.model, max_length)  # never past the model's position limit (GPT-2: 1024)
         store, part, example_start = _open_part(out, existing, plan, lm, append=append, overwrite=overwrite,
-                                                compressor=compressor, pool=pool, max_length=max_length)
+                                                compressor=compressor, pool=pool, max_length=fit)
         writer = PartWriter(store, part)
         resumed_from = writer.committed_examples
         with task(progress, "build", len(examples), unit="examples", done=resumed_from) as bar:
             res = stream_part(lm, examples, writer, layers=layer_list, site=site, pool=pool, dtype=dtype,
-                              batch_size=batch_size, max_length=max_length, device=device, example_start=example_start,
+                              batch_size=batch_size, max_length=fit, device=device, example_start=example_start,
                               queue_depth=queue_depth, commit_every=commit_every, bar=bar)
         store.commit(part, len(examples), writer.written, overflow=res.overflow)
         store.finish_part(part)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .data import Story, join_text
 from .errors import DataError, ModelError, UsageError
-from .lm import CausalLM, Encoder, batches, common_prefix, left_padded, right_padded
+from .lm import CausalLM, Encoder, batches, common_prefix, fit_length, left_padded, right_padded
 
 __all__ = [
     "CHOICE_PROMPTS",
@@ -143,7 +143,7 @@ def score_ll(
     import torch
 
     lm, enc = CausalLM(model), Encoder(tokenizer)
-    items = [_ll_item(enc, s, max_length) for s in stories]
+    items = [_ll_item(enc, s, fit_length(model, max_length)) for s in stories]
     out = np.zeros((len(items), 2), dtype=np.float64)
     order = sorted(range(len(items)), key=lambda i: (len(items[i].context), i))
     with torch.inference_mode():
@@ -243,6 +243,7 @@ def score_choice(
     if not orders or any(o not in ("AB", "BA") for o in orders):
         raise UsageError(f"orders must be a non-empty sequence of 'AB'/'BA', got {list(orders)}", "orders")
     lm, enc = CausalLM(model), Encoder(tokenizer)
+    max_length = fit_length(model, max_length)
     letters = {x: _letter_ids(tokenizer, x) for x in "AB"}
     if set(letters["A"]) & set(letters["B"]):
         raise ModelError("the tokenizer does not tell the option letters A and B apart")
@@ -321,7 +322,7 @@ def text_nll(
     import torch
 
     lm, enc = CausalLM(model), Encoder(tokenizer)
-    seqs = [enc(t)[:max_length] for t in texts]
+    seqs = [enc(t)[: fit_length(model, max_length)] for t in texts]
     nll = np.zeros(len(seqs), dtype=np.float64)
     count = np.asarray([max(len(s) - 1, 0) for s in seqs], dtype=np.int64)
     order = sorted((i for i in range(len(seqs)) if count[i] > 0), key=lambda i: (len(seqs[i]), i))

@@ -11,7 +11,8 @@ from typing import Any
 
 from .errors import ModelError, UsageError
 
-__all__ = ["HEAD_CHUNK", "CausalLM", "Encoder", "batches", "common_prefix", "left_padded", "right_padded"]
+__all__ = ["HEAD_CHUNK", "CausalLM", "Encoder", "batches", "common_prefix", "fit_length", "left_padded",
+           "right_padded"]
 
 HEAD_CHUNK = 256  # positions per output-head call (bounds the (positions, vocab) logits buffer)
 
@@ -93,6 +94,13 @@ class Encoder:
 
     def __call__(self, text: str) -> list[int]:
         return self.lead + list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_length(model: Any, max_length: int) -> int:
+    """``max_length``, cut to the model's position limit when its config has one (GPT-2: ``n_positions``)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(int(max_length), int(limit)) if isinstance(limit, int) and limit > 0 else int(max_length)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
