@@ -319,3 +319,27 @@ def test_texts_longer_than_the_model_can_read_are_cut(tiny_model_factory, tmp_pa
     f.write_text(json.dumps(row) + "\n", encoding="utf-8")
     res = build_store(tmp_path / "s", model=str(gpt2), data=f, dtype="float32", max_length=512)
     assert 0 < res.rows <= 256 and Store(tmp_path / "s").n_rows == res.rows
+
+
+@pytest.mark.parametrize("method", ["welch-t", "auroc"])
+def test_skip_damaged_reports_exactly_the_rows_left_out(tmp_path: Path, method: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from vstore.store import Store
+
+    s = synth(tmp_path / "s")
+    f = chunk_files(s)[1]  # layer position 0, second chunk (c/0/1/0)
+    layer, chunk = (int(x) for x in f.relative_to(s / "parts" / "0000" / "acts" / "c").parts[:2])
+    f.unlink()
+    rows = Store(s).parts[0].committed_rows
+    want = [("0000", layer, chunk * 64, min(rows, chunk * 64 + 64))]
+    res = rank_store(s, "value", method, top_k=2, skip_damaged=True)
+    assert res.skipped == want
+    assert res.data["params"]["skipped_damaged"] == [{"part": "0000", "layer": Store(s).layers[layer],
+                                                      "rows": [want[0][2], want[0][3]]}]
+    assert Store(s).stats_keys() == []  # partial statistics are never cached
+    out = tmp_path / "n.json"
+    assert main(["rank", str(s), "--by", "value", "--method", method, "--top-k", "2", "--skip-damaged",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert f"rows {want[0][2]}:{want[0][3]}" in capsys.readouterr().err
+    with pytest.raises(StoreError, match="missing chunk"):
+        rank_store(s, "value", method, top_k=2)

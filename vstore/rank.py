@@ -74,6 +74,8 @@ class RankResult:
         Whether the statistics came from the store's cache, what was read, how long it took.
     halves, jaccard
         With ``split_half``: the results of the two halves and the Jaccard index of their sets per group.
+    skipped
+        Damaged chunks left out with ``skip_damaged``: ``(part, layer position, first row, end row)``.
     """
 
     neurons: NeuronSet
@@ -85,6 +87,7 @@ class RankResult:
     seconds: float = 0.0
     halves: tuple[RankResult, RankResult] | None = None
     jaccard: dict[str, float | None] | None = None
+    skipped: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     @property
     def data(self) -> dict[str, Any]:
@@ -236,17 +239,21 @@ class _PassOptions:
     verify: bool
     dask: str | None
     auroc_memory: int
+    skip_damaged: bool = False
 
 
 def _rank_grouping(st: Store, req: RankRequest, grouping: Grouping, opts: _PassOptions,
                    stats: GroupStats | None, extra_params: Mapping[str, Any]) -> RankResult:
     """Rank one grouping (the whole data, or one split half) from its statistics."""
     from_cache, nbytes = bool(stats.from_cache) if stats is not None else False, stats.bytes_read if stats else 0
+    skipped = list(stats.skipped) if stats is not None else []
     if req.method.needs == "none":
         ranked = _rank_random(st, req, grouping)
     elif req.method.needs == "histogram":
         res = grouping_auroc(st, grouping, backend=opts.backend, use_cache=opts.use_cache, progress=opts.progress,
-                             threads=opts.threads, verify=opts.verify, memory=opts.auroc_memory)
+                             threads=opts.threads, verify=opts.verify, memory=opts.auroc_memory,
+                             skip_damaged=opts.skip_damaged)
+        skipped = res.skipped
         sc = score("auroc", auroc=res)
         if res.exact:
             sc.extra.pop("auroc_error", None)
@@ -256,9 +263,12 @@ def _rank_grouping(st: Store, req: RankRequest, grouping: Grouping, opts: _PassO
     else:
         assert stats is not None
         ranked = _rank_stats(stats, req)
+    if skipped:  # the set rests on part of the data: say which rows were left out, in the file too
+        extra_params = {**extra_params, "skipped_damaged": [
+            {"part": p, "layer": st.layers[li], "rows": [r0, r1]} for p, li, r0, r1 in skipped]}
     doc = _document(st, req, grouping, ranked, stats, extra_params)
     return RankResult(NeuronSet.from_dict(doc, source="rank"), ranked.scores, ranked.rows,
-                      stats.nonfinite_per_layer() if stats is not None else {}, from_cache, nbytes)
+                      stats.nonfinite_per_layer() if stats is not None else {}, from_cache, nbytes, skipped=skipped)
 
 
 def _open(store: str | Path, write: bool) -> Store:
@@ -295,6 +305,7 @@ def rank_store(
     dask: str | None = None,
     auroc_memory: int = 256 << 20,
     verify: bool = True,
+    skip_damaged: bool = False,
 ) -> RankResult:
     """Rank the neurons of a store with one method and write a neuron set.
 
@@ -339,6 +350,9 @@ def rank_store(
         Bytes of histogram per auroc pass.
     verify
         Check chunk checksums (crc32c) while reading.
+    skip_damaged
+        Leave out chunks that cannot be read (missing, truncated, bad checksum) instead of failing;
+        the rows left out are in ``RankResult.skipped`` and the JSON's ``params.skipped_damaged``.
 
     Raises
     ------
@@ -362,20 +376,20 @@ def rank_store(
     if con is None and req.method.needs != "none" and len(grouping.base) < 2:
         raise UsageError(f"by: {by or 'no column'} gives the single group {grouping.base}; every method compares a "
                          "group with the others, so it needs two or more (or a contrast)", "by", "contrast")
-    opts = _PassOptions(backend, use_cache, progress, threads, verify, dask, auroc_memory)
+    opts = _PassOptions(backend, use_cache, progress, threads, verify, dask, auroc_memory, skip_damaged)
     halves: tuple[GroupStats, GroupStats] | None = None
     stats: GroupStats | None = None
     if req.method.needs == "moments":
         if split_half:
             halves = split_grouping_stats(st, grouping, seed=seed, backend=backend, use_cache=use_cache,
-                                          progress=progress, threads=threads, verify=verify)
+                                          progress=progress, threads=threads, verify=verify, skip_damaged=skip_damaged)
             stats = halves[0].copy()
             stats.merge(halves[1])
             stats.key, stats.spec = grouping.key(st), grouping.spec(st)
             stats.from_cache, stats.bytes_read = all(h.from_cache for h in halves), halves[0].bytes_read
         else:
             stats = grouping_stats(st, grouping, backend=backend, use_cache=use_cache, progress=progress,
-                                   threads=threads, verify=verify, dask=dask)
+                                   threads=threads, verify=verify, dask=dask, skip_damaged=skip_damaged)
     extra = {"split_half": {"seed": seed}} if split_half else {}
     result = _rank_grouping(st, req, grouping, opts, stats, extra)
     if split_half:

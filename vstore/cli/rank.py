@@ -77,6 +77,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="auroc: histogram memory per pass (default 256MB; more memory, fewer passes)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("--no-verify", action="store_true", help="skip the chunk checksums (faster; trusts the disk)")
+    p.add_argument("--skip-damaged", action="store_true",
+                   help="leave out chunks that cannot be read instead of failing; the rows left out are reported")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_rank)
 
@@ -102,12 +104,16 @@ def cmd_rank(a: argparse.Namespace) -> int:
         top_rate=a.top_rate, threshold=a.threshold, by_abs=a.abs, filter_rate=a.filter_rate, bar_ratio=a.bar_ratio,
         backend=a.backend, split_half=a.split_half, seed=a.seed, neurons=a.neurons, use_cache=not a.no_cache,
         progress=make_progress(not a.no_progress), threads=a.threads, dask=a.dask, auroc_memory=_size(a.auroc_memory),
-        verify=not a.no_verify,
+        verify=not a.no_verify, skip_damaged=a.skip_damaged,
     )
     console.print(summary_table(ns))
     source = "statistics from the cache" if ns.from_cache else f"read {human_bytes(ns.bytes_read)}"
     if ns.data["method"] == "random":
         source = "no statistics needed"
+    if ns.skipped:
+        rows = "; ".join(f"part {p} layer position {li} rows {r0}:{r1}" for p, li, r0, r1 in ns.skipped)
+        console_err.print(f"[yellow]skipped {len(ns.skipped)} damaged chunk(s)[/] (not cached): {rows}",
+                          highlight=False, soft_wrap=True)
     if ns.nonfinite:
         console_err.print(f"[yellow]left out[/] rows holding NaN/Inf, per layer: {ns.nonfinite}", highlight=False)
     extra = ""

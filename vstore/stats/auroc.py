@@ -49,6 +49,7 @@ class AurocResult:
     chunks_read: int = 0
     bytes_read: int = 0
     rows: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 def auroc_from_histograms(
@@ -111,6 +112,7 @@ def compute_auroc(
     threads: int | None = None,
     verify: bool = True,
     memory: int = DEFAULT_HIST_BYTES,
+    skip_damaged: bool = False,
 ) -> AurocResult:
     """Exact Mann-Whitney AUROC of every target (group vs rest, or the two sides of a contrast).
 
@@ -121,34 +123,37 @@ def compute_auroc(
     st = open_store(store, write=use_cache)
     grouping = make_grouping(st, by, where=where, contrast=contrast, example_mask=example_mask)
     return grouping_auroc(st, grouping, backend=backend, use_cache=use_cache, progress=progress, threads=threads,
-                          verify=verify, memory=memory)
+                          verify=verify, memory=memory, skip_damaged=skip_damaged)
 
 
 def grouping_auroc(
     st: Store, grouping: Grouping, *, backend: str = "auto", use_cache: bool = True, progress: Progress | None = None,
-    threads: int | None = None, verify: bool = True, memory: int = DEFAULT_HIST_BYTES,
+    threads: int | None = None, verify: bool = True, memory: int = DEFAULT_HIST_BYTES, skip_damaged: bool = False,
 ) -> AurocResult:
     """:func:`compute_auroc` of a grouping already made."""
     tg = targets(grouping.base, grouping.sides)
     names = [t[0] for t in tg]
     counters = {"passes": 0, "chunks": 0, "bytes": 0}
+    skipped: set[tuple[str, int, int, int]] = set()
 
     def compute() -> list[dict[str, np.ndarray]]:
         return [_histogram_passes(st, grouping.codes, len(grouping.names), tg, counters, backend=backend,
-                                  threads=threads, progress=progress, verify=verify, memory=memory)]
+                                  threads=threads, progress=progress, verify=verify, memory=memory,
+                                  skipped=skipped if skip_damaged else None)]
 
-    arrays, hit = cached_pass(st, [grouping], "auroc", compute, use_cache=use_cache, suffix=".auroc")
+    arrays, hit = cached_pass(st, [grouping], "auroc", compute, use_cache=use_cache, suffix=".auroc",
+                              cacheable=lambda: not skipped)
     a = arrays[0]
     rows = {t: int(a["rows"][i]) for i, t in enumerate(names)} if "rows" in a else {}
     return AurocResult(names, st.layers, a["auroc"], a["error"], grouping.key(st) + ".auroc",
                        st.dtype in ("float16", "bfloat16"), from_cache=hit, passes=counters["passes"],
-                       chunks_read=counters["chunks"], bytes_read=counters["bytes"], rows=rows)
+                       chunks_read=counters["chunks"], bytes_read=counters["bytes"], rows=rows, skipped=sorted(skipped))
 
 
 def _histogram_passes(
     st: Store, codes: np.ndarray, n_groups: int, tg: list[tuple[str, list[int], list[int] | None]],
     counters: dict[str, int], *, backend: str, threads: int | None, progress: Progress | None, verify: bool,
-    memory: int,
+    memory: int, skipped: set[tuple[str, int, int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
     """AUROC, error bound and rows per target, one histogram pass per block of neurons of each layer."""
     L, N, G = len(st.layers), st.n_neurons, n_groups
@@ -169,7 +174,12 @@ def _histogram_passes(
                 h = hist[:, :m] if m == block else np.zeros((G, m, HIST_BINS), dtype=np.uint32)
                 h[...] = 0
                 counters["passes"] += 1
-                for t, blk in Prefetch(st, tasks_for(st, codes, ranges, [li]), verify=verify):
+                for t, blk in Prefetch(st, tasks_for(st, codes, ranges, [li]), verify=verify,
+                                       skip_damaged=skipped is not None):
+                    if blk is None:
+                        assert skipped is not None
+                        skipped.add((t.part, t.layer, t.r0, t.r1))
+                        continue
                     kernels.accumulate_histogram(blk, t.groups, h, dtype=st.dtype, neuron_start=n0,
                                                  backend=backend, threads=per_call)
                     counters["chunks"] += 1

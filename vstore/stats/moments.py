@@ -173,6 +173,8 @@ class GroupStats(Moments):
         The grouping as JSON (by, where, contrast, mask, committed).
     from_cache, chunks_read, bytes_read, seconds
         Where the statistics came from and what computing them read.
+    skipped
+        Damaged chunks left out (``skip_damaged``): ``(part, layer position, first row, end row)``.
     """
 
     groups: list[str] = field(default_factory=list)
@@ -185,6 +187,7 @@ class GroupStats(Moments):
     chunks_read: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
+    skipped: list[tuple[str, int, int, int]] = field(default_factory=list)
 
     @classmethod
     def for_groups(cls, groups: Sequence[str], layers: Sequence[int], n_neurons: int, key: str = "") -> GroupStats:
@@ -215,6 +218,7 @@ class GroupStats(Moments):
         if isinstance(other, GroupStats):
             self.chunks_read += other.chunks_read
             self.bytes_read += other.bytes_read
+            self.skipped += other.skipped
 
     def rows_per_group(self) -> dict[str, int]:
         """Rows per group (the largest count over layers)."""

@@ -85,11 +85,13 @@ def reduce_moments(
     threads: int | None = None,
     progress: Progress | None = None,
     verify: bool = True,
+    skip_damaged: bool = False,
 ) -> GroupStats:
     """One pass over ``ranges`` (default: the whole store): statistics of every layer per group.
 
     ``codes`` gives each example's group index (or -1); the result's ``chunks_read`` and
-    ``bytes_read`` say what was read.
+    ``bytes_read`` say what was read, and ``skipped`` which damaged chunks were left out
+    (``skip_damaged``; otherwise a damaged chunk ends the pass with a ``StoreError``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -98,14 +100,20 @@ def reduce_moments(
     acc = GroupStats.for_groups(groups, store.layers, store.n_neurons)
     workers, per_call = plan_workers(L, backend, threads)
     stop = threading.Event()
+    lock = threading.Lock()
     done = [[0, 0] for _ in range(workers)]
 
     with task(progress, "statistics", activation_bytes(store, ranges) * L, unit="bytes") as bar:
         def work(w: int) -> None:
             try:
-                for t, block in Prefetch(store, tasks_for(store, codes, ranges, range(w, L, workers)), verify=verify):
+                tasks = tasks_for(store, codes, ranges, range(w, L, workers))
+                for t, block in Prefetch(store, tasks, verify=verify, skip_damaged=skip_damaged):
                     if stop.is_set():
                         return
+                    if block is None:
+                        with lock:
+                            acc.skipped.append((t.part, t.layer, t.r0, t.r1))
+                        continue
                     kernels.accumulate_moments(block, t.groups, acc.layer(t.layer), dtype=store.dtype,
                                                backend=backend, threads=per_call)
                     done[w][0] += 1
@@ -122,6 +130,7 @@ def reduce_moments(
                 for fut in [pool.submit(work, w) for w in range(workers)]:
                     fut.result()
     acc.chunks_read, acc.bytes_read = sum(d[0] for d in done), sum(d[1] for d in done)
+    acc.skipped.sort()
     return acc
 
 
@@ -133,13 +142,14 @@ def cache_attrs(grouping: Grouping, spec: dict[str, Any], kind: str, store: Stor
 
 def cached_pass(
     store: Store, groupings: Sequence[Grouping], kind: str, compute: Callable[[], list[Arrays]], *,
-    use_cache: bool, suffix: str = "",
+    use_cache: bool, suffix: str = "", cacheable: Callable[[], bool] = lambda: True,
 ) -> tuple[list[Arrays], bool]:
     """The arrays of every grouping, from the cache when it holds them all, else from ``compute()``.
 
     Computed arrays are cached (one entry per grouping, key ``grouping.key + suffix``) when
     ``use_cache`` is set and the store is open ``"r+"``. Returns the arrays and whether they came
-    from the cache.
+    from the cache. ``cacheable()`` is asked after the pass (statistics that skipped damaged chunks
+    are never cached).
     """
     specs = [g.spec(store) for g in groupings]
     keys = [g.key(store) + suffix for g in groupings]
@@ -148,7 +158,7 @@ def cached_pass(
         if all(h is not None for h in hits):
             return [h for h in hits if h is not None], True
     arrays = compute()
-    if use_cache and store.mode == "r+":
+    if use_cache and store.mode == "r+" and cacheable():
         for g, k, s, a in zip(groupings, keys, specs, arrays, strict=True):
             write_cached(store, k, a, cache_attrs(g, s, kind, store))
     return arrays, False
@@ -166,6 +176,7 @@ def labelled(arrays: Mapping[str, np.ndarray], grouping: Grouping, store: Store,
 def grouping_stats(
     st: Store, grouping: Grouping, *, backend: str = "auto", use_cache: bool = True,
     progress: Progress | None = None, threads: int | None = None, verify: bool = True, dask: str | None = None,
+    skip_damaged: bool = False,
 ) -> GroupStats:
     """:func:`compute_stats` of a grouping already made."""
     t0 = time.perf_counter()
@@ -178,19 +189,21 @@ def grouping_stats(
             read.append(reduce_on_dask(dask, st, grouping.codes, grouping.names, backend=backend, threads=threads))
         else:
             read.append(reduce_moments(st, grouping.codes, grouping.names, backend=backend, threads=threads,
-                                       progress=progress, verify=verify))
+                                       progress=progress, verify=verify, skip_damaged=skip_damaged))
         return [read[0].arrays()]
 
-    arrays, hit = cached_pass(st, [grouping], "moments", compute, use_cache=use_cache)
+    arrays, hit = cached_pass(st, [grouping], "moments", compute, use_cache=use_cache,
+                              cacheable=lambda: not read[0].skipped)
     out = labelled(arrays[0], grouping, st, hit)
     if read:
         out.chunks_read, out.bytes_read, out.seconds = read[0].chunks_read, read[0].bytes_read, time.perf_counter() - t0
+        out.skipped = read[0].skipped
     return out
 
 
 def split_grouping_stats(
     st: Store, grouping: Grouping, *, seed: int = 0, backend: str = "auto", use_cache: bool = True,
-    progress: Progress | None = None, threads: int | None = None, verify: bool = True,
+    progress: Progress | None = None, threads: int | None = None, verify: bool = True, skip_damaged: bool = False,
 ) -> tuple[GroupStats, GroupStats]:
     """:func:`compute_split_stats` of a grouping already made."""
     halves = [grouping.with_mask(st, m) for m in split_halves(st, seed=seed, by=grouping.by)]
@@ -202,14 +215,16 @@ def split_grouping_stats(
         both = np.where(c0 >= 0, c0 * 2, np.where(c1 >= 0, c1 * 2 + 1, -1)).astype(np.int32)
         names = [f"{g}#{h}" for g in halves[0].names for h in (0, 1)]
         read.append(reduce_moments(st, both, names, backend=backend, threads=threads, progress=progress,
-                                   verify=verify))
+                                   verify=verify, skip_damaged=skip_damaged))
         return [{k: np.ascontiguousarray(v[:, h::2]) for k, v in read[0].arrays().items()} for h in (0, 1)]
 
-    arrays, hit = cached_pass(st, halves, "moments", compute, use_cache=use_cache)
+    arrays, hit = cached_pass(st, halves, "moments", compute, use_cache=use_cache,
+                              cacheable=lambda: not read[0].skipped)
     out = [labelled(a, g, st, hit) for a, g in zip(arrays, halves, strict=True)]
     for s in out:
         if read:
             s.chunks_read, s.bytes_read, s.seconds = read[0].chunks_read, read[0].bytes_read, time.perf_counter() - t0
+            s.skipped = read[0].skipped
     return out[0], out[1]
 
 
@@ -226,6 +241,7 @@ def compute_stats(
     threads: int | None = None,
     verify: bool = True,
     dask: str | None = None,
+    skip_damaged: bool = False,
 ) -> GroupStats:
     """Sufficient statistics of a grouping of a store, from its cache or from one pass.
 
@@ -248,11 +264,14 @@ def compute_stats(
     dask
         ``ADDRESS`` of a Dask scheduler or ``local:N`` (a local cluster of N worker processes):
         reduce chunk ranges on the cluster and merge the partial statistics.
+    skip_damaged
+        Leave out chunks that cannot be read (missing, truncated, bad checksum) and list them in
+        the result's ``skipped``, instead of failing; such statistics are never cached.
     """
     st = open_store(store, write=use_cache)
     grouping = make_grouping(st, by, where=where, contrast=contrast, example_mask=example_mask)
     return grouping_stats(st, grouping, backend=backend, use_cache=use_cache, progress=progress, threads=threads,
-                          verify=verify, dask=dask)
+                          verify=verify, dask=dask, skip_damaged=skip_damaged)
 
 
 def compute_split_stats(

@@ -86,11 +86,16 @@ def tasks_for(
 
 
 class Prefetch:
-    """Reads the tasks' blocks in a background thread, ``depth`` blocks ahead; iterate for ``(task, block)``."""
+    """Reads the tasks' blocks in a background thread, ``depth`` blocks ahead; iterate for ``(task, block)``.
+
+    With ``skip_damaged``, a chunk that cannot be read (missing, truncated, bad checksum) comes as
+    ``(task, None)`` instead of ending the pass.
+    """
 
     def __init__(self, store: Store, tasks: Iterable[Task], *, depth: int = 2, verify: bool = True,
-                 lookahead: int = 4) -> None:
+                 lookahead: int = 4, skip_damaged: bool = False) -> None:
         self.store = store
+        self.skip_damaged = skip_damaged
         self.lookahead = lookahead
         self.tasks = tasks
         self.verify = verify
@@ -122,7 +127,12 @@ class Prefetch:
                 t = ahead.popleft()
                 if self.stop.is_set():
                     return
-                block = self._reader(t.part).read(t.layer, t.r0, t.r1)
+                try:
+                    block = self._reader(t.part).read(t.layer, t.r0, t.r1)
+                except StoreError:
+                    if not self.skip_damaged:
+                        raise
+                    block = None  # a damaged chunk, skipped: the consumer records it
                 self.q.put((t, block))
                 del block
         except BaseException as e:  # handed to the consumer
@@ -140,7 +150,8 @@ class Prefetch:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                read_counter.add(item[1].nbytes)
+                if item[1] is not None:
+                    read_counter.add(item[1].nbytes)
                 del item
         finally:
             self.stop.set()
