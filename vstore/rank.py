@@ -374,8 +374,10 @@ def rank_store(
         raise VstoreError(f"{st.path}: the store has no committed rows to rank")
     grouping = make_grouping(st, by, where=normalise_where(where), contrast=con)
     if con is None and req.method.needs != "none" and len(grouping.base) < 2:
-        raise UsageError(f"by: {by or 'no column'} gives the single group {grouping.base}; every method compares a "
-                         "group with the others, so it needs two or more (or a contrast)", "by", "contrast")
+        what = f"column {by!r} has the single group {grouping.base[0]!r}" if by and grouping.base else (
+            f"column {by!r} has no group" if by else "without a column, every example is in one group")
+        raise UsageError(f"by: {what}; every method compares a group with the others, so it needs two or more "
+                         "groups (or a contrast)", "by", "contrast")
     opts = _PassOptions(backend, use_cache, progress, threads, verify, dask, auroc_memory, skip_damaged)
     halves: tuple[GroupStats, GroupStats] | None = None
     stats: GroupStats | None = None
