@@ -175,8 +175,10 @@ def test_bad_arguments_are_usage_errors(tmp_path: Path, tiny_model: Path, storie
     for kw in ({"seed": -1}, {"threshold": float("nan")}):
         with pytest.raises(UsageError, match=next(iter(kw))):
             rank_store(s, "value", "welch-t", **kw)  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="single group"):
+    with pytest.raises(UsageError, match="every example is in one group"):
         rank_store(s, None, "welch-t")
+    with pytest.raises(UsageError, match="the single group 'g00'"):
+        rank_store(s, "value", "welch-t", where={"value": ["g00"]})
     for kw in ({"limit": 0}, {"limit": -1}, {"compressor": "zstd-abc"}, {"layers": "1-0"}):
         with pytest.raises((UsageError, StoreError)):
             build_store(tmp_path / "b", model=str(tiny_model), data=stories, **kw)  # type: ignore[arg-type]
