@@ -198,7 +198,7 @@ def test_a_store_killed_before_its_first_part_builds_again(tmp_path: Path, tiny_
     from vstore.build import build_store
     from vstore.store import Store
 
-    Store.create(tmp_path / "s", {"layers": [0, 1], "model": {}, "dtype": "float32"})  # what a kill leaves
+    Store.create(tmp_path / "s", {"layers": [0, 1], "model": {"n_neurons": 48}, "dtype": "float32"})  # what a kill leaves
     res = build_store(tmp_path / "s", model=str(tiny_model), data=stories, dtype="float32")
     assert res.examples > 0 and verify_store(tmp_path / "s").ok
 
