@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -345,3 +346,22 @@ def test_skip_damaged_reports_exactly_the_rows_left_out(tmp_path: Path, method: 
     assert f"rows {want[0][2]}:{want[0][3]}" in capsys.readouterr().err
     with pytest.raises(StoreError, match="missing chunk"):
         rank_store(s, "value", method, top_k=2)
+
+
+def test_cached_statistics_know_the_chunks_they_came_from(tmp_path: Path) -> None:
+    import shutil
+
+    from vstore.store import Store
+
+    s = synth(tmp_path / "s")
+    first = compute_stats(s, "value")
+    assert compute_stats(s, "value").from_cache
+    files = chunk_files(s)
+    shutil.copyfile(files[0], files[2])  # a chunk replaced by another whole, valid chunk
+    assert not verify_store(s).ok and any("stale" in d.problem for d in verify_store(s).damage)
+    again = compute_stats(s, "value")
+    assert not again.from_cache and not np.array_equal(again.sum, first.sum)  # recomputed, not served stale
+    assert verify_store(s).ok and len(Store(s).stats_keys()) == 1
+    files[1].unlink()
+    with pytest.raises(StoreError, match="missing chunk"):  # corruption is seen even after caching
+        compute_stats(s, "value")

@@ -20,7 +20,8 @@ import zarr
 from .atomic import PARTIAL_SUFFIX
 from .errors import StoreError
 from .progress import Progress, task
-from .store import FORMAT_NAME, ChunkReader, Store, check_format_version, chunk_file
+from .store import FORMAT_NAME, ChunkReader, Store, check_format_version, chunk_file, store_digest
+from .store._cache import CACHE_ATTR
 
 __all__ = ["Damage", "VerifyReport", "verify_store"]
 
@@ -135,11 +136,16 @@ def _check_examples_and_cache(st: Store, report: VerifyReport) -> None:
                 np.asarray(arr[:n])
         except Exception as e:
             report.damage.append(Damage(f"examples/{key}", f"cannot be read ({type(e).__name__}: {e})"))
+    digest = store_digest(st)
     for key in st.stats_keys():
         try:
             g: Any = zarr.open_group(str(st.path / "stats" / key), mode="r")
             for name in g.array_keys():
                 np.asarray(g[name][...])
+            recorded = dict(g.attrs.get(CACHE_ATTR, {})).get("chunks_digest")
+            if recorded is not None and digest is not None and recorded != digest:
+                report.damage.append(Damage(f"stats/{key}", "stale: computed from chunks that have changed since "
+                                                            "(`vstore cache clear` drops it; rank recomputes it)"))
         except Exception as e:
             report.damage.append(Damage(f"stats/{key}", f"cached statistics cannot be read ({type(e).__name__}: {e}); "
                                                         "`vstore cache clear` drops them"))

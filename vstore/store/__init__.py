@@ -14,8 +14,8 @@
 The format is documented in ``docs/store-format.md``; it stays readable by plain zarr-python.
 """
 
-from ._cache import clear_cache, read_cached, write_cached
-from ._chunks import ChunkReader, chunk_file, crc32c, direct_chunk_layout, write_chunk_file
+from ._cache import clear_cache, read_cached, store_digest, write_cached
+from ._chunks import ChunkReader, chunk_file, chunks_digest, crc32c, direct_chunk_layout, write_chunk_file
 from ._format import (
     DTYPES,
     FORMAT_NAME,
@@ -45,6 +45,7 @@ __all__ = [
     "check_format_version",
     "chunk_file",
     "chunk_rows_for",
+    "chunks_digest",
     "clear_cache",
     "codecs_for",
     "crc32c",
@@ -52,6 +53,7 @@ __all__ = [
     "dtype_spec",
     "is_store",
     "read_cached",
+    "store_digest",
     "write_cached",
     "write_chunk_file",
 ]

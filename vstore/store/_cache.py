@@ -20,16 +20,23 @@ import zarr
 
 from ..atomic import PARTIAL_SUFFIX, atomic_path
 from ..errors import StoreError
+from ._chunks import chunks_digest
 from ._store import Store
 
-__all__ = ["CACHE_ATTR", "clear_cache", "read_cached", "write_cached"]
+__all__ = ["CACHE_ATTR", "clear_cache", "read_cached", "store_digest", "write_cached"]
 
 CACHE_ATTR = "vstore_stats"
 _STALE_SECONDS = 24 * 3600
 
 
+def store_digest(store: Store) -> str | None:
+    """The digest of the stored checksums of every committed activation chunk (see :func:`chunks_digest`)."""
+    return chunks_digest([(store.acts(p.name), p.committed_rows) for p in store.parts])
+
+
 def read_cached(store: Store, key: str, spec: dict[str, Any], kind: str) -> dict[str, np.ndarray] | None:
-    """The arrays of entry ``key`` when it is complete, of ``kind``, and made for ``spec``; else None."""
+    """The arrays of entry ``key`` when it is complete, of ``kind``, made for ``spec``, and computed from
+    the chunks the store holds now (a chunk changed since makes the entry stale); else None."""
     root: Any = store.group
     try:
         if "stats" not in root or key not in set(root["stats"].group_keys()):
@@ -37,6 +44,8 @@ def read_cached(store: Store, key: str, spec: dict[str, Any], kind: str) -> dict
         g: Any = root[f"stats/{key}"]
         attrs = dict(g.attrs.get(CACHE_ATTR, {}))
         if not attrs.get("complete") or attrs.get("kind") != kind or attrs.get("spec") != json.loads(json.dumps(spec)):
+            return None
+        if attrs.get("chunks_digest") is not None and attrs["chunks_digest"] != store_digest(store):
             return None
         return {name: np.asarray(g[name][...]) for name in g.array_keys()}
     except (KeyError, OSError, ValueError):
@@ -68,7 +77,8 @@ def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: d
                                    fill_value=0)
                 if a.size:
                     z[...] = a
-            g.attrs.update({CACHE_ATTR: {**attrs, "complete": True, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+            g.attrs.update({CACHE_ATTR: {**attrs, "complete": True, "chunks_digest": store_digest(store),
+                                         "created": time.strftime("%Y-%m-%dT%H:%M:%S")}})
         _drop_stale(base, key, attrs)
         return True
     except OSError:  # a full or read-only disk: rank without caching

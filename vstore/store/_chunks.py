@@ -20,7 +20,7 @@ import zarr
 from ..atomic import atomic_path
 from ..errors import StoreError
 
-__all__ = ["ChunkReader", "chunk_file", "crc32c", "direct_chunk_layout", "write_chunk_file"]
+__all__ = ["ChunkReader", "chunk_file", "chunks_digest", "crc32c", "direct_chunk_layout", "write_chunk_file"]
 
 Layout = tuple[Path, Callable[[tuple[int, ...]], str], bool]
 
@@ -76,6 +76,32 @@ def chunk_file(arr: zarr.Array, coords: tuple[int, ...]) -> Path | None:
         return Path(sp.store.root) / sp.path / arr.metadata.chunk_key_encoding.encode_chunk_key(coords)  # type: ignore[union-attr]
     except Exception:  # a layout we do not recognise
         return None
+
+
+def chunks_digest(arrays: list[tuple[zarr.Array, int]]) -> str | None:
+    """A digest of the stored checksums of every committed chunk of ``arrays`` ((array, committed rows)).
+
+    Every chunk file of a vstore array ends in its crc32c (the last codec), so the last 4 bytes of
+    each file identify its content: a chunk rewritten, flipped or replaced changes the digest.
+    None when an array is not on a local file system.
+    """
+    import hashlib
+
+    h = hashlib.sha1()
+    for arr, rows in arrays:
+        step = int(arr.chunks[1])
+        for layer in range(int(arr.shape[0])):
+            for c in range(-(-rows // step) if step else 0):
+                f = chunk_file(arr, (layer, c, 0))
+                if f is None:
+                    return None
+                try:
+                    with open(f, "rb") as fh:
+                        fh.seek(-4, os.SEEK_END)
+                        h.update(fh.read(4))
+                except OSError:
+                    h.update(b"missing")
+    return h.hexdigest()
 
 
 def write_chunk_file(layout: Layout, coords: tuple[int, ...], block: np.ndarray) -> None:
