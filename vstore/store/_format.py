@@ -22,6 +22,7 @@ __all__ = [
     "ROWS_CHUNK",
     "STORAGE_DTYPES",
     "DtypeSpec",
+    "check_attributes",
     "check_format_version",
     "chunk_rows_for",
     "codecs_for",
@@ -79,6 +80,41 @@ def check_format_version(version: object, where: str) -> None:
     if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
         raise StoreError(f"{where}: store format version {version!r} is not supported (this vstore reads version "
                          f"{FORMAT_VERSION}, an integer)")
+
+
+def check_attributes(m: dict[str, Any], where: str) -> None:
+    """The store attributes the readers trust, checked once: a damaged field is a ``StoreError`` naming it."""
+
+    def is_int(v: object, low: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+    parts = m.get("parts")
+    if not isinstance(parts, list):
+        raise StoreError(f"{where}.parts is {type(parts).__name__}, expected a list")
+    for i, p in enumerate(parts):
+        if not isinstance(p, dict):
+            raise StoreError(f"{where}.parts[{i}] is {type(p).__name__}, expected an object")
+        for k in ("committed_rows", "committed_examples", "n_examples", "example_start"):
+            if not is_int(p.get(k)):
+                raise StoreError(f"{where}.parts[{i}].{k} is {p.get(k)!r}, expected an integer >= 0")
+        for k in ("name", "state"):
+            if not isinstance(p.get(k), str):
+                raise StoreError(f"{where}.parts[{i}].{k} is {p.get(k)!r}, expected a string")
+    layers = m.get("layers")
+    if not isinstance(layers, list) or not all(is_int(x) for x in layers):
+        raise StoreError(f"{where}.layers is {layers!r}, expected a list of layer indices")
+    model = m.get("model")
+    if not isinstance(model, dict) or not is_int(model.get("n_neurons")):
+        raise StoreError(f"{where}.model.n_neurons is missing or not an integer >= 0")
+    if not isinstance(m.get("dtype"), str) or m["dtype"] not in DTYPES:
+        raise StoreError(f"{where}.dtype is {m.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
+    if not is_int(m.get("n_examples", 0)):
+        raise StoreError(f"{where}.n_examples is {m.get('n_examples')!r}, expected an integer >= 0")
+    if "chunk_rows" in m and not is_int(m["chunk_rows"], 1):
+        raise StoreError(f"{where}.chunk_rows is {m['chunk_rows']!r}, expected an integer >= 1")
+    for k in ("site", "pooling", "state"):
+        if k in m and not isinstance(m[k], str):
+            raise StoreError(f"{where}.{k} is {m[k]!r}, expected a string")
 
 
 def dtype_spec(name: str, param: str = "dtype") -> DtypeSpec:

@@ -30,7 +30,15 @@ import zarr
 
 from ..errors import StoreError, StoreExistsError, StoreNotFoundError
 from . import _format
-from ._format import DTYPES, FORMAT_NAME, FORMAT_VERSION, ITEMSIZE, check_format_version, codecs_for
+from ._format import (
+    DTYPES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ITEMSIZE,
+    check_attributes,
+    check_format_version,
+    codecs_for,
+)
 
 __all__ = ["PartInfo", "Store", "is_store"]
 
@@ -90,42 +98,7 @@ class Store:
         self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
         self.meta: dict[str, Any] = dict(self.group.attrs[FORMAT_NAME])  # type: ignore[arg-type]
         check_format_version(self.meta.get("format_version"), str(self.path))
-        self._check_counters()
-
-    def _check_counters(self) -> None:
-        """The attributes the readers trust, checked once: a damaged field is a ``StoreError`` naming it."""
-        m, where = self.meta, f"{self.path}: attributes.vstore"
-
-        def is_int(v: object, low: int = 0) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-        parts = m.get("parts")
-        if not isinstance(parts, list):
-            raise StoreError(f"{where}.parts is {type(parts).__name__}, expected a list")
-        for i, p in enumerate(parts):
-            if not isinstance(p, dict):
-                raise StoreError(f"{where}.parts[{i}] is {type(p).__name__}, expected an object")
-            for k in ("committed_rows", "committed_examples", "n_examples", "example_start"):
-                if not is_int(p.get(k)):
-                    raise StoreError(f"{where}.parts[{i}].{k} is {p.get(k)!r}, expected an integer >= 0")
-            for k in ("name", "state"):
-                if not isinstance(p.get(k), str):
-                    raise StoreError(f"{where}.parts[{i}].{k} is {p.get(k)!r}, expected a string")
-        layers = m.get("layers")
-        if not isinstance(layers, list) or not all(is_int(x) for x in layers):
-            raise StoreError(f"{where}.layers is {layers!r}, expected a list of layer indices")
-        model = m.get("model")
-        if not isinstance(model, dict) or not is_int(model.get("n_neurons")):
-            raise StoreError(f"{where}.model.n_neurons is missing or not an integer >= 0")
-        if not isinstance(m.get("dtype"), str) or m["dtype"] not in DTYPES:
-            raise StoreError(f"{where}.dtype is {m.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
-        if not is_int(m.get("n_examples", 0)):
-            raise StoreError(f"{where}.n_examples is {m.get('n_examples')!r}, expected an integer >= 0")
-        if "chunk_rows" in m and not is_int(m["chunk_rows"], 1):
-            raise StoreError(f"{where}.chunk_rows is {m['chunk_rows']!r}, expected an integer >= 1")
-        for k in ("site", "pooling", "state"):
-            if k in m and not isinstance(m[k], str):
-                raise StoreError(f"{where}.{k} is {m[k]!r}, expected a string")
+        check_attributes(self.meta, f"{self.path}: attributes.vstore")
 
     # -- creation ---------------------------------------------------------------------------------
     @classmethod
