@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import fault_suite  # noqa: E402
+import fault_suite
 
 
 def test_fault_suite_quick(tmp_path: Path) -> None:

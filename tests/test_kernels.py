@@ -58,22 +58,23 @@ def oracle_values(raw: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def oracle_moments(raw: np.ndarray, dtype: str, groups: np.ndarray, n_groups: int) -> dict[str, np.ndarray]:
+    """Per group: rows, and per neuron the sums over finite values and the count of NaN/Inf values."""
     x = oracle_values(raw, dtype)
-    finite = np.isfinite(x).all(axis=1)
+    finite = np.isfinite(x)
     n = x.shape[1]
     out = {
         "count": np.zeros(n_groups, np.int64),
         "sum": np.zeros((n_groups, n)),
         "sumsq": np.zeros((n_groups, n)),
         "npos": np.zeros((n_groups, n), np.int64),
-        "nonfinite": np.zeros(n_groups, np.int64),
+        "nonfinite": np.zeros((n_groups, n), np.int64),
         "abs_sum": np.zeros((n_groups, n)),
     }
     for g in range(n_groups):
         in_group = groups == g
-        rows = x[in_group & finite]
+        rows = np.where(finite[in_group], x[in_group], 0.0)
         out["count"][g] = rows.shape[0]
-        out["nonfinite"][g] = np.count_nonzero(in_group & ~finite)
+        out["nonfinite"][g] = (~finite[in_group]).sum(axis=0)
         out["sum"][g] = rows.sum(axis=0)
         out["sumsq"][g] = (rows**2).sum(axis=0)
         out["npos"][g] = (rows > 0).sum(axis=0)
@@ -268,13 +269,13 @@ def test_merge_rejects_other_shape() -> None:
 
 
 def oracle_histogram_check(hist, raw, dtype, groups, neuron_start) -> None:
-    """Counts per key equal an np.unique count of the oracle keys of the valid rows."""
-    finite = np.isfinite(oracle_values(raw, dtype)).all(axis=1)
+    """Counts per key equal an np.unique count of the oracle keys of the finite values."""
+    finite = np.isfinite(oracle_values(raw, dtype))
     keys = oracle_key(raw, dtype)
     total = 0
     for g in range(hist.shape[0]):
-        rows = (groups == g) & finite
         for j in range(hist.shape[1]):
+            rows = (groups == g) & finite[:, neuron_start + j]
             uniq, counts = np.unique(keys[rows, neuron_start + j], return_counts=True)
             np.testing.assert_array_equal(np.flatnonzero(hist[g, j]), uniq)
             np.testing.assert_array_equal(hist[g, j, uniq], counts)

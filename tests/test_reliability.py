@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -365,3 +366,35 @@ def test_cached_statistics_know_the_chunks_they_came_from(tmp_path: Path) -> Non
     files[1].unlink()
     with pytest.raises(StoreError, match="missing chunk"):  # corruption is seen even after caching
         compute_stats(s, "value")
+
+
+def test_a_nan_neuron_costs_only_its_own_values(tiny_model: Path, stories: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """A neuron that is NaN on every token is left out alone: its layer keeps every row, in build,
+    rank and AUROC alike, and the build reports it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vstore.build import build_store
+    from vstore.stats import compute_auroc
+    from vstore.store import Store
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    m = AutoModelForCausalLM.from_pretrained(str(broken), dtype=torch.float32)
+    with torch.no_grad():  # the last layer's neuron 3: NaN on every token (nothing after it to spread into)
+        m.model.layers[1].mlp.gate_proj.weight[3] = float("nan")
+    m.save_pretrained(str(broken), safe_serialization=True)
+    res = build_store(tmp_path / "s", model=str(broken), data=stories, dtype="float32")
+    assert res.nonfinite == {"1": res.rows} and "NaN/Inf" in capsys.readouterr().err
+    assert Store(tmp_path / "s").meta["nonfinite"] == res.nonfinite
+    st = compute_stats(tmp_path / "s", "value")
+    assert (st.nonfinite[1, :, 3] == st.count[1]).all() and st.nonfinite.sum() == res.rows
+    keep = np.ones(st.n_neurons, bool)
+    keep[3] = False
+    assert (st.valid()[1][:, keep] == st.count[1][:, None]).all()  # the layer's other neurons keep every row
+    ranked = rank_store(tmp_path / "s", "value", "welch-t", top_k=8)
+    assert ranked.nonfinite == {1: res.rows} and any(it["layer"] == 1 for g in ranked.groups.values() for it in g)
+    assert not any((it["layer"], it["neuron"]) == (1, 3) for g in ranked.groups.values() for it in g)
+    auc = compute_auroc(tmp_path / "s", "value")
+    assert np.isnan(auc.auroc[1, :, 3]).all() and np.isfinite(auc.auroc[1][:, keep]).all()

@@ -41,17 +41,18 @@ def synth(path: Path, dtype: str = "float16", **kw: object) -> dict:
 
 
 def reference(path: Path, column: str = "value") -> dict[str, dict[str, np.ndarray]]:
-    """Per group: count/sum/sumsq/npos per layer from the raw arrays (NaN rows left out)."""
+    """Per group: count/sum/sumsq/npos per layer from the raw arrays (NaN/Inf values left out per neuron)."""
     X, y, cats = raw_rows(path, column)
     out = {}
     for g in cats:
         rows = X[:, y == g, :]
-        ok = np.isfinite(rows).all(axis=2)  # (L, R)
+        ok = np.isfinite(rows)  # (L, R, N)
+        vals = np.where(ok, rows, 0)
         out[g] = {
-            "count": ok.sum(axis=1),
-            "sum": np.where(ok[:, :, None], rows, 0).sum(axis=1),
-            "sumsq": np.where(ok[:, :, None], rows * rows, 0).sum(axis=1),
-            "npos": (np.where(ok[:, :, None], rows, 0) > 0).sum(axis=1),
+            "count": np.full(rows.shape[0], rows.shape[1]),
+            "sum": vals.sum(axis=1),
+            "sumsq": (vals * vals).sum(axis=1),
+            "npos": (vals > 0).sum(axis=1),
             "nonfinite": (~ok).sum(axis=1),
         }
     return out
@@ -72,7 +73,8 @@ def test_stats_equal_numpy_on_every_backend(tmp_path: Path, dtype: str) -> None:
             np.testing.assert_array_equal(st.nonfinite[:, gi], ref[g]["nonfinite"])
             np.testing.assert_allclose(st.sum[:, gi], ref[g]["sum"], rtol=1e-12, atol=1e-9)
             np.testing.assert_allclose(st.sumsq[:, gi], ref[g]["sumsq"], rtol=1e-12, atol=1e-9)
-    assert int(results[0].nonfinite.sum()) == 5 * 3  # every layer of each NaN row
+    assert int(results[0].nonfinite.sum()) == 5 * 3  # one NaN neuron in each layer of each NaN row
+    assert (results[0].valid()[:, :, 1:] == results[0].count[:, :, None]).all()  # the other neurons keep every row
     for other in results[1:]:  # backends agree bit for bit
         for k in ("count", "sum", "sumsq", "npos", "nonfinite"):
             assert np.array_equal(getattr(results[0], k), getattr(other, k)), k
@@ -177,11 +179,11 @@ def test_auroc_exact_for_16_bit_stores(tmp_path: Path, dtype: str) -> None:
     res = compute_auroc(tmp_path / "s", "value", memory=4 * 8 * 65536 * 4, use_cache=False)
     assert res.exact and res.passes == 3 * 6 and float(res.error.max()) == 0.0
     X, y, _ = raw_rows(tmp_path / "s")
-    ok = np.isfinite(X).all(axis=2)
+    ok = np.isfinite(X)  # NaN/Inf values are left out neuron by neuron (neuron 0 holds the NaNs)
     for ti, g in enumerate(res.targets):
         for li in range(3):
             for n in (0, 5, 17, 47):
-                x, lab = X[li, ok[li], n], y[ok[li]] == g
+                x, lab = X[li, ok[li, :, n], n], y[ok[li, :, n]] == g
                 assert res.auroc[li, ti, n] == pytest.approx(roc_auc_score(lab, x), abs=1e-13)
                 # exact: the Mann-Whitney U (midranks, ties count one half) over n1 * n0, one rounding
                 u = mannwhitneyu(x[lab], x[~lab]).statistic

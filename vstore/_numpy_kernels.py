@@ -113,3 +113,47 @@ def select_top_k(scores: npt.NDArray[np.float64], k: int) -> npt.NDArray[np.int6
     finite = np.flatnonzero(np.isfinite(scores))
     order = np.argsort(-scores[finite], kind="stable")
     return finite[order[:k]].astype(np.int64)
+
+
+def nonfinite_rows(block: np.ndarray, dtype: str, groups: np.ndarray) -> np.ndarray:
+    """Indices of the rows in a group (``groups >= 0``) that hold any NaN or +-Inf."""
+    if dtype == "bfloat16":
+        bad = ((block & 0x7F80) == 0x7F80).any(axis=1)
+    else:
+        bad = ~np.isfinite(block).all(axis=1)
+    return np.flatnonzero(bad & (groups >= 0))
+
+
+def add_nonfinite_rows(
+    block: np.ndarray, dtype: str, groups: np.ndarray, rows: np.ndarray, count: np.ndarray, sum_: np.ndarray,
+    sumsq: np.ndarray, npos: np.ndarray, nonfinite: np.ndarray,
+) -> None:
+    """Adds the rows the kernels skipped (they hold NaN/Inf) neuron by neuron: each row counts, its
+    finite values are summed, and each non-finite value is counted in ``nonfinite[g, neuron]``.
+
+    Shared by every backend, after its kernel, so the backends still agree bit for bit.
+    """
+    for r in rows:
+        g = int(groups[r])
+        with np.errstate(invalid="ignore"):  # NaN payloads cast quietly
+            v = decode(block[r : r + 1], dtype)[0].astype(np.float64)
+        fin = np.isfinite(v)
+        w = np.where(fin, v, 0.0)
+        count[g] += 1
+        sum_[g] += w
+        sumsq[g] += w * w
+        npos[g] += w > 0
+        nonfinite[g] += ~fin
+
+
+def add_nonfinite_histogram(
+    block: np.ndarray, dtype: str, groups: np.ndarray, rows: np.ndarray, hist: np.ndarray, neuron_start: int,
+) -> None:
+    """Adds the finite values of the rows the histogram kernels skipped (they hold NaN/Inf)."""
+    n_hist = hist.shape[1]
+    for r in rows:
+        raw = block[r, neuron_start : neuron_start + n_hist]
+        with np.errstate(invalid="ignore"):
+            fin = np.isfinite(decode(raw[None, :], dtype)[0])
+        cols = np.flatnonzero(fin)
+        np.add.at(hist[int(groups[r])], (cols, histogram_key(raw[cols], dtype).astype(np.int64)), 1)

@@ -45,6 +45,7 @@ class BuildResult:
     bytes_written: int
     resumed_from: int
     overflow: dict[str, int] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
@@ -288,12 +289,19 @@ def build_store(
                               batch_size=batch_size, max_length=fit, device=device, example_start=example_start,
                               queue_depth=queue_depth, commit_every=commit_every, bar=bar)
         store.commit(part, len(examples), writer.written, overflow=res.overflow)
+        if res.nonfinite:
+            store.update_meta(nonfinite={k: int(store.meta.get("nonfinite", {}).get(k, 0)) + v
+                                         for k, v in res.nonfinite.items()})
         store.finish_part(part)
         if res.overflow:
             note(f"warning: {sum(res.overflow.values())} activation value(s) beyond ±65504 became ±inf in float16 "
                  f"(per layer: {res.overflow}); store bfloat16 or float32 instead")
+        if res.nonfinite:
+            note(f"warning: the model produced {sum(res.nonfinite.values())} NaN/Inf activation value(s) (per layer: "
+                 f"{res.nonfinite}); they are stored as they are and left out of the statistics neuron by neuron")
         return BuildResult(out, part, len(examples) - resumed_from, writer.written, res.tokens,
-                           time.perf_counter() - t_start, writer.bytes_written, resumed_from, res.overflow)
+                           time.perf_counter() - t_start, writer.bytes_written, resumed_from, res.overflow,
+                           res.nonfinite)
 
 
 @contextlib.contextmanager

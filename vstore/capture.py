@@ -96,6 +96,7 @@ class RowSink:
         self.pool, self.dtype = pool, dtype
         self.check_overflow = check_overflow
         self.overflow: dict[int, int] = {}  # model layer -> values beyond the float16 range
+        self.nonfinite: dict[int, int] = {}  # model layer -> NaN/Inf values the model produced
         self.out: Any = None
 
     def prepare(
@@ -133,6 +134,8 @@ class RowSink:
             src = (w.unsqueeze(1).to(t.dtype) @ t[keep]).squeeze(1)  # weighted mean over tokens, float32
         else:
             src = t[self.index]
+        if src.numel() and not bool(torch.isfinite(src).all()):
+            self.nonfinite[layer] = self.nonfinite.get(layer, 0) + int((~torch.isfinite(src)).sum())
         if self.check_overflow and src.numel():
             lo, hi = torch.aminmax(src)  # one cheap pass in float32; count exactly only when needed
             if hi >= FLOAT16_INF_FROM or lo <= -FLOAT16_INF_FROM:
@@ -146,6 +149,7 @@ class StreamResult:
 
     tokens: int
     overflow: dict[str, int]
+    nonfinite: dict[str, int]
 
 
 def stream_part(
@@ -203,12 +207,13 @@ def stream_part(
     finally:
         q.put(None)
         wthread.join()
+    nonfinite = {str(k): v for k, v in sorted(sink.nonfinite.items())}
     if wthread.error is not None:
         err = _write_error(wthread.error, writer)
         if err is wthread.error:
             raise err
         raise err from wthread.error
-    return StreamResult(tokens_seen, overflow)
+    return StreamResult(tokens_seen, overflow, nonfinite)
 
 
 def _write_error(error: BaseException, writer: PartWriter) -> BaseException:

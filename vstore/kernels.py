@@ -18,15 +18,19 @@ Blocks
 A block holds one layer's activations for some rows: a 2-D C-contiguous array ``(rows, neurons)``
 whose raw dtype follows the logical ``dtype``: ``"float16"`` -> float16, ``"float32"`` -> float32,
 ``"bfloat16"`` -> uint16 bit patterns. ``groups`` (int32, one per row, in ``[-1, n_groups)``) says
-which group each row adds to; rows with -1 are skipped entirely. A row holding any NaN or +-Inf is
-left out of every statistic and histogram and counted in ``nonfinite[group]`` instead.
+which group each row adds to; rows with -1 are skipped entirely. NaN and +-Inf are left out neuron
+by neuron: a row counts in ``count[group]``, its finite values are summed and histogrammed, and each
+non-finite value is counted in ``nonfinite[group, neuron]`` (the native and Numba kernels skip such
+rows whole, and this wrapper adds them back value by value, with the same NumPy code for every
+backend).
 
 Exactness
 ---------
 Values are decoded to float32, then widened to float64 (both exact). For every group, a block's
 partial sums start at +0.0 and add its valid rows in row order; the partials are then added once to
-the accumulator. All backends follow this order, so they agree bit for bit, and accumulating two
-blocks one after the other equals accumulating each into its own :class:`vstore.stats.Moments` and merging them.
+the accumulator; the rows holding NaN/Inf are then added one by one. All backends follow this order,
+so they agree bit for bit, and (for blocks without NaN/Inf) accumulating two blocks one after the
+other equals accumulating each into its own :class:`vstore.stats.Moments` and merging them.
 
 Histogram keys
 --------------
@@ -281,9 +285,14 @@ def accumulate_moments(
     groups = _check_groups(groups, block.shape[0], acc.n_groups)
     n_threads = _check_threads(threads)
     kernels = _backend_module(backend)
-    kernels.accumulate_moments(
-        block, dtype, groups, acc.count, acc.sum, acc.sumsq, acc.npos, acc.nonfinite, n_threads
-    )
+    skipped = np.zeros(acc.n_groups, dtype=np.int64)  # rows the kernel left out whole: they hold NaN/Inf
+    kernels.accumulate_moments(block, dtype, groups, acc.count, acc.sum, acc.sumsq, acc.npos, skipped, n_threads)
+    if skipped.any():
+        from . import _numpy_kernels
+
+        rows = _numpy_kernels.nonfinite_rows(block, dtype, groups)
+        _numpy_kernels.add_nonfinite_rows(block, dtype, groups, rows, acc.count, acc.sum, acc.sumsq, acc.npos,
+                                          acc.nonfinite)
 
 
 def accumulate_histogram(
@@ -298,9 +307,8 @@ def accumulate_histogram(
 ) -> None:
     """Counts each value's 16-bit key into per-group, per-neuron histograms, in place.
 
-    For ``j`` in ``[0, M)`` with ``M = hist.shape[1]``, every valid row ``r`` adds one to
-    ``hist[groups[r], j, key(block[r, neuron_start + j])]``. A row is valid when its group is not -1
-    and the whole row (all N columns) is finite.
+    For ``j`` in ``[0, M)`` with ``M = hist.shape[1]``, every row ``r`` whose group is not -1 adds
+    one to ``hist[groups[r], j, key(block[r, neuron_start + j])]`` where that value is finite.
 
     Parameters
     ----------
@@ -351,6 +359,11 @@ def accumulate_histogram(
     n_threads = _check_threads(threads)
     kernels = _backend_module(backend)
     kernels.accumulate_histogram(block, dtype, groups, hist, int(neuron_start), n_threads)
+    from . import _numpy_kernels
+
+    rows = _numpy_kernels.nonfinite_rows(block, dtype, groups)
+    if rows.size:  # the kernel skipped these rows whole: add their finite values neuron by neuron
+        _numpy_kernels.add_nonfinite_histogram(block, dtype, groups, rows, hist, int(neuron_start))
 
 
 def histogram_key(values: np.ndarray, dtype: str) -> npt.NDArray[np.uint16]:

@@ -108,9 +108,9 @@ class _Pair:
 
 
 def _pairs(stats: GroupStats) -> tuple[list[str], _Pair]:
-    """Moments of both sides of every target: counts (L, T, 1), sums/sumsq/npos (L, T, N), float64."""
+    """Moments of both sides of every target: counts, sums, sumsq, npos (L, T, N), float64."""
     tg = targets(stats.base or stats.groups, stats.sides)
-    n = stats.count.astype(np.float64)[:, :, None]
+    n = stats.valid().astype(np.float64)  # rows with a finite value, per neuron
     s, q, p = stats.sum, stats.sumsq, stats.npos.astype(np.float64)
     tot = [x.sum(axis=1, keepdims=True) for x in (n, s, q, p)]
     side1, side0 = [], []

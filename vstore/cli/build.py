@@ -112,6 +112,8 @@ def cmd_info(a: argparse.Namespace) -> int:
         t.add_row(f"label {col}", ", ".join(cats))
     if info["overflow"]:
         t.add_row("float16 overflow", json.dumps(info["overflow"]))
+    if info["nonfinite"]:
+        t.add_row("NaN/Inf from the model", json.dumps(info["nonfinite"]))
     t.add_row("stats cache", "\n".join(info["stats_cache"]) or "(empty)")
     console.print(t)
     return 0

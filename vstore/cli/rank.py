@@ -115,7 +115,8 @@ def cmd_rank(a: argparse.Namespace) -> int:
         console_err.print(f"[yellow]skipped {len(ns.skipped)} damaged chunk(s)[/] (not cached): {rows}",
                           highlight=False, soft_wrap=True)
     if ns.nonfinite:
-        console_err.print(f"[yellow]left out[/] rows holding NaN/Inf, per layer: {ns.nonfinite}", highlight=False)
+        console_err.print(f"[yellow]left out[/] NaN/Inf values (neuron by neuron), per layer: {ns.nonfinite}",
+                          highlight=False)
     extra = ""
     params = ns.data["params"]
     if "auroc_exact" in params and not params["auroc_exact"]:

@@ -25,7 +25,7 @@ from ..store import Store
 __all__ = ["SIDE_SEP", "STATS_VERSION", "Contrast", "Grouping", "Where", "make_grouping", "normalise_contrast",
            "normalise_where"]
 
-STATS_VERSION = 1
+STATS_VERSION = 2  # 2: NaN/Inf left out per neuron (nonfinite is (layers, groups, neurons))
 SIDE_SEP = "|"
 
 Where = dict[str, list[str]]

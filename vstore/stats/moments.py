@@ -3,10 +3,11 @@ arrays labelled with the grouping and the layers they describe.
 
 Per group (and, with a leading layer axis, per layer) and neuron:
 
-* ``count``     rows reduced (int64; a row holding NaN/Inf is left out of its layer),
-* ``sum``, ``sumsq``  of the activations (float64),
+* ``count``     rows reduced (int64),
+* ``sum``, ``sumsq``  of the finite activations (float64),
 * ``npos``      rows with activation > 0 (int64),
-* ``nonfinite`` rows left out because they hold NaN or Inf (int64).
+* ``nonfinite`` per neuron, the NaN/Inf values left out (int64): the neuron's rows are
+  ``count - nonfinite`` (:meth:`Moments.valid`).
 
 That is all that activation probabilities, means, variances, Cohen's d and Welch's t need. The
 statistics are mergeable exactly in the summation order of :mod:`vstore.kernels`, so parts,
@@ -37,12 +38,14 @@ class Moments:
 
     Attributes
     ----------
-    count, nonfinite : numpy.ndarray
-        int64 ``(..., G)``: rows included / rows skipped for NaN or +-Inf, per group.
+    count : numpy.ndarray
+        int64 ``(..., G)``: rows per group.
     sum, sumsq : numpy.ndarray
-        float64 ``(..., G, N)``: sum and sum of squares of the included rows' values.
+        float64 ``(..., G, N)``: sum and sum of squares of the rows' finite values.
     npos : numpy.ndarray
         int64 ``(..., G, N)``: how many of them are > 0.
+    nonfinite : numpy.ndarray
+        int64 ``(..., G, N)``: values left out because they are NaN or +-Inf.
     """
 
     count: npt.NDArray[np.int64]
@@ -98,7 +101,7 @@ class Moments:
         lead_g = self.count.shape
         full = (*lead_g, self.sum.shape[-1])
         expected = {"count": (lead_g, np.int64), "sum": (full, np.float64), "sumsq": (full, np.float64),
-                    "npos": (full, np.int64), "nonfinite": (lead_g, np.int64)}
+                    "npos": (full, np.int64), "nonfinite": (full, np.int64)}
         for name, (shape, dtype) in expected.items():
             a = getattr(self, name)
             if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != np.dtype(dtype)
@@ -129,22 +132,26 @@ class Moments:
         for k in FIELDS:
             getattr(self, k)[...] += getattr(other, k)
 
+    def valid(self) -> npt.NDArray[np.int64]:
+        """Rows with a finite value, per group and neuron (``count - nonfinite``)."""
+        return self.count[..., None] - self.nonfinite
+
     def mean(self) -> npt.NDArray[np.float64]:
-        """Mean activation per group and neuron; NaN where a group has no rows."""
+        """Mean activation per group and neuron; NaN where a group has no (finite) rows."""
         with np.errstate(divide="ignore", invalid="ignore"):
-            return self.sum / self.count[..., None]
+            return self.sum / self.valid()
 
     def var(self, ddof: int = 1) -> npt.NDArray[np.float64]:
-        """Variance with ``ddof`` (1: unbiased); NaN where a group has <= ddof rows."""
-        n = self.count[..., None].astype(np.float64)
+        """Variance with ``ddof`` (1: unbiased); NaN where a group has <= ddof (finite) rows."""
+        n = self.valid().astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
             ss = self.sumsq - self.sum * self.sum / n
             v = np.maximum(ss, 0.0) / (n - ddof)
         return np.where(n > ddof, v, np.nan)
 
     def prob(self) -> npt.NDArray[np.float64]:
-        """Activation probability P(activation > 0); 0 where a group has no rows."""
-        n = self.count[..., None]
+        """Activation probability P(activation > 0); 0 where a group has no (finite) rows."""
+        n = self.valid()
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(n > 0, self.npos / np.maximum(n, 1), 0.0)
 
@@ -152,7 +159,7 @@ class Moments:
 def _zero_arrays(lead: tuple[int, ...], n_groups: int, n_neurons: int) -> dict[str, np.ndarray]:
     g, full = (*lead, n_groups), (*lead, n_groups, n_neurons)
     return {"count": np.zeros(g, np.int64), "sum": np.zeros(full, np.float64), "sumsq": np.zeros(full, np.float64),
-            "npos": np.zeros(full, np.int64), "nonfinite": np.zeros(g, np.int64)}
+            "npos": np.zeros(full, np.int64), "nonfinite": np.zeros(full, np.int64)}
 
 
 @dataclass(eq=False)
@@ -232,8 +239,8 @@ class GroupStats(Moments):
         return {b: sum(per[f"{b}|{s}"] for s in self.sides) for b in self.base}
 
     def nonfinite_per_layer(self) -> dict[int, int]:
-        """Rows left out for NaN/Inf, per model layer (only layers with any)."""
-        return {lyr: int(n) for lyr, n in zip(self.layers, self.nonfinite.sum(axis=1), strict=True) if n}
+        """NaN/Inf values left out, per model layer (only layers with any)."""
+        return {lyr: int(n) for lyr, n in zip(self.layers, self.nonfinite.sum(axis=(1, 2)), strict=True) if n}
 
 
 def targets(base: Sequence[str], sides: Sequence[str] | None) -> list[tuple[str, list[int], list[int] | None]]:

@@ -269,6 +269,7 @@ class Store:
             "activation_bytes": nbytes,
             "label_columns": {c: self.labels(c)[1] for c in self.label_columns()},
             "overflow": self.meta.get("overflow", {}),
+            "nonfinite": self.meta.get("nonfinite", {}),
             "dataset": [p.get("dataset") for p in self.meta["parts"]],
             "stats_cache": self.stats_keys(),
         }
