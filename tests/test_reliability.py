@@ -398,3 +398,5 @@ def test_a_nan_neuron_costs_only_its_own_values(tiny_model: Path, stories: Path,
     assert not any((it["layer"], it["neuron"]) == (1, 3) for g in ranked.groups.values() for it in g)
     auc = compute_auroc(tmp_path / "s", "value")
     assert np.isnan(auc.auroc[1, :, 3]).all() and np.isfinite(auc.auroc[1][:, keep]).all()
+    assert auc.nonfinite == {1: res.rows}  # AUROC reports them too
+    assert rank_store(tmp_path / "s", "value", "auroc", top_k=3).data["stats"]["nonfinite_values"] == {"1": res.rows}

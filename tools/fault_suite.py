@@ -18,7 +18,8 @@ Every try runs the real command line in a child process and is classified:
     a resumed store differs from an uninterrupted build (committed data lost or changed).
 
 Scenarios: SIGKILL of a build at ``--kills`` distinct moments (each resumed, the final store compared
-bitwise with the reference), a file-size limit (``RLIMIT_FSIZE``) mid-build then a resume, chunks
+bitwise with the reference), a file-size limit (``RLIMIT_FSIZE``) mid-build then a resume, a small
+tmpfs filled while a build runs (where tmpfs can be mounted) then a resume, chunks
 flipped / truncated / deleted, damaged metadata, three identical ranks at once, and a rank while a
 build runs. The table goes to ``docs/reliability.md``; the target is zero in the last four columns.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import resource
@@ -173,6 +175,50 @@ def file_size_limit(work: Path, build: list[str], ref: Path, tally: Tally, timeo
             tally.add("resume after the limit", "clean" if same_store(ref, out) else "data lost", "differs")
 
 
+def full_tmpfs(work: Path, build: list[str], ref: Path, tally: Tally, timeout: float) -> None:
+    """A real full disk: a small tmpfs that a filler file fills while the build runs; then room again.
+
+    Skipped (and said so) where tmpfs cannot be mounted (not root, or a container that forbids it).
+    """
+    mnt = work / "tmpfs"
+    mnt.mkdir(exist_ok=True)
+    # room for the whole store and the temporary of one chunk rewrite (what the build's own check asks)
+    size = sum(f.stat().st_size for f in ref.rglob("*") if f.is_file()) + 2 * max(f.stat().st_size for f in _chunks(ref))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        tally.notes.append("tmpfs: cannot be mounted here; the full-disk scenario was skipped")
+        return
+    try:
+        out = mnt / "s"
+        p = subprocess.Popen([*VSTORE, *build, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**os.environ, "VSTORE_NO_PROGRESS": "1"}, text=True)
+        time.sleep(float((work / "ref.seconds").read_text()) * 0.3)
+        filler = mnt / "filler"
+        with open(filler, "wb") as f, contextlib.suppress(OSError):  # take every byte that is left
+            while True:
+                f.write(b"\0" * (1 << 20))
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            tally.add("disk full (tmpfs)", "hang", "the build did not end")
+            return
+        full = p.returncode == 2 and "Traceback" not in err and "disk" in err.lower()
+        tally.add("disk full (tmpfs)", "clean" if full or p.returncode == 0 else classify(p.returncode, err,
+                                                                                          expect_ok=False), err[-300:])
+        left = list(out.rglob("*.partial")) if out.exists() else []
+        if left:
+            tally.add("disk full (tmpfs)", "data lost", f"{len(left)} .partial files keep the disk full")
+        filler.unlink()
+        rc, err = run([*build, "--out", str(out)], timeout)
+        if classify(rc, err, expect_ok=True) != "clean":
+            tally.add("resume after the disk was full", classify(rc, err, expect_ok=True), err[-300:])
+        else:
+            tally.add("resume after the disk was full", "clean" if same_store(ref, out) else "data lost", "differs")
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
 def _chunks(store: Path) -> list[Path]:
     return sorted(p for p in (store / "parts" / "0000" / "acts" / "c").rglob("*") if p.is_file())
 
@@ -289,6 +335,7 @@ def run_suite(work: Path, *, n_kills: int = 20, quick: bool = False, timeout: fl
     tally = Tally()
     kills(work, build, ref, n_kills, tally, timeout)
     file_size_limit(work, build, ref, tally, timeout)
+    full_tmpfs(work, build, ref, tally, timeout)
     corruption(work, ref, tally, timeout, per_kind=1 if quick else 3)
     races(work, ref, build, tally, timeout, tries=1 if quick else 3)
     return tally

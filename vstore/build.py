@@ -86,10 +86,12 @@ def _versions() -> dict[str, str]:
 def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str, chunk_rows: int) -> None:
     """Refuse a build whose activations and row table would not fit in 95% of the free space.
 
-    Chunk files are whole chunks (the last one of a part padded), so rows count up to whole chunks.
+    Chunk files are whole chunks (the last one of a part padded), so rows count up to whole chunks;
+    and a chunk is rewritten through a temporary beside it, so one more chunk must fit on top.
     """
     padded = -(-rows // max(1, chunk_rows)) * max(1, chunk_rows)
-    need = padded * n_layers * n_neurons * ITEMSIZE[dtype] + rows * ROW_TABLE_BYTES
+    chunk = max(1, chunk_rows) * n_neurons * ITEMSIZE[dtype]
+    need = padded * n_layers * n_neurons * ITEMSIZE[dtype] + chunk + rows * ROW_TABLE_BYTES
     probe = path
     while not probe.exists():
         probe = probe.parent

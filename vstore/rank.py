@@ -206,9 +206,8 @@ def _rank_stats(stats: GroupStats, req: RankRequest) -> _Ranked:
     return _Ranked(sc, groups, thresholds, stats.target_rows())
 
 
-def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, stats: GroupStats | None,
-              extra_params: Mapping[str, Any]) -> dict[str, Any]:
-    nonfinite = stats.nonfinite_per_layer() if stats is not None else {}
+def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, nonfinite: Mapping[int, int],
+              stats_key: str | None, extra_params: Mapping[str, Any]) -> dict[str, Any]:
     con = grouping.contrast
     return {
         "format": dict(FORMAT),
@@ -222,7 +221,7 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
         "contrast": {"column": con[0], "sides": con[1]} if con else None,
         "layers": st.layers,
         "n_neurons": st.n_neurons,
-        "stats": {"key": stats.key if stats is not None else None, "rows": ranked.rows,
+        "stats": {"key": stats_key, "rows": ranked.rows,
                   "nonfinite_values": {str(k): v for k, v in nonfinite.items()}},
         "groups": ranked.groups,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -247,13 +246,14 @@ def _rank_grouping(st: Store, req: RankRequest, grouping: Grouping, opts: _PassO
     """Rank one grouping (the whole data, or one split half) from its statistics."""
     from_cache, nbytes = bool(stats.from_cache) if stats is not None else False, stats.bytes_read if stats else 0
     skipped = list(stats.skipped) if stats is not None else []
+    auroc_nonfinite: dict[int, int] = {}
     if req.method.needs == "none":
         ranked = _rank_random(st, req, grouping)
     elif req.method.needs == "histogram":
         res = grouping_auroc(st, grouping, backend=opts.backend, use_cache=opts.use_cache, progress=opts.progress,
                              threads=opts.threads, verify=opts.verify, memory=opts.auroc_memory,
                              skip_damaged=opts.skip_damaged)
-        skipped = res.skipped
+        skipped, auroc_nonfinite = res.skipped, res.nonfinite
         sc = score("auroc", auroc=res)
         if res.exact:
             sc.extra.pop("auroc_error", None)
@@ -266,9 +266,10 @@ def _rank_grouping(st: Store, req: RankRequest, grouping: Grouping, opts: _PassO
     if skipped:  # the set rests on part of the data: say which rows were left out, in the file too
         extra_params = {**extra_params, "skipped_damaged": [
             {"part": p, "layer": st.layers[li], "rows": [r0, r1]} for p, li, r0, r1 in skipped]}
-    doc = _document(st, req, grouping, ranked, stats, extra_params)
-    return RankResult(NeuronSet.from_dict(doc, source="rank"), ranked.scores, ranked.rows,
-                      stats.nonfinite_per_layer() if stats is not None else {}, from_cache, nbytes, skipped=skipped)
+    nonfinite = stats.nonfinite_per_layer() if stats is not None else auroc_nonfinite
+    doc = _document(st, req, grouping, ranked, nonfinite, stats.key if stats is not None else None, extra_params)
+    return RankResult(NeuronSet.from_dict(doc, source="rank"), ranked.scores, ranked.rows, nonfinite, from_cache,
+                      nbytes, skipped=skipped)
 
 
 def _open(store: str | Path, write: bool) -> Store:

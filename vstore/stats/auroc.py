@@ -50,6 +50,7 @@ class AurocResult:
     bytes_read: int = 0
     rows: dict[str, int] = field(default_factory=dict)
     skipped: list[tuple[str, int, int, int]] = field(default_factory=list)
+    nonfinite: dict[int, int] = field(default_factory=dict)
 
 
 def auroc_from_histograms(
@@ -145,9 +146,11 @@ def grouping_auroc(
                               cacheable=lambda: not skipped)
     a = arrays[0]
     rows = {t: int(a["rows"][i]) for i, t in enumerate(names)} if "rows" in a else {}
+    nonfinite = {lyr: int(n) for lyr, n in zip(st.layers, a.get("nonfinite", []), strict=False) if n}
     return AurocResult(names, st.layers, a["auroc"], a["error"], grouping.key(st) + ".auroc",
                        st.dtype in ("float16", "bfloat16"), from_cache=hit, passes=counters["passes"],
-                       chunks_read=counters["chunks"], bytes_read=counters["bytes"], rows=rows, skipped=sorted(skipped))
+                       chunks_read=counters["chunks"], bytes_read=counters["bytes"], rows=rows, skipped=sorted(skipped),
+                       nonfinite=nonfinite)
 
 
 def _histogram_passes(
@@ -155,13 +158,16 @@ def _histogram_passes(
     counters: dict[str, int], *, backend: str, threads: int | None, progress: Progress | None, verify: bool,
     memory: int, skipped: set[tuple[str, int, int, int]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """AUROC, error bound and rows per target, one histogram pass per block of neurons of each layer."""
+    """AUROC, error bound, rows per target and NaN/Inf values per layer, one histogram pass per block of
+    neurons of each layer (a value missing from its neuron's histogram was non-finite)."""
     L, N, G = len(st.layers), st.n_neurons, n_groups
     block = max(1, min(N, int(memory) // max(1, G * HIST_BINS * 4)))
     auc = np.full((L, len(tg), N), np.nan)
     err = np.zeros((L, len(tg), N))
     ranges = st.chunk_ranges()
     target_rows = np.zeros(len(tg), dtype=np.int64)
+    group_rows = np.zeros(G, dtype=np.int64)  # rows per group (the same in every layer)
+    nonfinite = np.zeros(L, dtype=np.int64)
     _, per_call = plan_workers(1, backend, threads)
     pairs = [(p, n) for _, p, n in tg]
     exact = st.dtype in ("float16", "bfloat16")
@@ -182,15 +188,17 @@ def _histogram_passes(
                         continue
                     kernels.accumulate_histogram(blk, t.groups, h, dtype=st.dtype, neuron_start=n0,
                                                  backend=backend, threads=per_call)
+                    if li == 0 and n0 == 0:
+                        group_rows += np.bincount(t.groups[t.groups >= 0], minlength=G)
                     counters["chunks"] += 1
                     counters["bytes"] += blk.nbytes
                     bar.advance(blk.nbytes)
                 a, w = auroc_from_histograms(h, pairs)
                 auc[li, :, n0 : n0 + m] = a
-                if li == 0 and n0 == 0:  # rows per target (layer 0, its NaN rows left out)
-                    per_group = h[:, 0].sum(axis=-1, dtype=np.int64)
-                    target_rows = np.array([per_group[p].sum() + (per_group[n].sum() if n else 0)
+                nonfinite[li] += int((group_rows[:, None] - h.sum(axis=-1, dtype=np.int64)).sum())
+                if li == 0 and n0 == 0:  # rows per target
+                    target_rows = np.array([group_rows[p].sum() + (group_rows[n].sum() if n else 0)
                                             for _, p, n in tg], dtype=np.int64)
                 if not exact:
                     err[li, :, n0 : n0 + m] = w
-    return {"auroc": auc, "error": err, "rows": target_rows}
+    return {"auroc": auc, "error": err, "rows": target_rows, "nonfinite": nonfinite}
