@@ -147,3 +147,35 @@ def test_store_metadata_fuzzed(key: str, value: object, part_key: str, in_part: 
                 read()
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+WORDS = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6).map(str),
+                  st.floats(allow_nan=True, allow_infinity=True).map(str), st.sampled_from(
+                      ["value", "lang", "g00", "g00,g01", "value=g00", "polarity=a,b", "nan", "-1", "0", "1e9",
+                       "auto", "cpp", "numba", "local:0", "tcp://127.0.0.1:1", "512MB", "abcGB", ""]))
+RANK_FLAGS = ["--by", "--method", "--where", "--contrast", "--top-k", "--per-layer-k", "--top-rate", "--threshold",
+              "--filter-rate", "--bar-ratio", "--seed", "--neurons", "--backend", "--threads", "--auroc-memory"]
+
+
+@FUZZ
+@given(flags=st.lists(st.tuples(st.sampled_from(RANK_FLAGS), WORDS), max_size=4),
+       switches=st.lists(st.sampled_from(["--abs", "--split-half", "--no-cache", "--no-verify", "--skip-damaged"]),
+                         max_size=2, unique=True))
+def test_rank_command_line_fuzzed(flags: list[tuple[str, str]], switches: list[str]) -> None:
+    """Any argument list ends in an exit code (0 ok, 2 bad input; argparse's own 2), never a traceback."""
+    from vstore.cli import main
+
+    d = _tmp()
+    try:
+        args = ["rank", str(_pristine()), "--out", str(d / "n.json"), "--no-progress", *switches]
+        for flag, value in flags:
+            if flag == "--dask" or value.startswith("tcp://"):
+                continue  # an unreachable scheduler takes its 10 s timeout: tested on its own
+            args += [flag, value]
+        try:
+            rc = main(args)
+        except SystemExit as e:  # argparse refusing a value
+            rc = int(e.code or 0)
+        assert rc in (0, 1, 2)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -400,3 +400,15 @@ def test_a_nan_neuron_costs_only_its_own_values(tiny_model: Path, stories: Path,
     assert np.isnan(auc.auroc[1, :, 3]).all() and np.isfinite(auc.auroc[1][:, keep]).all()
     assert auc.nonfinite == {1: res.rows}  # AUROC reports them too
     assert rank_store(tmp_path / "s", "value", "auroc", top_k=3).data["stats"]["nonfinite_values"] == {"1": res.rows}
+
+
+def test_a_store_whose_folders_lead_outside_is_refused(tmp_path: Path) -> None:
+    from vstore.store import Store
+
+    s = synth(tmp_path / "s")
+    outside = tmp_path / "outside"
+    (s / "parts" / "0000").rename(outside)
+    (s / "parts" / "0000").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(StoreError, match="leads outside the store"):
+        Store(s)
+    assert main(["rank", str(s), "--by", "value", "--method", "welch-t", "--out", str(tmp_path / "n.json")]) == 2

@@ -99,6 +99,19 @@ class Store:
         self.meta: dict[str, Any] = dict(self.group.attrs[FORMAT_NAME])  # type: ignore[arg-type]
         check_format_version(self.meta.get("format_version"), str(self.path))
         check_attributes(self.meta, f"{self.path}: attributes.vstore")
+        self._check_inside()
+
+    def _check_inside(self) -> None:
+        """Refuse a store whose folders lead outside it (a symbolic link): nothing is read or written there."""
+        root = self.path.resolve()
+        parts = self.path / "parts"
+        folders = [self.path / "examples", parts, self.path / "stats"]
+        if parts.is_dir():
+            folders += [p for p in parts.iterdir() if p.is_dir()]
+        for f in folders:
+            if (f.exists() or f.is_symlink()) and not f.resolve().is_relative_to(root):
+                raise StoreError(f"{f} leads outside the store (to {f.resolve()}); vstore reads and writes only "
+                                 "inside a store")
 
     # -- creation ---------------------------------------------------------------------------------
     @classmethod
