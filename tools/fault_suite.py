@@ -18,7 +18,9 @@ Every try runs the real command line in a child process and is classified:
     a resumed store differs from an uninterrupted build (committed data lost or changed).
 
 Scenarios: SIGKILL of a build at ``--kills`` distinct moments (each resumed, the final store compared
-bitwise with the reference), a file-size limit (``RLIMIT_FSIZE``) mid-build then a resume, a small
+bitwise with the reference), a build ended at named code points (``VSTORE_FAULT``: before and after
+a file's rename, before and after an attribute update, after a chunk write, before a commit; each at
+several occurrences, each resumed), a file-size limit (``RLIMIT_FSIZE``) mid-build then a resume, a small
 tmpfs filled while a build runs (where tmpfs can be mounted) then a resume, chunks
 flipped / truncated / deleted, damaged metadata, three identical ranks at once, and a rank while a
 build runs. The table goes to ``docs/reliability.md``; the target is zero in the last four columns.
@@ -147,6 +149,34 @@ def kills(work: Path, build: list[str], ref: Path, n: int, tally: Tally, timeout
         return
     tally.add("resume after kills", "clean" if same_store(ref, out) else "data lost",
               "the resumed store differs from an uninterrupted build")
+
+
+def fault_points(work: Path, build: list[str], ref: Path, tally: Tally, timeout: float, per_point: int) -> None:
+    """End a build at named code points (``vstore._faults``: around renames, attribute updates, chunk
+    writes, commits), each at several occurrences, resuming after each; then compare with the reference."""
+    from vstore._faults import POINTS
+
+    out = work / "points"
+    shutil.rmtree(out, ignore_errors=True)
+    for point in POINTS:
+        for k in range(per_point):
+            n = 1 + k * (k + 2)  # 1, 4, 9, 16: early and late in the build
+            env = {**os.environ, "VSTORE_NO_PROGRESS": "1", "VSTORE_FAULT": f"{point}:{n}"}
+            try:
+                p = subprocess.run([*VSTORE, *build, "--out", str(out)], capture_output=True, text=True,
+                                   timeout=timeout, env=env)
+            except subprocess.TimeoutExpired:
+                tally.add("stopped at a named point", "hang", f"{point}:{n}")
+                continue
+            tally.add("stopped at a named point", "traceback" if "Traceback" in p.stderr else "clean",
+                      f"{point}:{n}: {p.stderr[-200:]}")
+            if state(out) == "complete":
+                shutil.rmtree(out)
+    rc, err = run([*build, "--out", str(out)], timeout)
+    if classify(rc, err, expect_ok=True) != "clean":
+        tally.add("resume after named points", classify(rc, err, expect_ok=True), err[-300:])
+        return
+    tally.add("resume after named points", "clean" if same_store(ref, out) else "data lost", "differs")
 
 
 def file_size_limit(work: Path, build: list[str], ref: Path, tally: Tally, timeout: float) -> None:
@@ -334,6 +364,7 @@ def run_suite(work: Path, *, n_kills: int = 20, quick: bool = False, timeout: fl
     (work / "ref.seconds").write_text(str(time.perf_counter() - t0))
     tally = Tally()
     kills(work, build, ref, n_kills, tally, timeout)
+    fault_points(work, build, ref, tally, timeout, per_point=2 if quick else 4)
     file_size_limit(work, build, ref, tally, timeout)
     full_tmpfs(work, build, ref, tally, timeout)
     corruption(work, ref, tally, timeout, per_kind=1 if quick else 3)

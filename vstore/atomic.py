@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from ._faults import fault_point
 from .errors import OutputError
 
 __all__ = ["PARTIAL_SUFFIX", "atomic_path", "write_atomic", "write_json_atomic"]
@@ -83,9 +84,11 @@ def atomic_path(path: str | Path, *, directory: bool = False) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         yield tmp
+        fault_point("before-rename")
         if directory and target.exists():
             _remove(target)
         os.replace(tmp, target)
+        fault_point("after-rename")
     finally:
         if tmp.exists() or tmp.is_symlink():
             _remove(tmp)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from .._faults import fault_point
 from ..errors import StoreError, StoreExistsError, StoreNotFoundError
 from . import _format
 from ._format import (
@@ -156,7 +157,9 @@ class Store:
 
     def _save_meta(self) -> None:
         self.check_writable()
+        fault_point("before-attrs")
         self.group.attrs.update({FORMAT_NAME: self.meta})
+        fault_point("after-attrs")
 
     def part_info(self, name: str) -> PartInfo:
         """The committed description of one part (``StoreError`` when there is no such part)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._faults import fault_point
 from ._chunks import direct_chunk_layout, write_chunk_file
 from ._store import Store
 
@@ -80,6 +81,7 @@ class PartWriter:
         if self._direct is not None:
             for layer in range(L):
                 write_chunk_file(self._direct, (layer, r0 // self.chunk, 0), self._buf[layer])
+                fault_point("after-layer")
             self.acts.resize((L, r1, N))
         else:
             self.acts.resize((L, r1, N))
@@ -89,6 +91,7 @@ class PartWriter:
             arr[self.written : r1] = self._rows_buf[col][self.written - r0 : self._fill]
         self.bytes_written += (r1 - self.written) * L * N * self._buf.itemsize
         self.written = r1
+        fault_point("before-commit")
         if self._fill == self.chunk:  # start the next chunk
             self._base, self._fill = r1, 0
             self._buf[...] = 0
