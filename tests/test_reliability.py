@@ -412,3 +412,12 @@ def test_a_store_whose_folders_lead_outside_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="leads outside the store"):
         Store(s)
     assert main(["rank", str(s), "--by", "value", "--method", "welch-t", "--out", str(tmp_path / "n.json")]) == 2
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    import subprocess
+
+    s = synth(tmp_path / "s", n_layers=1, n_neurons=4, n_examples=20000, rows_per_example=1, groups=20000, planted=0)
+    p = subprocess.run(f"{sys.executable} -m vstore info --json {s} | head -c 10", shell=True, capture_output=True,
+                       text=True, timeout=120)  # ~120 KB of JSON (past the pipe buffer) into a pipe closed after 10 bytes
+    assert p.stdout and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
