@@ -190,8 +190,6 @@ def describe_array(array: object) -> str:
     return f"{array.dtype} array of shape {array.shape} ({layout}{writable})"
 
 
-_describe = describe_array
-
 
 def _check_dtype(dtype: str) -> np.dtype[Any]:
     if dtype not in RAW_DTYPES:
@@ -203,7 +201,7 @@ def _check_raw(values: object, dtype: str, what: str, ndim: int | None) -> np.nd
     raw = _check_dtype(dtype)
     if not isinstance(values, np.ndarray):
         raise StoreError(
-            f"{what}: expected a numpy array of raw dtype {raw} (dtype={dtype!r}), got {_describe(values)}"
+            f"{what}: expected a numpy array of raw dtype {raw} (dtype={dtype!r}), got {describe_array(values)}"
         )
     if ndim is not None and values.ndim != ndim:
         raise StoreError(f"{what}: expected a {ndim}-D array, got shape {values.shape}")
@@ -211,7 +209,7 @@ def _check_raw(values: object, dtype: str, what: str, ndim: int | None) -> np.nd
         raise StoreError(f"{what}: expected raw dtype {raw} for dtype={dtype!r}, got {values.dtype}")
     if not values.flags.c_contiguous:
         raise StoreError(
-            f"{what}: expected a C-contiguous array, got {_describe(values)} (use np.ascontiguousarray)"
+            f"{what}: expected a C-contiguous array, got {describe_array(values)} (use np.ascontiguousarray)"
         )
     return values
 
@@ -224,7 +222,7 @@ def _check_groups(groups: object, rows: int, n_groups: int) -> np.ndarray:
         or not groups.flags.c_contiguous
     ):
         raise StoreError(
-            f"groups: expected a C-contiguous int32 array of shape ({rows},), got {_describe(groups)}"
+            f"groups: expected a C-contiguous int32 array of shape ({rows},), got {describe_array(groups)}"
         )
     if rows:
         low, high = int(groups.min()), int(groups.max())
@@ -345,7 +343,7 @@ def accumulate_histogram(
     ):
         raise StoreError(
             f"hist: expected a writable C-contiguous uint32 array of shape (groups, neurons, {HISTOGRAM_BINS}), "
-            f"got {_describe(hist)}"
+            f"got {describe_array(hist)}"
         )
     n_hist = hist.shape[1]
     if isinstance(neuron_start, bool) or not isinstance(neuron_start, int | np.integer):
@@ -384,7 +382,7 @@ def histogram_key(values: np.ndarray, dtype: str) -> npt.NDArray[np.uint16]:
     raw = _check_dtype(dtype)
     if not isinstance(values, np.ndarray) or values.dtype != raw:
         raise StoreError(
-            f"values: expected a numpy array of raw dtype {raw} for dtype={dtype!r}, got {_describe(values)}"
+            f"values: expected a numpy array of raw dtype {raw} for dtype={dtype!r}, got {describe_array(values)}"
         )
     from . import _numpy_kernels
 
@@ -412,7 +410,7 @@ def select_top_k(scores: np.ndarray, k: int, *, backend: str = "auto") -> npt.ND
         int64 indices, ``min(k, number of finite scores)`` of them.
     """
     if not isinstance(scores, np.ndarray) or scores.ndim != 1 or scores.dtype.kind not in "fiu":
-        raise StoreError(f"scores: expected a 1-D real array, got {_describe(scores)}")
+        raise StoreError(f"scores: expected a 1-D real array, got {describe_array(scores)}")
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
         raise StoreError(f"k: expected an int >= 0, got {k!r}")
     values = np.ascontiguousarray(scores, dtype=np.float64)
@@ -438,7 +436,7 @@ def decode(block: np.ndarray, dtype: str) -> npt.NDArray[np.float32]:
     raw = _check_dtype(dtype)
     if not isinstance(block, np.ndarray) or block.dtype != raw:
         raise StoreError(
-            f"block: expected a numpy array of raw dtype {raw} for dtype={dtype!r}, got {_describe(block)}"
+            f"block: expected a numpy array of raw dtype {raw} for dtype={dtype!r}, got {describe_array(block)}"
         )
     from . import _numpy_kernels
 

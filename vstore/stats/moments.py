@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import StoreError, VstoreError
-from ..kernels import describe_array as _describe
+from ..kernels import describe_array
 
 __all__ = ["FIELDS", "GroupStats", "Moments", "targets"]
 
@@ -95,9 +95,9 @@ class Moments:
             Naming the array, what was expected and what was got.
         """
         if not isinstance(self.count, np.ndarray) or self.count.ndim < 1:
-            raise StoreError(f"Moments.count: expected an int64 array (..., groups), got {_describe(self.count)}")
+            raise StoreError(f"Moments.count: expected an int64 array (..., groups), got {describe_array(self.count)}")
         if not isinstance(self.sum, np.ndarray) or self.sum.ndim != self.count.ndim + 1:
-            raise StoreError(f"Moments.sum: expected a float64 array (..., groups, neurons), got {_describe(self.sum)}")
+            raise StoreError(f"Moments.sum: expected a float64 array (..., groups, neurons), got {describe_array(self.sum)}")
         lead_g = self.count.shape
         full = (*lead_g, self.sum.shape[-1])
         expected = {"count": (lead_g, np.int64), "sum": (full, np.float64), "sumsq": (full, np.float64),
@@ -107,7 +107,7 @@ class Moments:
             if (not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != np.dtype(dtype)
                     or not a.flags.c_contiguous or not a.flags.writeable):
                 raise StoreError(f"Moments.{name}: expected a writable C-contiguous {np.dtype(dtype)} array of shape "
-                                 f"{shape}, got {_describe(a)}")
+                                 f"{shape}, got {describe_array(a)}")
 
     def merge(self, other: Moments) -> None:
         """Adds ``other`` into these statistics, in place.
