@@ -21,7 +21,7 @@ import numpy.typing as npt
 from .. import kernels
 from ..errors import UsageError
 from ..progress import Progress, task
-from ..store import Store, read_cached, write_cached
+from ..store import Store, read_cached, store_digest, write_cached
 from .grouping import Grouping, make_grouping
 from .halves import split_halves
 from .moments import FIELDS, GroupStats
@@ -153,14 +153,15 @@ def cached_pass(
     """
     specs = [g.spec(store) for g in groupings]
     keys = [g.key(store) + suffix for g in groupings]
+    digest = store_digest(store) if use_cache else None  # the chunks as the pass finds them, read once
     if use_cache:
-        hits = [read_cached(store, k, s, kind) for k, s in zip(keys, specs, strict=True)]
+        hits = [read_cached(store, k, s, kind, digest=digest) for k, s in zip(keys, specs, strict=True)]
         if all(h is not None for h in hits):
             return [h for h in hits if h is not None], True
     arrays = compute()
     if use_cache and store.mode == "r+" and cacheable():
         for g, k, s, a in zip(groupings, keys, specs, arrays, strict=True):
-            write_cached(store, k, a, cache_attrs(g, s, kind, store))
+            write_cached(store, k, a, cache_attrs(g, s, kind, store), digest=digest)
     return arrays, False
 
 

@@ -34,9 +34,16 @@ def store_digest(store: Store) -> str | None:
     return chunks_digest([(store.acts(p.name), p.committed_rows) for p in store.parts])
 
 
-def read_cached(store: Store, key: str, spec: dict[str, Any], kind: str) -> dict[str, np.ndarray] | None:
+_NOW = "now"  # digest argument default: compute the store's digest for this one call
+
+
+def read_cached(store: Store, key: str, spec: dict[str, Any], kind: str, *,
+                digest: str | None = _NOW) -> dict[str, np.ndarray] | None:
     """The arrays of entry ``key`` when it is complete, of ``kind``, made for ``spec``, and computed from
-    the chunks the store holds now (a chunk changed since makes the entry stale); else None."""
+    the chunks the store holds now (a chunk changed since makes the entry stale); else None.
+
+    ``digest`` is :func:`store_digest` when the caller has it already (one per pass, not one per entry).
+    """
     root: Any = store.group
     try:
         if "stats" not in root or key not in set(root["stats"].group_keys()):
@@ -45,14 +52,16 @@ def read_cached(store: Store, key: str, spec: dict[str, Any], kind: str) -> dict
         attrs = dict(g.attrs.get(CACHE_ATTR, {}))
         if not attrs.get("complete") or attrs.get("kind") != kind or attrs.get("spec") != json.loads(json.dumps(spec)):
             return None
-        if attrs.get("chunks_digest") is not None and attrs["chunks_digest"] != store_digest(store):
+        now = store_digest(store) if digest == _NOW else digest
+        if attrs.get("chunks_digest") is not None and attrs["chunks_digest"] != now:
             return None
         return {name: np.asarray(g[name][...]) for name in g.array_keys()}
     except (KeyError, OSError, ValueError):
         return None
 
 
-def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> bool:
+def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any], *,
+                 digest: str | None = _NOW) -> bool:
     """Write entry ``key`` whole, and drop stale entries of the same grouping and kind.
 
     Returns False (and leaves nothing behind) when the disk refuses the write.
@@ -77,7 +86,7 @@ def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: d
                                    fill_value=0)
                 if a.size:
                     z[...] = a
-            g.attrs.update({CACHE_ATTR: {**attrs, "complete": True, "chunks_digest": store_digest(store),
+            g.attrs.update({CACHE_ATTR: {**attrs, "complete": True, "chunks_digest": store_digest(store) if digest == _NOW else digest,
                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")}})
         _drop_stale(base, key, attrs)
         return True
