@@ -421,3 +421,38 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     p = subprocess.run(f"{sys.executable} -m vstore info --json {s} | head -c 10", shell=True, capture_output=True,
                        text=True, timeout=120)  # ~120 KB of JSON (past the pipe buffer) into a pipe closed after 10 bytes
     assert p.stdout and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+def test_threads_and_an_unreachable_scheduler_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import time
+
+    from vstore.errors import UsageError, VstoreError
+
+    s = synth(tmp_path / "s")
+    with pytest.raises(UsageError, match=r"threads must be in 1\.\.1024, got 100000"):
+        compute_stats(s, "value", threads=100000, use_cache=False)
+    t0 = time.monotonic()
+    with pytest.raises(VstoreError, match="cannot reach the scheduler"):
+        compute_stats(s, "value", dask="tcp://127.0.0.1:9", use_cache=False)
+    assert time.monotonic() - t0 < 60
+    assert main(["rank", str(s), "--by", "value", "--threads", "100000", "--out", str(tmp_path / "n.json")]) == 2
+    assert "--threads must be in 1..1024" in capsys.readouterr().err
+
+
+def test_a_full_disk_outside_the_writer_is_one_clear_error(tiny_model: Path, stories: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """ENOSPC while the examples or attributes are written (not a chunk): DiskSpaceError, and one CLI line."""
+    from vstore.build import build_store
+    from vstore.store import Store
+
+    def full(self: Store, *a: object, **k: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", "examples/text")
+
+    monkeypatch.setattr(Store, "add_examples", full)
+    with pytest.raises(DiskSpaceError, match=r"no space left on device.*resume"):
+        build_store(tmp_path / "s", model=str(tiny_model), data=stories)
+    assert main(["build", "--model", str(tiny_model), "--data", str(stories), "--out", str(tmp_path / "t"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on device" in err and "Traceback" not in err

@@ -21,7 +21,7 @@ from typing import Any
 from . import __version__
 from .capture import POOLINGS, estimate_rows, stream_part
 from .data import Example, file_sha256, load_examples
-from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError
+from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError, disk_full
 from .lm import fit_length
 from .models import DEFAULT_MODEL, SITES, LoadedModel, ModelIdentity, load_model
 from .progress import Note, Progress, note_to_stderr, task
@@ -263,7 +263,7 @@ def build_store(
     _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
-    with _build_lock(out):  # one writer at a time
+    with _build_lock(out), _disk_full_is_clear(out):  # one writer at a time
         existing = _existing(out, append=append, overwrite=overwrite, resume=resume)
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=device, trust_remote_code=trust_remote_code, progress=note)
@@ -304,6 +304,18 @@ def build_store(
         return BuildResult(out, part, len(examples) - resumed_from, writer.written, res.tokens,
                            time.perf_counter() - t_start, writer.bytes_written, resumed_from, res.overflow,
                            res.nonfinite)
+
+
+@contextlib.contextmanager
+def _disk_full_is_clear(out: Path) -> Iterator[None]:
+    """A full disk anywhere in the build (examples, attributes, chunks) as one :class:`DiskSpaceError`."""
+    try:
+        yield
+    except OSError as e:
+        err = disk_full(e, str(out), "what is committed is kept: free space and run the same build again to resume")
+        if err is None:
+            raise
+        raise err from e
 
 
 @contextlib.contextmanager

@@ -10,8 +10,6 @@ part while the model runs the next batch.
 
 from __future__ import annotations
 
-import errno
-import os
 import queue
 import threading
 import time
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .data import Example
-from .errors import DiskSpaceError
+from .errors import disk_full
 from .progress import Task
 from .store import DTYPES, PartWriter
 
@@ -218,10 +216,6 @@ def stream_part(
 
 def _write_error(error: BaseException, writer: PartWriter) -> BaseException:
     """A full disk or a file-size limit as one clear :class:`DiskSpaceError`; anything else as it is."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return DiskSpaceError(
-            f"writing {writer.store.path} failed: {os.strerror(error.errno or 0).lower()} ({error.filename or 'store'}); "
-            f"{writer.committed_examples} examples of part {writer.part} are committed and kept: free space and run "
-            "the same build again to resume"
-        )
-    return error
+    return disk_full(error, str(writer.store.path),
+                     f"part {writer.part} keeps its {writer.committed_examples} committed example(s): free space "
+                     "and run the same build again to resume") or error

@@ -18,6 +18,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "UsageError",
     "VstoreError",
+    "disk_full",
 ]
 
 
@@ -78,6 +79,19 @@ class StoreExistsError(StoreError, FileExistsError):
 
 class DiskSpaceError(VstoreError, OSError):
     """The store does not fit on the disk (estimated before a build, or met while writing)."""
+
+
+def disk_full(error: BaseException, what: str, hint: str = "free space and run it again") -> DiskSpaceError | None:
+    """``error`` as one clear :class:`DiskSpaceError` when it is a full disk, a quota or a file-size
+    limit (``ENOSPC``, ``EDQUOT``, ``EFBIG``), naming ``what`` was being written; else None."""
+    import errno
+    import os
+
+    if isinstance(error, OSError) and not isinstance(error, VstoreError) and error.errno in (
+            errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        where = f" ({error.filename})" if error.filename else ""
+        return DiskSpaceError(f"writing {what} failed: {os.strerror(error.errno or 0).lower()}{where}; {hint}")
+    return None
 
 
 class OutputError(VstoreError, OSError):

@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from .. import native_status
 from .._version import __version__
-from ..errors import UsageError, VstoreError
+from ..errors import UsageError, VstoreError, disk_full
 from .common import FLAGS, console_err
 
 __all__ = ["main", "make_parser"]
@@ -66,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:  # a full disk while writing a result, a cache, a story file: one line, not a traceback
+        full = disk_full(e, "an output")
+        if full is None:
+            raise
+        console_err.print(f"[bold red]error:[/] {escape(str(full))}", highlight=False, soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         console_err.print("interrupted; an incomplete store resumes when the same build is run again")
         return 130
