@@ -15,7 +15,7 @@ from .atomic import atomic_path
 from .data import FIELDS, SPLITS, Story, load_stories
 from .errors import DataError, UsageError
 
-__all__ = ["import_stories", "parse_mapping", "story_stats", "validate_stories"]
+__all__ = ["import_stories", "parse_mapping", "story_stats", "subset_stories", "validate_stories"]
 
 
 def validate_stories(path: str | Path) -> list[Story]:
@@ -163,3 +163,45 @@ def import_stories(
         except DataError as e:
             raise DataError(f"importing {src} would give invalid stories (lines are those of the output):\n{e}") from None
     return len(items)
+
+
+def subset_stories(src: str | Path, out: str | Path, per_group: Mapping[str, int]) -> dict[str, int]:
+    """Write the first items of each value × language of each split, in file order.
+
+    Parameters
+    ----------
+    src
+        Story file or folder.
+    out
+        Output ``.jsonl`` (written atomically).
+    per_group
+        {split: items kept per value and language}; splits not named are dropped. Every kept
+        item is written unchanged, so subsets of subsets stay reproducible.
+
+    Returns
+    -------
+    dict
+        Items written per split.
+    """
+    bad = [sp for sp in per_group if sp not in SPLITS]
+    if bad:
+        raise UsageError(f"split {bad[0]!r} is not one of {', '.join(SPLITS)}")
+    neg = [f"{sp}={n}" for sp, n in per_group.items() if n < 1]
+    if neg:
+        raise UsageError(f"items per group must be at least 1 (got {neg[0]})")
+    seen: Counter[tuple[str, str, str]] = Counter()
+    kept: list[Story] = []
+    for st in load_stories(src):
+        key = (st.split, st.value, st.lang)
+        if st.split in per_group and seen[key] < per_group[st.split]:
+            seen[key] += 1
+            kept.append(st)
+    if not kept:
+        raise DataError(f"{src}: no stories of split(s) {', '.join(per_group)}")
+    lines = []
+    for st in kept:
+        d = {k: getattr(st, k) for k in FIELDS if getattr(st, k, None) is not None}
+        lines.append(json.dumps(d, ensure_ascii=False) + "\n")
+    with atomic_path(out) as tmp:
+        tmp.write_text("".join(lines), encoding="utf-8")
+    return dict(Counter(st.split for st in kept))

@@ -8,7 +8,8 @@ import json
 from rich.table import Table
 
 from ..data import parse_labels
-from ..datatools import import_stories, parse_mapping, story_stats, validate_stories
+from ..datatools import import_stories, parse_mapping, story_stats, subset_stories, validate_stories
+from ..errors import UsageError
 from .common import console, console_err
 
 
@@ -41,6 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     i.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="constant field for every item")
     i.add_argument("--out", required=True, help="output .jsonl")
     i.set_defaults(handler=cmd_import)
+    u = dsub.add_parser("subset", help="the first N items of each value x language of each split",
+                        description="Keep the first N items (file order) of every value x language, per split,\n"
+                                    "e.g. --per-group activation=50 --per-group evaluation=25.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    u.add_argument("file", help="story .jsonl file or folder")
+    u.add_argument("--per-group", action="append", required=True, metavar="SPLIT=N",
+                   help="items per value x language kept from SPLIT (repeatable; splits not named are dropped)")
+    u.add_argument("--out", required=True, help="output .jsonl")
+    u.set_defaults(handler=cmd_subset)
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
@@ -83,4 +93,16 @@ def cmd_stats(a: argparse.Namespace) -> int:
 def cmd_import(a: argparse.Namespace) -> int:
     n = import_stories(a.src, a.out, parse_mapping(a.map), parse_labels(a.label))
     console_err.print(f"[green]wrote[/] {n} items to {a.out}", highlight=False)
+    return 0
+
+
+def cmd_subset(a: argparse.Namespace) -> int:
+    per: dict[str, int] = {}
+    for spec in a.per_group:
+        split, _, n = spec.partition("=")
+        if not n.strip().isdigit():
+            raise UsageError(f"--per-group {spec!r}: expected SPLIT=N, e.g. activation=50")
+        per[split.strip()] = int(n)
+    written = subset_stories(a.file, a.out, per)
+    console_err.print(f"wrote {a.out}: " + ", ".join(f"{n} {sp}" for sp, n in written.items()), highlight=False)
     return 0
