@@ -20,12 +20,16 @@ def say(message: str) -> None:
     console_err.print(message, highlight=False)
 
 
-def add_common_model_args(p: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device`` and ``--trust-remote-code`` (shared by build, ablate and study)."""
+def add_common_model_args(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """``--model``, ``--device`` and ``--trust-remote-code`` (shared by build, ablate and study).
+
+    With ``defaults=False`` both default to ``None`` (the study's config supplies them).
+    """
     from ..models import ALIASES, DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"alias ({', '.join(ALIASES)}), .gguf, folder or hub id")
-    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N")
+    p.add_argument("--model", default=DEFAULT_MODEL if defaults else None,
+                   help=f"alias ({', '.join(ALIASES)}), .gguf, folder or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="cpu" if defaults else None, help="torch device: cpu (default), cuda, cuda:N")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
 
 
