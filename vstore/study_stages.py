@@ -129,17 +129,26 @@ def _data_path(run: StudyRun) -> Path:
 
 def _build(run: StudyRun) -> dict[str, Any]:
     from .build import build_store
+    from .data import file_sha256
     from .store import Store, is_store
 
     b = run.cfg["build"]
     store = run.path("store")
-    if is_store(store) and Store(store).state == "complete":
-        Store(store)  # validated on open; a complete store of other data is refused by the fingerprint
-        return {"store": str(store), "kept": True}
-    res = build_store(store, model=run.lm, data=_data_path(run), split="activation", dtype=b["dtype"],
+    data = _data_path(run)
+    complete = is_store(store) and Store(store).state == "complete"
+    if complete:
+        st = Store(store)
+        parts = st.meta.get("parts") or [{}]
+        same = [p.get("dataset", {}).get("sha256") for p in parts] == [file_sha256(data)] and \
+            st.meta.get("model", {}).get("sha256") == run.lm.identity.sha256
+        if same:
+            run.say(f"  the store {store} is complete and holds this data and model; keeping it")
+            return {"store": str(store), "kept": True, "rows": int(st.n_rows)}
+        run.say(f"  the store {store} holds other data or another model; rebuilding it")
+    res = build_store(store, model=run.lm, data=data, split="activation", dtype=b["dtype"],
                       layers=None if b["layers"] == "all" else b["layers"], batch_size=b["batch_size"],
                       max_length=b["max_length"], device=run.cfg["model"]["device"], progress=run.progress,
-                      on_note=run.say, overwrite=is_store(store) and Store(store).state == "complete")
+                      on_note=run.say, overwrite=complete)
     return {"store": str(store), "rows": int(res.rows), "examples": int(res.examples)}
 
 
