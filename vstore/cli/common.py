@@ -5,11 +5,34 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
-console = Console()
-console_err = Console(stderr=True)
+#: The width a console that is not a terminal lays out at: wide enough that no table is cut to "…".
+LOG_WIDTH = 4000
+
+
+class LogConsole(Console):
+    """A rich console that lays tables out at their full width when it is not writing to a terminal.
+
+    Piped, under ``nohup`` or in CI, a log has no width: rich's default of 80 columns (or the width of
+    whatever terminal the other streams are on) would squeeze tables into "…" cells. A terminal keeps its
+    own width, and an explicit ``COLUMNS`` wins in both cases.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if self._width is None and not self.is_terminal and not (self._environ.get("COLUMNS") or "").isdigit():
+            return ConsoleDimensions(LOG_WIDTH, super().size.height)
+        return super().size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = LogConsole()
+console_err = LogConsole(stderr=True)
 
 #: Library parameters whose flag is not ``--`` + the name with ``-`` for ``_``.
 FLAGS = {"by_abs": "--abs", "use_cache": "--no-cache", "verify": "--no-verify", "progress": "--no-progress"}

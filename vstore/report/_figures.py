@@ -44,7 +44,8 @@ def heatmap_figure(run: Run) -> Figure:
     ax.set_xticks(range(n_layers), [str(i) for i in range(n_layers)])
     ax.set_xlabel("layer")
     total = {g: len(ns.groups.get(g, [])) for g in groups}
-    ax.set_title(f"{run.name}: value neurons per layer ({label}, {ns.method}; {sum(total.values())} neurons "
+    what = label if label == ns.method else f"{label}, {ns.method}"
+    ax.set_title(f"{run.name}: value neurons per layer ({what}; {sum(total.values())} entries "
                  f"in {len(groups)} values)")
     fig.colorbar(im, ax=ax, label="neurons in the layer")
     return fig
@@ -225,7 +226,8 @@ def similarity_figure(run: Run) -> Figure:
         if m.shape != (len(groups), len(groups)):
             raise NotDrawn(f"similarity matrix of {s.get('lang')} is {m.shape}, not {len(groups)} x {len(groups)}")
         im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
-        ax.set_xticks(range(len(groups)), [value_label(g, "\n") for g in groups], fontsize=6.5, rotation=90)
+        ax.set_xticks(range(len(groups)), [value_label(g) for g in groups], fontsize=7, rotation=60,
+                      ha="right", rotation_mode="anchor")
         ax.set_yticks(range(len(groups)), [value_label(g) for g in groups], fontsize=7)
         ax.set_title(f"lang = {s.get('lang', '?')}")
     agree = [a for a in (run.compare or {}).get("similarity_agreement", []) if isinstance(a, dict)

@@ -4,6 +4,7 @@ margin, the cross-value matrix and the dose-response over set sizes."""
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
@@ -23,23 +24,23 @@ def _effects(run: Run) -> list[GroupEffects]:
     return eff
 
 
-def _target_vs_controls(ax: object, eff: list[GroupEffects], attr: str, ci_attr: str) -> None:
+def _target_vs_controls(ax: Axes, eff: list[GroupEffects], attr: str, ci_attr: str) -> None:
     ys = np.arange(len(eff))
     for i, g in enumerate(eff):
         t, ci = getattr(g.target, attr), getattr(g.target, ci_attr)
         if ci:
-            ax.plot(ci, [i - 0.12] * 2, color="C3", linewidth=2)  # type: ignore[attr-defined]
+            ax.plot(ci, [i - 0.12] * 2, color="C3", linewidth=2)
         if t is not None:
-            ax.plot([t], [i - 0.12], "o", color="C3", label="value neurons (95% interval)" if i == 0 else None)  # type: ignore[attr-defined]
+            ax.plot([t], [i - 0.12], "o", color="C3", label="value neurons (95% interval)" if i == 0 else None)
         cs = [getattr(c, attr) for c in g.controls if getattr(c, attr) is not None]
         if cs:
-            ax.plot(cs, [i + 0.12] * len(cs), "x", color="grey",  # type: ignore[attr-defined]
+            ax.plot(cs, [i + 0.12] * len(cs), "x", color="grey",
                     label="random controls (same per-layer sizes)" if i == 0 else None)
-            ax.plot([np.mean(cs)], [i + 0.12], "D", color="black", markersize=4,  # type: ignore[attr-defined]
+            ax.plot([np.mean(cs)], [i + 0.12], "D", color="black", markersize=4,
                     label="control mean" if i == 0 else None)
-    ax.axvline(0, color="black", linewidth=0.8)  # type: ignore[attr-defined]
-    ax.set_yticks(ys, [value_label(g.group) for g in eff])  # type: ignore[attr-defined]
-    ax.invert_yaxis()  # type: ignore[attr-defined]
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(ys, [value_label(g.group) for g in eff])
+    ax.invert_yaxis()
 
 
 def ablation_figure(run: Run) -> Figure:
@@ -89,14 +90,14 @@ def side_effect_figure(run: Run) -> Figure:
             cy = [c.delta for c in g.controls if lang in c.nll and c.delta is not None]
             ax.plot(cx, cy, "x", color="grey", label="random controls" if i == 0 else None)
             if lang in g.target.nll and g.target.delta is not None:
-                ax.plot([g.target.nll[lang]], [g.target.delta], "o", color=f"C{i % 10}", label=value_label(g.group))
+                ax.plot([g.target.nll[lang]], [g.target.delta], "o", color=_cmap(i % 20), label=value_label(g.group))
         ax.axhline(0, color="black", linewidth=0.7)
         ax.axvline(0, color="black", linewidth=0.7)
         ax.set_xlabel(f"Δ NLL per token on general {lang} text")
         ax.set_title(f"general text: {lang}")
     axes[0].set_ylabel("Δ value consistency, own items")
     axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
-    fig.suptitle(f"{run.name}: value change against the language side effect (up-left would be specific)")
+    fig.suptitle(f"{run.name}: value change against the language side effect (down-left of the controls: value change without language damage)")
     return fig
 
 
@@ -115,7 +116,8 @@ def cross_value_figure(run: Run) -> Figure:
     for i, g in enumerate(groups):
         if g in values:
             ax.add_patch(_box(values.index(g), i))
-    ax.set_xticks(range(len(values)), [value_label(v, "\n") for v in values], fontsize=7)
+    ax.set_xticks(range(len(values)), [value_label(v) for v in values], fontsize=7, rotation=60,
+                  ha="right", rotation_mode="anchor")
     ax.set_yticks(range(len(groups)), [value_label(g) for g in groups], fontsize=7)
     ax.set_xlabel("items of value (all languages)")
     ax.set_ylabel("neurons ablated")
@@ -158,8 +160,7 @@ def dose_figure(run: Run) -> Figure:
         ax.plot(x, mean_t, "o-", color="C3", linewidth=2, label="value neurons (mean; thin: each value)")
         ax.plot(x, mean_c, "s--", color="black", label="matched random controls (mean)")
         ax.axhline(0, color="grey", linewidth=0.7)
-        ax.set_xscale("log")
-        ax.set_xlabel("set size (% of the model's neurons ranked)")
+        _size_axis(ax, x)
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
     ax = axes[-1]
@@ -177,8 +178,7 @@ def dose_figure(run: Run) -> Figure:
     ax.plot(x, own, "o-", color="C0", label="own value's items (diagonal)")
     ax.plot(x, other, "^--", color="C1", label="other values' items (off-diagonal)")
     ax.axhline(0, color="grey", linewidth=0.7)
-    ax.set_xscale("log")
-    ax.set_xlabel("set size (% of neurons)")
+    _size_axis(ax, x)
     ax.set_ylabel("mean Δ value consistency (cross-value matrix)")
     ax.set_title("specific or shared?")
     ax.legend(fontsize=7)
@@ -189,3 +189,19 @@ def dose_figure(run: Run) -> Figure:
 def _mean(xs: list[float | None]) -> float:
     v = [x for x in xs if x is not None]
     return float(np.mean(v)) if v else float("nan")
+
+
+def _cmap(i: int) -> object:
+    from matplotlib import colormaps
+
+    return colormaps["tab20"](i)
+
+
+def _size_axis(ax: Axes, x: np.ndarray) -> None:
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(list(x), [f"{v:g}%" for v in x])
+    ax.set_xlabel("set size (% of the model's neurons)")

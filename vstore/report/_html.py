@@ -14,7 +14,7 @@ from ._runs import Run, fnum
 __all__ = ["CSS", "card_section", "figure_html", "fmt", "page", "table_html"]
 
 CSS = """
-body { font-family: 'DejaVu Sans', 'Noto Sans', Arial, 'VstoreCJK', sans-serif; margin: 24px auto; max-width: 1200px;
+body { font-family: 'VstoreCJK', 'DejaVu Sans', 'Noto Sans', Arial, sans-serif; margin: 24px auto; max-width: 1200px;
        color: #222; line-height: 1.4; padding: 0 16px; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 2px solid #ccc; padding-bottom: 4px; margin-top: 2em; }
 h3 { margin-top: 1.5em; }
@@ -22,10 +22,11 @@ figure { margin: 1em 0 2em 0; } figure img { max-width: 100%; height: auto; bord
 figcaption { font-size: 0.9em; color: #555; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em 0; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; vertical-align: top; }
-th { background: #f3f3f3; } td.l, th.l { text-align: left; }
+td { white-space: nowrap; } th { background: #f3f3f3; }
+div.scroll { overflow-x: auto; } td.l, th.l { text-align: left; }
 .bad { color: #b00; } .good { color: #070; } .muted { color: #777; }
 mark { background: #ffe08a; padding: 0 2px; font-weight: bold; }
-.ctx { font-family: 'DejaVu Sans Mono', monospace, 'VstoreCJK'; text-align: left; white-space: pre-wrap; }
+.ctx { font-family: 'VstoreCJK', 'DejaVu Sans Mono', monospace; text-align: left; white-space: pre-wrap; }
 ul.notdrawn li { margin: 2px 0; }
 """
 
@@ -52,7 +53,7 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[Any]], left: int =
 
     head = "".join(cell("th", i, h) for i, h in enumerate(header))
     body = "\n".join("<tr>" + "".join(cell("td", i, c) for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table></div>'
 
 
 def figure_html(png: bytes, title: str, caption: str, file_name: str) -> str:
