@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, ConsoleDimensions
@@ -61,6 +62,14 @@ def delta_matrix(title: str, groups: list[str], columns: list[str], matrix: list
     for g, row in zip(groups, matrix, strict=True):
         t.add_row(g, *("-" if x is None else format(x, fmt) for x in row))
     return t
+
+
+def bytes_on_disk(path: str | Path) -> int:
+    """The bytes of every file under ``path`` (their sizes, as ``du --apparent-size -b`` adds them)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def human_bytes(n: float) -> str:

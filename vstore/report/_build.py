@@ -38,7 +38,7 @@ MODEL_FIGURES: list[tuple[str, str, str, Callable[[Run], Any]]] = [
      "own items with the bootstrap 95% interval, beside random control sets of the same per-layer sizes.",
      A.ablation_figure),
     ("side-effect", "NLL side effect", "Own-value change against the change of per-token NLL on general text "
-     "(a set that changes values without hurting language sits up-left of its controls).", A.side_effect_figure),
+     "(a set that changes values without hurting language sits down-left of its controls).", A.side_effect_figure),
     ("margin", "Graded margin change", "Mean change per item of the aligned − violating log-likelihood margin: "
      "a graded effect that the binary value consistency can hide.", A.margin_figure),
     ("cross-value", "Cross-value ablation matrix", "Change of value consistency on each value's items (columns) "

@@ -129,7 +129,7 @@ def baseline_figure(run: Run) -> Figure:
     ax.set_xlabel("value consistency (share of items where the aligned action wins), 95% interval; dashed: chance")
     over = [f"{r.get('lang')} {float(r['value_consistency']):.3f}" for r in _baseline_rows(run)
             if r.get("value") == "*" and r.get("lang") != "*" and fnum(r.get("value_consistency")) is not None]
-    ax.set_title(f"{run.name}: unablated baseline ({', '.join(over) or 'per value'}); hollow = not above chance")
+    ax.set_title(f"{run.name}: unablated baseline ({', '.join(over) or 'per value'})\nhollow = not above chance")
     ax.legend(title="language", loc="lower right")
     return fig
 
@@ -205,7 +205,7 @@ def overlap_figure(run: Run) -> Figure:
     ax.set_xticks(x, [value_label(v, "\n") for v in values])
     ax.set_ylabel("Jaccard of the zh and en sets")
     ax.set_ylim(0, max(jac + [c or 0 for c in ch]) * 1.35 + 1e-3)
-    ax.set_title(f"{run.name}: overlap of {pair[0]} and {pair[1]} per value (shared neurons and p above the bars)")
+    ax.set_title(f"{run.name}: overlap of {pair[0]} and {pair[1]} per value\n(shared neurons and p above the bars)")
     ax.legend(loc="upper right")
     return fig
 

@@ -56,7 +56,7 @@ def ablation_figure(run: Run) -> Figure:
     beat = sum(1 for g in eff if g.target.delta is not None and g.control_mean("delta") is not None
                and g.target.delta < (g.control_mean("delta") or 0))
     ax.set_title(f"{run.name}: ablating each value's neurons ({mode.get('mode', 'zero')}, scorer "
-                 f"{mode.get('scorer', '?')}); target below its controls in {beat} of {len(eff)} values")
+                 f"{mode.get('scorer', '?')})\ntarget below its controls in {beat} of {len(eff)} values")
     ax.legend(loc="lower left", fontsize=7)
     return fig
 
@@ -97,7 +97,8 @@ def side_effect_figure(run: Run) -> Figure:
         ax.set_title(f"general text: {lang}")
     axes[0].set_ylabel("Δ value consistency, own items")
     axes[-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7)
-    fig.suptitle(f"{run.name}: value change against the language side effect (down-left of the controls: value change without language damage)")
+    fig.suptitle(f"{run.name}: value change against the language side effect\n"
+                 "(down-left of the controls: value change without language damage)")
     return fig
 
 
