@@ -23,9 +23,8 @@ from vstore.data import bundled_values
 MODELS = (("gemma3-270m", "gemma3", 18, 2048), ("qwen2.5-0.5b", "qwen2", 24, 4864))
 LANGS = ("zh", "en")
 SIZES = (0.005, 0.01, 0.02, 0.05)
-TOKENS = {"zh": "的 是 和 谐 平 等 公 正 诚 信 友 善 法 治 自 由 爱 国 敬 业 文 明 民 主 富 强 他 她 我们 大家 邻居 老师".split(),
-          "en": "the a fair honest kind law free country work polite vote rich neighbour teacher promise share "
-                "equal justice friend".split()}
+TOKENS = {"zh": ["的", "是", "和", "谐", "平", "等", "公", "正", "诚", "信", "友", "善", "法", "治", "自", "由", "爱", "国", "敬", "业", "文", "明", "民", "主", "富", "强", "他", "她", "我们", "大家", "邻居", "老师"],
+          "en": ["the", "a", "fair", "honest", "kind", "law", "free", "country", "work", "polite", "vote", "rich", "neighbour", "teacher", "promise", "share", "equal", "justice", "friend"]}
 
 
 def _write(path: Path, doc: Any) -> None:

@@ -52,7 +52,8 @@ def _pair(x: Any) -> tuple[float, float] | None:
 
 
 def _effect(e: dict[str, Any], group: str) -> Effect:
-    rows = e.get("breakdown") if isinstance(e.get("breakdown"), list) else []
+    raw = e.get("breakdown")
+    rows: list[Any] = raw if isinstance(raw, list) else []
     own = next((r for r in rows if isinstance(r, dict) and r.get("value") == group and r.get("lang") == "*"), None)
     src = own if own is not None and fnum(own.get("delta")) is not None else e
     margin_src = own if own is not None and fnum(own.get("margin_delta")) is not None else e

@@ -7,9 +7,10 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .._version import __version__
 from ..atomic import write_atomic
@@ -19,7 +20,7 @@ from . import _figures as F
 from . import _figures_ablation as A
 from ._common import NotDrawn, value_label
 from ._fonts import cjk_font, font_face_css, rc_params
-from ._html import esc, figure_html, fmt, fmt_ci, page, table_html, card_section
+from ._html import card_section, esc, figure_html, fmt, fmt_ci, page, table_html
 from ._runs import Run, load_run
 from ._summary import baseline_table, effect_table
 
@@ -78,7 +79,7 @@ def _render(draw: Callable[[], Any]) -> tuple[bytes, list[str]]:
     """Draw and encode a figure as PNG; returns the bytes and any missing-glyph warnings."""
     import matplotlib
 
-    with matplotlib.rc_context(rc_params()), warnings.catch_warnings(record=True) as caught:
+    with matplotlib.rc_context(cast(Any, rc_params())), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fig = draw()
         buf = io.BytesIO()
@@ -154,18 +155,13 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, figures_dir
     out = Path(out)
     fig_dir = Path(figures_dir) if figures_dir is not None else out.parent / "figures"
     runs = [load_run(d) for d in run_dirs]
-    seen: dict[str, int] = {}
+    names = [r.name for r in runs]
     for r in runs:  # two runs of one model: tell them apart by folder
-        seen[r.name] = seen.get(r.name, 0) + 1
-    for r in runs:
-        if seen[r.name] > 1:
+        if names.count(r.name) > 1:
             r.name = f"{r.name} ({r.path.name})"
     rep = Report(out, runs=runs, baseline=baseline_table(runs), effects=effect_table(runs))
-    note = on_note or (lambda m: None)
-    for r in runs:
-        rep.problems += [f"{r.path}: {p}" for p in r.problems]
+    rep.problems += [f"{r.path}: {p}" for r in runs for p in r.problems]
     fig_dir.mkdir(parents=True, exist_ok=True)
-    text_for_font: list[str] = []
 
     def emit(key: str, title: str, caption: str, draw: Callable[[], Any], who: str) -> str:
         try:
@@ -179,39 +175,50 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, *, figures_dir
         rep.figures.append(path)
         return figure_html(png, f"{who}: {title}", caption, f"{fig_dir.name}/{path.name}")
 
-    cross = "".join(emit(k, t, c, lambda fn=fn: fn(runs), "all models") for k, t, c, fn in CROSS_FIGURES)
-    sections = []
-    for r in runs:
-        figs = "".join(emit(k, t, c, lambda fn=fn, r=r: fn(r), r.name) for k, t, c, fn in MODEL_FIGURES)
-        cards = card_section(r) if r.cards and r.cards.get("cards") else ""
-        if not cards:
-            rep.not_drawn.append((f"{r.name}: neuron cards", "no cards.json (vstore show --json)"))
-        sets = ", ".join(f"{esc(k)} ({esc(ns.method)})" for k, ns in r.sets.items()) or "none"
-        sections.append(f"<h2>{esc(r.name)}</h2><p class=\"muted\">run folder {esc(r.path)}; "
-                        f"{esc(r.n_layers or '?')} layers × {esc(r.n_neurons or '?')} neurons; neuron sets: {sets}</p>"
-                        + figs + (f"<h3>Neuron cards</h3>{cards}" if cards else ""))
-        text_for_font.append(cards)
-    for what, why in rep.not_drawn:
-        note(f"not drawn: {what}: {why}")
-    for p in rep.problems:
-        note(p)
-    names = ", ".join(r.name for r in runs)
-    body = (f"<h1>vstore report: {esc(names)}</h1><p class=\"muted\">written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} "
-            f"UTC by vstore {esc(__version__)}; values named in English and Chinese "
-            f"({esc(' · '.join(value_label(k) for k in ('harmony', 'justice')))} …).</p>"
-            + (f"<p class=\"bad\">No font with Chinese glyphs was found: Chinese text may show as boxes.</p>"
-               if cjk_font() is None else "")
-            + "<h2>Key numbers</h2>" + (_tables(rep) or "<p>No ablation result in the run folders.</p>")
-            + (f"<h2>Across models</h2>{cross}{_cross_tables(runs)}" if cross or _cross_tables(runs) else "")
-            + "".join(sections))
-    nd = "".join(f"<li><b>{esc(w)}</b>: {esc(y)}</li>" for w, y in rep.not_drawn)
-    pr = "".join(f"<li>{esc(p)}</li>" for p in rep.problems)
-    body += (f"<h2>Not drawn</h2><ul class=\"notdrawn\">{nd}</ul>" if nd else "") + (
-        f"<h2>Problems reading the run folders</h2><ul>{pr}</ul>" if pr else "")
-    doc = page(f"vstore report: {names}", font_face_css(body), body)
+    cross = "".join(emit(k, t, c, partial(fn, runs), "all models") for k, t, c, fn in CROSS_FIGURES)
+    sections = "".join(_model_section(r, rep, lambda k, t, c, fn, r=r: emit(k, t, c, partial(fn, r), r.name))
+                       for r in runs)
+    body = _body(rep, cross, sections)
+    doc = page(f"vstore report: {', '.join(r.name for r in runs)}", font_face_css(body), body)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, lambda f: f.write(doc.encode("utf-8")))
+    for what, why in rep.not_drawn:
+        (on_note or _quiet)(f"not drawn: {what}: {why}")
+    for p in rep.problems:
+        (on_note or _quiet)(p)
     return rep
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _model_section(r: Run, rep: Report, emit: Callable[..., str]) -> str:
+    figs = "".join(emit(k, t, c, fn) for k, t, c, fn in MODEL_FIGURES)
+    cards = card_section(r) if r.cards and r.cards.get("cards") else ""
+    if not cards:
+        rep.not_drawn.append((f"{r.name}: neuron cards", "no cards.json (vstore show --json)"))
+    sets = ", ".join(f"{esc(k)} ({esc(ns.method)})" for k, ns in r.sets.items()) or "none"
+    return (f"<h2>{esc(r.name)}</h2><p class=\"muted\">run folder {esc(r.path)}; "
+            f"{esc(r.n_layers or '?')} layers × {esc(r.n_neurons or '?')} neurons; neuron sets: {sets}</p>"
+            + figs + (f"<h3>Neuron cards</h3>{cards}" if cards else ""))
+
+
+def _body(rep: Report, cross: str, sections: str) -> str:
+    names = ", ".join(r.name for r in rep.runs)
+    cross_tables = _cross_tables(rep.runs)
+    body = (f"<h1>vstore report: {esc(names)}</h1><p class=\"muted\">written {datetime.now(UTC):%Y-%m-%d %H:%M} "
+            f"UTC by vstore {esc(__version__)}; values named in English and Chinese "
+            f"({esc(' · '.join(value_label(k) for k in ('harmony', 'justice')))} …).</p>"
+            + ("<p class=\"bad\">No font with Chinese glyphs was found: Chinese text may show as boxes.</p>"
+               if cjk_font() is None else "")
+            + "<h2>Key numbers</h2>" + (_tables(rep) or "<p>No ablation result in the run folders.</p>")
+            + (f"<h2>Across models</h2>{cross}{cross_tables}" if cross or cross_tables else "")
+            + sections)
+    nd = "".join(f"<li><b>{esc(w)}</b>: {esc(y)}</li>" for w, y in rep.not_drawn)
+    pr = "".join(f"<li>{esc(p)}</li>" for p in rep.problems)
+    return body + (f"<h2>Not drawn</h2><ul class=\"notdrawn\">{nd}</ul>" if nd else "") + (
+        f"<h2>Problems reading the run folders</h2><ul>{pr}</ul>" if pr else "")
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, *, figures_dir: str | Path | None = None,

@@ -15,8 +15,14 @@ from matplotlib.figure import Figure
 from ._common import NotDrawn, order_values, value_label
 from ._runs import LANGS, Run, fnum, set_lang
 
-__all__ = ["baseline_models_figure", "baseline_figure", "depth_figure", "heatmap_figure", "overlap_figure",
-           "similarity_figure"]
+__all__ = [
+    "baseline_figure",
+    "baseline_models_figure",
+    "depth_figure",
+    "heatmap_figure",
+    "overlap_figure",
+    "similarity_figure",
+]
 
 CHANCE = 0.5
 
@@ -65,9 +71,8 @@ def depth_figure(runs: list[Run]) -> Figure:
         raise NotDrawn("no neuron set with a known number of layers")
     fig = Figure(figsize=(7.5, 3.6), layout="constrained")
     ax = fig.add_subplot()
-    bins = np.linspace(0, 1, 21)
     for r, label, depth in rows:
-        ax.hist(depth, bins=bins, density=True, histtype="step", linewidth=1.8,
+        ax.hist(depth, bins=20, range=(0.0, 1.0), density=True, histtype="step", linewidth=1.8,
                 label=f"{r.name} ({label}, {len(depth)} neurons, {r.n_layers} layers; median {np.median(depth):.2f})")
     ax.set_xlim(0, 1)
     ax.set_xlabel("relative depth (layer + 0.5) / number of layers")
@@ -198,9 +203,9 @@ def overlap_figure(run: Run) -> Figure:
     if any(c is not None for c in ch):
         ax.errorbar(x, [c if c is not None else np.nan for c in ch], yerr=[2 * s for s in sd], fmt="_",
                     color="black", markersize=14, capsize=3, label="chance (random sets, same per-layer sizes) ± 2 sd")
-    for xi, v in zip(x, values, strict=True):
+    for xi, v in enumerate(values):
         p = fnum(by[v].get("p_value"))
-        ax.text(xi, jac[xi] + 0.005, f"{by[v].get('shared', '?')}" + (f"\np={p:.2g}" if p is not None else ""),
+        ax.text(float(xi), jac[xi] + 0.005, f"{by[v].get('shared', '?')}" + (f"\np={p:.2g}" if p is not None else ""),
                 ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, [value_label(v, "\n") for v in values])
     ax.set_ylabel("Jaccard of the zh and en sets")

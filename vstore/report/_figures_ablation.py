@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from ._ablation import GroupEffects, cross_value, group_effects
 from ._common import NotDrawn, value_label
@@ -130,9 +131,7 @@ def cross_value_figure(run: Run) -> Figure:
     return fig
 
 
-def _box(x: int, y: int) -> object:
-    from matplotlib.patches import Rectangle
-
+def _box(x: int, y: int) -> Rectangle:
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.4)
 
 

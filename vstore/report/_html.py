@@ -76,11 +76,12 @@ def card_section(run: Run, per_value: int = 3, contexts: int = 4) -> str:
         mine = sorted((c for c in cards if c["group"] == g), key=lambda c: c.get("rank", 0) if isinstance(c.get("rank"), int) else 0)
         rows = []
         for c in mine[:per_value]:
-            by = c.get("by_group") if isinstance(c.get("by_group"), dict) else {}
-            own = by.get(g, {}) if isinstance(by.get(g), dict) else {}
+            by_raw = c.get("by_group")
+            by: dict[str, Any] = by_raw if isinstance(by_raw, dict) else {}
+            own = by.get(g) if isinstance(by.get(g), dict) else {}
             others = [fnum(v.get("mean")) for k, v in by.items() if k != g and isinstance(v, dict)]
             others_f = [x for x in others if x is not None]
-            means = (f"{fmt(own.get('mean'))} vs {fmt(sum(others_f) / len(others_f)) if others_f else '–'}")
+            means = (f"{fmt((own or {}).get('mean'))} vs {fmt(sum(others_f) / len(others_f)) if others_f else '–'}")
             tops = [t for t in c.get("top", []) if isinstance(t, dict)][:contexts]
             ctx = "<br>".join(f"<span class=\"muted\">{fmt(t.get('activation'), '.2f')}</span> {_context(t)} "
                               f"<span class=\"muted\">({esc(t.get('example', ''))})</span>" for t in tops)

@@ -18,7 +18,7 @@ def baseline_table(runs: list[Run]) -> list[dict[str, Any]]:
     for r in runs:
         rows = _baseline_rows(r)
         langs = [lang for lang in LANGS if any(x.get("lang") == lang for x in rows)]
-        langs += sorted({str(x.get("lang")) for x in rows} - set(langs) - {"*"}) + ["*"]
+        langs += [*sorted({str(x.get("lang")) for x in rows} - set(langs) - {"*"}), "*"]
         for lang in langs:
             row = next((x for x in rows if x.get("value") == "*" and x.get("lang") == lang), None)
             if row is None or fnum(row.get("value_consistency")) is None:
