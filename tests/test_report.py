@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -77,7 +78,8 @@ def _hand_run(root: Path) -> Path:
     (run / "neurons" / "welch-t.json").write_text(json.dumps(ns))
     base = {"breakdown": [{"value": "harmony", "lang": "zh", "n": 20, "value_consistency": 0.75},
                           {"value": "*", "lang": "zh", "n": 20, "value_consistency": 0.75, "p_chance": 0.04,
-                           "ci95": [0.53, 0.89], "above_chance": True}]}
+                           "ci95": [0.53, 0.89], "above_chance": True},
+                          {"value": "*", "lang": "en", "n": 20, "value_consistency": 0.75}]}
 
     def abl(kind: str, seed: int | None, own: float, top: float, margin: float | None) -> dict:
         row = {"value": "harmony", "lang": "*", "n": 20, "delta": own, "ci95": [own - 0.1, own + 0.1]}
@@ -99,6 +101,9 @@ def test_numbers_equal_the_hand_computed_ones(tmp_path: Path) -> None:
     assert zh["vc"] == 0.75 and zh["ci95"] == (0.53, 0.89) and zh["p_chance"] == 0.04 and zh["above_chance"]
     # the per-value row has no ci95: the Wilson interval of 15/20 is [0.531, 0.888], above chance
     assert zh["values_not_above"] == [] and zh["n_values"] == 1
+    en = next(r for r in rep.baseline if r["lang"] == "en")  # an older row without p_chance: exact binomial
+    assert en["p_chance"] == pytest.approx(2 * sum(math.comb(20, k) for k in range(15, 21)) / 2**20)
+    assert [r["lang"] for r in rep.baseline] == ["zh", "en"]  # no "*" row in the file: none invented
     (e,) = rep.effects
     assert e["delta"] == -0.2 and e["ci95"] == pytest.approx((-0.3, -0.1))  # the own-value row, not the all-items delta
     assert e["control_delta"] == pytest.approx(np.mean([0.05, -0.15]))

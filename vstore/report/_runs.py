@@ -109,11 +109,14 @@ def load_run(path: str | Path) -> Run:
     problems: list[str] = []
     run = Run(p, p.name, problems=problems)
     run.study = _read_json(p / "study.json", problems)
-    for f in sorted((p / "neurons").glob("*.json")) if (p / "neurons").is_dir() else []:
+    files = sorted((p / "neurons").glob("*.json")) if (p / "neurons").is_dir() else []
+    if (p / "neurons.json").is_file():  # the layout of studies before the run-folder contract
+        files.append(p / "neurons.json")
+    for f in files:
         try:
             run.sets[f.stem] = NeuronSet.load(f)
         except NeuronSetError as e:
-            problems.append(f"neurons/{f.name}: {e}")
+            problems.append(f"{f.relative_to(p)}: {e}")
     run.cards = _read_json(p / "cards.json", problems, "vstore-cards")
     run.compare = _read_json(p / "compare.json", problems, "vstore-compare")
     run.ablation = _read_json(p / "ablation.json", problems, "vstore-ablation")

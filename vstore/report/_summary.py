@@ -28,10 +28,21 @@ def baseline_table(runs: list[Run]) -> list[dict[str, Any]]:
             not_above = [str(x.get("value")) for x in per_value if x.get("above_chance") is False
                          or (x.get("above_chance") is None and (interval(x) or (1.0, 1.0))[0] <= 0.5)]
             out.append({"model": r.name, "lang": lang, "n": row.get("n"), "vc": float(row["value_consistency"]),
-                        "ci95": ci, "p_chance": fnum(row.get("p_chance")),
+                        "ci95": ci, "p_chance": _p_chance(row),
                         "above_chance": row.get("above_chance", ci[0] > 0.5 if ci else None),
                         "values_not_above": not_above, "n_values": len(per_value)})
     return out
+
+
+def _p_chance(row: dict[str, Any]) -> float | None:
+    """The row's ``p_chance``, or (older results) the exact two-sided binomial test of VC against 0.5."""
+    p = fnum(row.get("p_chance"))
+    vc, n = fnum(row.get("value_consistency")), row.get("n")
+    if p is not None or vc is None or not isinstance(n, int) or n <= 0:
+        return p
+    from scipy.stats import binomtest
+
+    return float(binomtest(round(vc * n), n, 0.5).pvalue)
 
 
 def effect_table(runs: list[Run]) -> list[dict[str, Any]]:
