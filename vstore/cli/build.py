@@ -12,7 +12,7 @@ from ..build import POOLINGS, build_store
 from ..data import parse_labels
 from ..models import ALIASES, DEFAULT_MODEL, SITES, cache_dir, cached_models
 from ..store import DTYPES, Store
-from .common import add_common_model_args, console, console_err, human_bytes, say
+from .common import add_common_model_args, bytes_on_disk, console, console_err, human_bytes, say
 from .progress import make_progress
 
 
@@ -85,9 +85,10 @@ def cmd_build(a: argparse.Namespace) -> int:
         progress=make_progress(not a.no_progress), on_note=say,
     )
     what = f"resumed at example {res.resumed_from}; " if res.resumed_from else ""
+    disk = bytes_on_disk(res.path)
     console_err.print(
         f"[green]built[/] {res.path} part {res.part}: {what}{res.examples} examples, {res.rows:,} rows, "
-        f"{res.tokens:,} tokens, {human_bytes(res.bytes_written)} in {res.seconds:.1f} s",
+        f"{res.tokens:,} tokens in {res.seconds:.1f} s; the store is {disk:,} bytes on disk ({human_bytes(disk)})",
         highlight=False,
     )
     return 0

@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
-console = Console()
-console_err = Console(stderr=True)
+#: The width a console that is not a terminal lays out at: wide enough that no table is cut to "…".
+LOG_WIDTH = 4000
+
+
+class LogConsole(Console):
+    """A rich console that lays tables out at their full width when it is not writing to a terminal.
+
+    Piped, under ``nohup`` or in CI, a log has no width: rich's default of 80 columns (or the width of
+    whatever terminal the other streams are on) would squeeze tables into "…" cells. A terminal keeps its
+    own width, and an explicit ``COLUMNS`` wins in both cases.
+    """
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        if self._width is None and not self.is_terminal and not (self._environ.get("COLUMNS") or "").isdigit():
+            return ConsoleDimensions(LOG_WIDTH, super().size.height)
+        return super().size
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        self._width, self._height = new_size
+
+
+console = LogConsole()
+console_err = LogConsole(stderr=True)
 
 #: Library parameters whose flag is not ``--`` + the name with ``-`` for ``_``.
 FLAGS = {"by_abs": "--abs", "use_cache": "--no-cache", "verify": "--no-verify", "progress": "--no-progress"}
@@ -42,6 +66,14 @@ def delta_matrix(title: str, groups: list[str], columns: list[str], matrix: list
     for g, row in zip(groups, matrix, strict=True):
         t.add_row(g, *("-" if x is None else format(x, fmt) for x in row))
     return t
+
+
+def bytes_on_disk(path: str | Path) -> int:
+    """The bytes of every file under ``path`` (their sizes, as ``du --apparent-size -b`` adds them)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def human_bytes(n: float) -> str:
