@@ -1,0 +1,238 @@
+// The fused CUDA moments kernel (see moments.hpp for the semantics).
+//
+// Layout of the work: thread t of block (bx, by) owns VEC adjacent columns (one 16-byte load of eight
+// 16-bit values where alignment allows) and walks the rows of row chunk `by` in order, keeping
+// float64/uint32 partials in registers for the group of the current run of rows. When the group
+// changes (rows of one example share a group, so runs are long) or the chunk ends, the partials are
+// added to the accumulators with atomics. A warp reads 32 consecutive vectors of one row: coalesced.
+// The thread of column vector 0 also counts the rows of each run, so the block is read exactly once.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "moments.hpp"
+
+namespace vstore::cuda {
+namespace {
+
+constexpr int kThreads = 128;                        // threads per block, along the columns
+constexpr int kRowUnroll = 4;                        // rows whose loads are issued together
+constexpr std::int64_t kMinRowsPerChunk = 64;        // keeps atomics to <= 1 per 64 values per field
+constexpr std::int64_t kMaxRowChunks = 65535;        // gridDim.y limit
+constexpr unsigned kMaxRun = 1u << 30;               // flush before the uint32 partial counters overflow
+constexpr int kMaxDevices = 64;
+
+template <int VEC>
+struct alignas(2 * VEC) Pack {
+    std::uint16_t v[VEC];
+};
+
+template <bool BF16>
+__device__ __forceinline__ float to_float(std::uint16_t bits) {
+    if constexpr (BF16) {
+        return __uint_as_float(static_cast<unsigned>(bits) << 16);
+    } else {
+        return __half2float(__ushort_as_half(bits));
+    }
+}
+
+template <bool BF16>
+__device__ __forceinline__ bool finite_bits(std::uint16_t bits) {
+    // all-ones exponent: +-Inf or NaN
+    return BF16 ? (bits & 0x7F80u) != 0x7F80u : (bits & 0x7C00u) != 0x7C00u;
+}
+
+// Per-thread partial statistics of one run of rows of one group.
+template <int VEC>
+struct Partial {
+    double s[VEC];
+    double q[VEC];
+    unsigned p[VEC];
+    unsigned nf[VEC];
+    unsigned rows;
+
+    __device__ __forceinline__ void clear() {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            s[j] = 0.0;
+            q[j] = 0.0;
+            p[j] = 0;
+            nf[j] = 0;
+        }
+        rows = 0;
+    }
+
+    template <bool BF16>
+    __device__ __forceinline__ void add(const Pack<VEC>& x) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+            const std::uint16_t b = x.v[j];
+            if (finite_bits<BF16>(b)) {
+                const double v = static_cast<double>(to_float<BF16>(b));  // exact
+                s[j] += v;
+                q[j] = fma(v, v, q[j]);  // v*v is exact in float64, so fma == mul + add
+                p[j] += v > 0.0 ? 1u : 0u;
+            } else {
+                nf[j] += 1u;
+            }
+        }
+        rows += 1;
+    }
+
+    __device__ __forceinline__ void flush(std::int32_t group, bool active, bool counts_rows, std::int64_t cols,
+                                          std::int64_t col0, unsigned long long* count, double* sum,
+                                          double* sumsq, unsigned long long* npos,
+                                          unsigned long long* nonfinite) {
+        if (group < 0 || rows == 0) return;
+        if (active) {
+            const std::int64_t base = static_cast<std::int64_t>(group) * cols + col0;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                if (q[j] != 0.0) {  // q == 0: every value was +-0 (s == 0 too), nothing to add
+                    atomicAdd(sum + base + j, s[j]);
+                    atomicAdd(sumsq + base + j, q[j]);
+                }
+                if (p[j]) atomicAdd(npos + base + j, static_cast<unsigned long long>(p[j]));
+                if (nf[j]) atomicAdd(nonfinite + base + j, static_cast<unsigned long long>(nf[j]));
+            }
+        }
+        if (counts_rows) atomicAdd(count + group, static_cast<unsigned long long>(rows));
+        clear();
+    }
+};
+
+template <int VEC, bool BF16>
+__global__ void __launch_bounds__(kThreads)
+    moments_kernel(const std::uint16_t* __restrict__ acts, const std::int32_t* __restrict__ groups,
+                   std::int64_t rows, std::int64_t cols, std::int64_t rows_per_chunk, std::int64_t n_groups,
+                   unsigned long long* __restrict__ count, double* __restrict__ sum,
+                   double* __restrict__ sumsq, unsigned long long* __restrict__ npos,
+                   unsigned long long* __restrict__ nonfinite) {
+    const std::int64_t vec_cols = cols / VEC;
+    const std::int64_t vc = static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+    const bool active = vc < vec_cols;
+    const bool counts_rows = vc == 0;  // with cols == 0 this thread only counts
+    if (!active && !counts_rows) return;
+    const std::int64_t col0 = vc * VEC;
+    const std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * rows_per_chunk;
+    const std::int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+
+    Partial<VEC> part;
+    part.clear();
+    std::int32_t current = -1;
+    for (std::int64_t r = r0; r < r1; r += kRowUnroll) {
+        Pack<VEC> x[kRowUnroll];
+        std::int32_t g[kRowUnroll];
+#pragma unroll
+        for (int k = 0; k < kRowUnroll; ++k) {  // issue the loads of several rows before using any
+            const std::int64_t row = r + k;
+            g[k] = row < r1 ? __ldg(groups + row) : -1;
+            if (g[k] >= n_groups) g[k] = -1;  // never write outside the accumulators
+            if (g[k] >= 0 && active)
+                x[k] = *reinterpret_cast<const Pack<VEC>*>(acts + row * cols + col0);
+        }
+#pragma unroll
+        for (int k = 0; k < kRowUnroll; ++k) {
+            if (g[k] < 0) continue;
+            if (g[k] != current || part.rows == kMaxRun) {
+                part.flush(current, active, counts_rows, cols, col0, count, sum, sumsq, npos, nonfinite);
+                current = g[k];
+            }
+            if (active) {
+                part.template add<BF16>(x[k]);
+            } else {
+                part.rows += 1;
+            }
+        }
+    }
+    part.flush(current, active, counts_rows, cols, col0, count, sum, sumsq, npos, nonfinite);
+}
+
+int multiprocessors(int device) {
+    static int cache[kMaxDevices] = {0};  // a benign race: every writer stores the same value
+    if (device >= 0 && device < kMaxDevices && cache[device] > 0) return cache[device];
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) {
+        (void)cudaGetLastError();
+        sms = 108;
+    }
+    if (device >= 0 && device < kMaxDevices) cache[device] = sms;
+    return sms;
+}
+
+template <int VEC, bool BF16>
+cudaError_t launch(const MomentsArgs& a, cudaStream_t stream) {
+    const std::int64_t vec_cols = std::max<std::int64_t>(a.cols / VEC, 1);
+    const std::int64_t col_blocks = (vec_cols + kThreads - 1) / kThreads;
+    const std::int64_t target = static_cast<std::int64_t>(multiprocessors(a.device)) * 8;  // blocks in flight
+    const std::int64_t most = std::min<std::int64_t>((a.rows + kMinRowsPerChunk - 1) / kMinRowsPerChunk, kMaxRowChunks);
+    std::int64_t chunks = std::clamp<std::int64_t>((target + col_blocks - 1) / col_blocks, 1, std::max<std::int64_t>(most, 1));
+    const std::int64_t rows_per_chunk = (a.rows + chunks - 1) / chunks;
+    chunks = (a.rows + rows_per_chunk - 1) / rows_per_chunk;
+    if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
+    const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
+    moments_kernel<VEC, BF16><<<grid, kThreads, 0, stream>>>(
+        static_cast<const std::uint16_t*>(a.acts), a.groups, a.rows, a.cols, rows_per_chunk, a.n_groups,
+        reinterpret_cast<unsigned long long*>(a.count), a.sum, a.sumsq,
+        reinterpret_cast<unsigned long long*>(a.npos), reinterpret_cast<unsigned long long*>(a.nonfinite));
+    return cudaGetLastError();
+}
+
+template <bool BF16>
+cudaError_t dispatch_width(const MomentsArgs& a, cudaStream_t stream) {
+    switch (vector_width(a)) {
+        case 8: return launch<8, BF16>(a, stream);
+        case 4: return launch<4, BF16>(a, stream);
+        case 2: return launch<2, BF16>(a, stream);
+        default: return launch<1, BF16>(a, stream);
+    }
+}
+
+}  // namespace
+
+int vector_width(const MomentsArgs& a) noexcept {
+    const auto address = reinterpret_cast<std::uintptr_t>(a.acts);
+    for (int w : {8, 4, 2})
+        if (a.cols % w == 0 && address % (2u * static_cast<unsigned>(w)) == 0) return w;
+    return 1;
+}
+
+int accumulate_moments(const MomentsArgs& a) noexcept {
+    if (a.rows <= 0 || a.n_groups <= 0) return 0;  // nothing to add (ids must then all be -1)
+    int previous = -1;
+    cudaError_t err = cudaGetDevice(&previous);
+    if (err != cudaSuccess) return static_cast<int>(err);
+    if (previous != a.device && (err = cudaSetDevice(a.device)) != cudaSuccess) return static_cast<int>(err);
+    const auto stream = static_cast<cudaStream_t>(a.stream);
+    err = a.dtype == Dtype::bfloat16 ? dispatch_width<true>(a, stream) : dispatch_width<false>(a, stream);
+    if (previous != a.device) {
+        const cudaError_t restore = cudaSetDevice(previous);
+        if (err == cudaSuccess) err = restore;
+    }
+    return static_cast<int>(err);
+}
+
+const char* error_string(int code) noexcept { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+int runtime_version() noexcept {
+    int v = 0;
+    return cudaRuntimeGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int driver_version() noexcept {
+    int v = 0;
+    return cudaDriverGetVersion(&v) == cudaSuccess ? v : 0;
+}
+
+int device_count() noexcept {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        (void)cudaGetLastError();  // clear the error of a machine without a driver or device
+        return 0;
+    }
+    return n;
+}
+
+}  // namespace vstore::cuda
