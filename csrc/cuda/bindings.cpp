@@ -32,7 +32,8 @@ vstore::cuda::MomentsArgs make_args(std::uintptr_t acts, int dtype, std::int64_t
                                     std::uintptr_t groups, std::int64_t n_groups, std::uintptr_t count,
                                     std::uintptr_t sum, std::uintptr_t sumsq, std::uintptr_t npos,
                                     std::uintptr_t nonfinite, int device, std::uintptr_t stream) {
-    require(dtype == 0 || dtype == 1, "dtype: expected 0 (float16) or 1 (bfloat16), got " + std::to_string(dtype));
+    require(dtype >= 0 && dtype <= 2,
+            "dtype: expected 0 (float16), 1 (bfloat16) or 2 (float32), got " + std::to_string(dtype));
     require(rows >= 0 && cols >= 0 && n_groups >= 0,
             "rows, cols, n_groups: expected >= 0, got " + std::to_string(rows) + ", " + std::to_string(cols) +
                 ", " + std::to_string(n_groups));
@@ -83,13 +84,14 @@ PYBIND11_MODULE(_cuda, m) {
         "Enqueues the per-group moments update on `stream` (device pointers as integers).");
     m.def(
         "vector_width",
-        [](std::uintptr_t acts, std::int64_t cols) {
+        [](std::uintptr_t acts, int dtype, std::int64_t cols) {
             vstore::cuda::MomentsArgs a{};
             a.acts = as_ptr<const void>(acts);
+            a.dtype = static_cast<vstore::cuda::Dtype>(dtype);
             a.cols = cols;
             return vstore::cuda::vector_width(a);
         },
-        py::arg("acts"), py::arg("cols"), "Values per thread and load the kernel uses for this pointer and width.");
+        py::arg("acts"), py::arg("dtype"), py::arg("cols"), "Values per thread and load the kernel uses for this pointer and width.");
     m.def("runtime_version", &vstore::cuda::runtime_version, "CUDA runtime version built against (e.g. 13000).");
     m.def("driver_version", &vstore::cuda::driver_version, "CUDA driver version (0: no driver).");
     m.def("device_count", &vstore::cuda::device_count, "CUDA devices visible (0: none or no driver).");

@@ -1,7 +1,7 @@
 // The fused CUDA moments kernel (see moments.hpp for the semantics).
 //
 // Layout of the work: thread t of block (bx, by) owns VEC adjacent columns (one 16-byte load of eight
-// 16-bit values where alignment allows) and walks the rows of row chunk `by` in order, keeping
+// 16-bit or four 32-bit values where alignment allows) and walks the rows of row chunk `by` in order, keeping
 // float64/uint32 partials in registers for the group of the current run of rows. When the group
 // changes (rows of one example share a group, so runs are long) or the chunk ends, the partials are
 // added to the accumulators with atomics. A warp reads 32 consecutive vectors of one row: coalesced.
@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "moments.hpp"
 
@@ -24,24 +25,32 @@ constexpr std::int64_t kMaxRowChunks = 65535;        // gridDim.y limit
 constexpr unsigned kMaxRun = 1u << 30;               // flush before the uint32 partial counters overflow
 constexpr int kMaxDevices = 64;
 
-template <int VEC>
-struct alignas(2 * VEC) Pack {
-    std::uint16_t v[VEC];
+// The raw bits of a dtype: 16-bit for float16/bfloat16, 32-bit for float32.
+template <Dtype D>
+using Raw = std::conditional_t<D == Dtype::float32, std::uint32_t, std::uint16_t>;
+
+template <Dtype D, int VEC>
+struct alignas(sizeof(Raw<D>) * VEC) Pack {
+    Raw<D> v[VEC];
 };
 
-template <bool BF16>
-__device__ __forceinline__ float to_float(std::uint16_t bits) {
-    if constexpr (BF16) {
+template <Dtype D>
+__device__ __forceinline__ float to_float(Raw<D> bits) {
+    if constexpr (D == Dtype::float32) {
+        return __uint_as_float(bits);
+    } else if constexpr (D == Dtype::bfloat16) {
         return __uint_as_float(static_cast<unsigned>(bits) << 16);
     } else {
         return __half2float(__ushort_as_half(bits));
     }
 }
 
-template <bool BF16>
-__device__ __forceinline__ bool finite_bits(std::uint16_t bits) {
-    // all-ones exponent: +-Inf or NaN
-    return BF16 ? (bits & 0x7F80u) != 0x7F80u : (bits & 0x7C00u) != 0x7C00u;
+template <Dtype D>
+__device__ __forceinline__ bool finite_bits(Raw<D> bits) {
+    // an all-ones exponent is +-Inf or NaN
+    if constexpr (D == Dtype::float32) return (bits & 0x7F800000u) != 0x7F800000u;
+    if constexpr (D == Dtype::bfloat16) return (bits & 0x7F80u) != 0x7F80u;
+    return (bits & 0x7C00u) != 0x7C00u;
 }
 
 // Per-thread partial statistics of one run of rows of one group.
@@ -64,13 +73,13 @@ struct Partial {
         rows = 0;
     }
 
-    template <bool BF16>
-    __device__ __forceinline__ void add(const Pack<VEC>& x) {
+    template <Dtype D>
+    __device__ __forceinline__ void add(const Pack<D, VEC>& x) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-            const std::uint16_t b = x.v[j];
-            if (finite_bits<BF16>(b)) {
-                const double v = static_cast<double>(to_float<BF16>(b));  // exact
+            const Raw<D> b = x.v[j];
+            if (finite_bits<D>(b)) {
+                const double v = static_cast<double>(to_float<D>(b));  // exact
                 s[j] += v;
                 q[j] = fma(v, v, q[j]);  // v*v is exact in float64, so fma == mul + add
                 p[j] += v > 0.0 ? 1u : 0u;
@@ -103,9 +112,9 @@ struct Partial {
     }
 };
 
-template <int VEC, bool BF16>
+template <int VEC, Dtype D>
 __global__ void __launch_bounds__(kThreads)
-    moments_kernel(const std::uint16_t* __restrict__ acts, const std::int32_t* __restrict__ groups,
+    moments_kernel(const Raw<D>* __restrict__ acts, const std::int32_t* __restrict__ groups,
                    std::int64_t rows, std::int64_t cols, std::int64_t rows_per_chunk, std::int64_t n_groups,
                    unsigned long long* __restrict__ count, double* __restrict__ sum,
                    double* __restrict__ sumsq, unsigned long long* __restrict__ npos,
@@ -123,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
     part.clear();
     std::int32_t current = -1;
     for (std::int64_t r = r0; r < r1; r += kRowUnroll) {
-        Pack<VEC> x[kRowUnroll];
+        Pack<D, VEC> x[kRowUnroll];
         std::int32_t g[kRowUnroll];
 #pragma unroll
         for (int k = 0; k < kRowUnroll; ++k) {  // issue the loads of several rows before using any
@@ -131,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
             g[k] = row < r1 ? __ldg(groups + row) : -1;
             if (g[k] >= n_groups) g[k] = -1;  // never write outside the accumulators
             if (g[k] >= 0 && active)
-                x[k] = *reinterpret_cast<const Pack<VEC>*>(acts + row * cols + col0);
+                x[k] = *reinterpret_cast<const Pack<D, VEC>*>(acts + row * cols + col0);
         }
 #pragma unroll
         for (int k = 0; k < kRowUnroll; ++k) {
@@ -141,7 +150,7 @@ __global__ void __launch_bounds__(kThreads)
                 current = g[k];
             }
             if (active) {
-                part.template add<BF16>(x[k]);
+                part.template add<D>(x[k]);
             } else {
                 part.rows += 1;
             }
@@ -162,7 +171,7 @@ int multiprocessors(int device) {
     return sms;
 }
 
-template <int VEC, bool BF16>
+template <int VEC, Dtype D>
 cudaError_t launch(const MomentsArgs& a, cudaStream_t stream) {
     const std::int64_t vec_cols = std::max<std::int64_t>(a.cols / VEC, 1);
     const std::int64_t col_blocks = (vec_cols + kThreads - 1) / kThreads;
@@ -173,29 +182,33 @@ cudaError_t launch(const MomentsArgs& a, cudaStream_t stream) {
     chunks = (a.rows + rows_per_chunk - 1) / rows_per_chunk;
     if (col_blocks > 0x7FFFFFFF) return cudaErrorInvalidConfiguration;
     const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(chunks));
-    moments_kernel<VEC, BF16><<<grid, kThreads, 0, stream>>>(
-        static_cast<const std::uint16_t*>(a.acts), a.groups, a.rows, a.cols, rows_per_chunk, a.n_groups,
+    moments_kernel<VEC, D><<<grid, kThreads, 0, stream>>>(
+        static_cast<const Raw<D>*>(a.acts), a.groups, a.rows, a.cols, rows_per_chunk, a.n_groups,
         reinterpret_cast<unsigned long long*>(a.count), a.sum, a.sumsq,
         reinterpret_cast<unsigned long long*>(a.npos), reinterpret_cast<unsigned long long*>(a.nonfinite));
     return cudaGetLastError();
 }
 
-template <bool BF16>
+template <Dtype D>
 cudaError_t dispatch_width(const MomentsArgs& a, cudaStream_t stream) {
     switch (vector_width(a)) {
-        case 8: return launch<8, BF16>(a, stream);
-        case 4: return launch<4, BF16>(a, stream);
-        case 2: return launch<2, BF16>(a, stream);
-        default: return launch<1, BF16>(a, stream);
+        case 8:
+            if constexpr (D != Dtype::float32) return launch<8, D>(a, stream);
+            break;
+        case 4: return launch<4, D>(a, stream);
+        case 2: return launch<2, D>(a, stream);
+        default: break;
     }
+    return launch<1, D>(a, stream);
 }
 
 }  // namespace
 
-int vector_width(const MomentsArgs& a) noexcept {
+int vector_width(const MomentsArgs& a) noexcept {  // at most one 16-byte load per row and thread
     const auto address = reinterpret_cast<std::uintptr_t>(a.acts);
+    const unsigned item = a.dtype == Dtype::float32 ? 4u : 2u;
     for (int w : {8, 4, 2})
-        if (a.cols % w == 0 && address % (2u * static_cast<unsigned>(w)) == 0) return w;
+        if (item * w <= 16 && a.cols % w == 0 && address % (item * static_cast<unsigned>(w)) == 0) return w;
     return 1;
 }
 
@@ -206,7 +219,12 @@ int accumulate_moments(const MomentsArgs& a) noexcept {
     if (err != cudaSuccess) return static_cast<int>(err);
     if (previous != a.device && (err = cudaSetDevice(a.device)) != cudaSuccess) return static_cast<int>(err);
     const auto stream = static_cast<cudaStream_t>(a.stream);
-    err = a.dtype == Dtype::bfloat16 ? dispatch_width<true>(a, stream) : dispatch_width<false>(a, stream);
+    switch (a.dtype) {
+        case Dtype::float16: err = dispatch_width<Dtype::float16>(a, stream); break;
+        case Dtype::bfloat16: err = dispatch_width<Dtype::bfloat16>(a, stream); break;
+        case Dtype::float32: err = dispatch_width<Dtype::float32>(a, stream); break;
+        default: err = cudaErrorInvalidValue;
+    }
     if (previous != a.device) {
         const cudaError_t restore = cudaSetDevice(previous);
         if (err == cudaSuccess) err = restore;

@@ -1,5 +1,5 @@
-// The CUDA statistics kernel of vstore: per-group moments of a float16/bfloat16 activation block that
-// lives on the GPU, read once. Plain C++17 declarations in namespace vstore::cuda: no CUDA, no Python
+// The CUDA statistics kernel of vstore: per-group moments of a float16/bfloat16 (or float32) activation
+// block that lives on the GPU, read once. Plain C++17 declarations in namespace vstore::cuda: no CUDA, no Python
 // header here, so csrc/cuda/bindings.cpp (pybind11, host compiler) can include it.
 //
 // Semantics are those of vstore.stats.Moments after vstore.kernels.accumulate_moments (the CPU
@@ -17,11 +17,11 @@
 
 namespace vstore::cuda {
 
-/// Storage type of the activations: IEEE binary16 or bfloat16 (both 16-bit).
-enum class Dtype : int { float16 = 0, bfloat16 = 1 };
+/// Storage type of the activations (the codes of vstore::RawDtype of the CPU kernels).
+enum class Dtype : int { float16 = 0, bfloat16 = 1, float32 = 2 };
 
 /// Raw device pointers and sizes of one call. All arrays C order, on `device`:
-/// acts (rows, cols) 16-bit, groups (rows,) int32, count (n_groups,) int64,
+/// acts (rows, cols) of `dtype`, groups (rows,) int32, count (n_groups,) int64,
 /// sum/sumsq (n_groups, cols) float64, npos/nonfinite (n_groups, cols) int64.
 struct MomentsArgs {
     const void* acts;
