@@ -190,7 +190,7 @@ def test_importing_never_fails_without_the_extension() -> None:
         "    print('refused:', e)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
     assert res.returncode == 0, res.stderr[-2000:]
     assert "refused: the CUDA extension vstore._cuda is not available" in res.stdout
 
