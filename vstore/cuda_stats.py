@@ -225,14 +225,16 @@ def update_moments_torch(
         g = group_ids[start : start + step]
         keep = (g >= 0) & (g < n_groups)  # ids outside are skipped, like the kernel
         index = torch.where(keep, g, 0).to(torch.int64)
-        count.index_add_(0, index, keep.to(torch.int64))
+        # index_put_(accumulate=True), not index_add_: sorted and deterministic on CUDA, and on CPU
+        # it does not stall on an oversubscribed machine as index_add_'s parallel scatter does
+        count.index_put_((index,), keep.to(torch.int64), accumulate=True)
         if n == 0:
             continue
         x = acts[start : start + step].to(torch.float64)  # exact for every 16/32-bit float
         finite = torch.isfinite(x)
         counted = keep[:, None]
         w = torch.where(finite & counted, x, 0.0)
-        sum.index_add_(0, index, w)
-        sumsq.index_add_(0, index, w * w)
-        npos.index_add_(0, index, (w > 0).to(torch.int64))
-        nonfinite.index_add_(0, index, (~finite & counted).to(torch.int64))
+        sum.index_put_((index,), w, accumulate=True)
+        sumsq.index_put_((index,), w * w, accumulate=True)
+        npos.index_put_((index,), (w > 0).to(torch.int64), accumulate=True)
+        nonfinite.index_put_((index,), (~finite & counted).to(torch.int64), accumulate=True)
