@@ -76,6 +76,11 @@ def find_cuda():
             "release": release.group(1) if release else "?", "archs": archs}, None
 
 
+def stale(target, sources):
+    """Whether ``target`` is missing or older than any of ``sources``."""
+    return not os.path.exists(target) or any(os.path.getmtime(s) > os.path.getmtime(target) for s in sources)
+
+
 def nvcc_arch_flags(archs):
     """-gencode flags: SASS for every architecture, PTX of the newest (``native``: the GPU present)."""
     if archs == ["native"]:
@@ -104,6 +109,9 @@ if os.environ.get("VSTORE_NO_EXT", "") not in ("1", "true", "yes"):
                 for src in ext.cuda_sources:
                     obj = os.path.join(self.build_temp, "cuda", os.path.basename(src) + ".o")
                     os.makedirs(os.path.dirname(obj), exist_ok=True)
+                    if not self.force and not stale(obj, [src, *ext.depends]):
+                        objects.append(obj)
+                        continue
                     cmd = [cuda["nvcc"], "-c", src, "-o", obj, "-std=c++17", "-O3", "-Icsrc/cuda",
                            f"-I{cuda['include']}", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
                            *nvcc_arch_flags(cuda["archs"])]
@@ -138,6 +146,7 @@ if os.environ.get("VSTORE_NO_EXT", "") not in ("1", "true", "yes"):
             "vstore._cuda",
             ["csrc/cuda/bindings.cpp"],
             include_dirs=["csrc/cuda"],
+            depends=[*CUDA_SOURCES, "csrc/cuda/moments.hpp"],  # relink when the .cu changes
             cxx_std=17,
             define_macros=[("VSTORE_VERSION", f'"{__version__}"')],
             extra_compile_args=["-O3"],

@@ -210,6 +210,65 @@ def test_built_extension_imports_without_a_gpu_and_reports_launch_errors() -> No
 
 
 # ------------------------------------------------------------------------------------------------
+# The kernel's own code on the host: vstore._cuda.emulate_moments runs the exact grid of a launch
+# (column blocks x row chunks x threads, vector widths, runs, flushes) thread by thread on host memory.
+
+BUILT = pytest.mark.skipif(cuda_stats.info()["built"] is False, reason="vstore._cuda not built (needs nvcc)")
+EMULATED = {  # name -> rows, neurons, groups; widths for 16-bit / float32 in the comments
+    "width-8": (1000, 264, 5),     # 8 / 4, one column block
+    "width-2": (333, 130, 3),      # 2 / 2
+    "width-1": (77, 7, 2),         # 1 / 1
+    "blocks": (150, 2056, 4),      # 8 / 4, several column blocks, a partly idle last one
+    "unaligned": (301, 16, 3),     # odd element offset: 1 / 1
+    "no-neurons": (40, 0, 2),
+    "one-row": (1, 8, 2),
+}
+
+
+@BUILT
+@pytest.mark.parametrize("sms", [1, 132])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", list(EMULATED))
+def test_kernel_grid_emulated_on_the_host_equals_the_oracle(case: str, dtype: str, sms: int) -> None:
+    from vstore import _cuda  # type: ignore[attr-defined]
+
+    rows, n, n_groups = EMULATED[case]
+    acts, groups = make_block(rows, n, n_groups, dtype, seed=rows + n)
+    raw, _ = raw_of(acts)
+    if case == "unaligned":
+        buf = np.empty(raw.size + 1, dtype=raw.dtype)
+        buf[1:] = raw.ravel()
+        raw = buf[1:].reshape(raw.shape)
+    ids = groups.numpy()
+    acc = Moments.zeros(n_groups, n)
+    a = acc.arrays()
+    for _ in range(2):  # twice: the kernel adds into what is there
+        _cuda.emulate_moments(raw.ctypes.data, cuda_stats.DTYPE_CODES[dtype], rows, n, ids.ctypes.data, n_groups,
+                              *(a[k].ctypes.data for k in FIELDS), sms)
+    want = oracle(acts, groups, n_groups)
+    want.merge(oracle(acts, groups, n_groups))
+    assert_equal_stats({k: torch.from_numpy(v) for k, v in a.items()}, want)
+    expected = {"width-8": 8, "width-2": 2, "width-1": 1, "blocks": 8, "unaligned": 1, "no-neurons": 8,
+                "one-row": 8}[case]
+    width = _cuda.vector_width(raw.ctypes.data, cuda_stats.DTYPE_CODES[dtype], n)
+    assert width == (min(expected, 4) if dtype == "float32" else expected)
+
+
+@BUILT
+def test_kernel_grid_skips_out_of_range_ids_on_the_host() -> None:
+    from vstore import _cuda  # type: ignore[attr-defined]
+
+    acts, _ = make_block(9, 8, 2, "float16", seed=5, special=0.0)
+    raw, _ = raw_of(acts)
+    ids = np.array([0, 2, -3, 1, 1, 7, 0, -1, 1], dtype=np.int32)
+    acc = Moments.zeros(2, 8)
+    a = acc.arrays()
+    _cuda.emulate_moments(raw.ctypes.data, 0, 9, 8, ids.ctypes.data, 2, *(a[k].ctypes.data for k in FIELDS), 4)
+    kept = torch.from_numpy(np.where((ids >= 0) & (ids < 2), ids, -1).astype(np.int32))
+    assert_equal_stats({k: torch.from_numpy(v) for k, v in a.items()}, oracle(acts, kept, 2))
+
+
+# ------------------------------------------------------------------------------------------------
 # setup.py: builds vstore._cuda only with nvcc and a toolkit, and says why it skips it.
 
 

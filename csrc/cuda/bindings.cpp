@@ -83,6 +83,21 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("nonfinite"), py::arg("device"), py::arg("stream"),
         "Enqueues the per-group moments update on `stream` (device pointers as integers).");
     m.def(
+        "emulate_moments",
+        [](std::uintptr_t acts, int dtype, std::int64_t rows, std::int64_t cols, std::uintptr_t groups,
+           std::int64_t n_groups, std::uintptr_t count, std::uintptr_t sum, std::uintptr_t sumsq,
+           std::uintptr_t npos, std::uintptr_t nonfinite, int multiprocessors) {
+            const auto args = make_args(acts, dtype, rows, cols, groups, n_groups, count, sum, sumsq, npos,
+                                        nonfinite, 0, 0);
+            require(multiprocessors >= 1, "multiprocessors: expected >= 1, got " + std::to_string(multiprocessors));
+            py::gil_scoped_release release;
+            vstore::cuda::emulate_moments(args, multiprocessors);
+        },
+        py::arg("acts"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("groups"),
+        py::arg("n_groups"), py::arg("count"), py::arg("sum"), py::arg("sumsq"), py::arg("npos"),
+        py::arg("nonfinite"), py::arg("multiprocessors"),
+        "Runs the kernel's grid on the host, thread by thread, on HOST pointers (a test of its logic).");
+    m.def(
         "vector_width",
         [](std::uintptr_t acts, int dtype, std::int64_t cols) {
             vstore::cuda::MomentsArgs a{};

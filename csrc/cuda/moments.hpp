@@ -43,6 +43,11 @@ struct MomentsArgs {
 /// Returns 0 on success, else the cudaError_t code of the failed launch (see error_string).
 int accumulate_moments(const MomentsArgs& args) noexcept;
 
+/// Runs the kernel's exact grid on the HOST, thread by thread (plain adds for the atomics), on host
+/// pointers, as a device with `multiprocessors` SMs would split it: the test of the kernel's logic
+/// on machines without a GPU. `args.device` and `args.stream` are ignored. Returns 0.
+int emulate_moments(const MomentsArgs& args, int multiprocessors) noexcept;
+
 /// The vector width (values per thread and load) the kernel uses for these pointers and sizes.
 int vector_width(const MomentsArgs& args) noexcept;
 
