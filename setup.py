@@ -107,7 +107,7 @@ if os.environ.get("VSTORE_NO_EXT", "") not in ("1", "true", "yes"):
             objects = []
             try:
                 for src in ext.cuda_sources:
-                    obj = os.path.join(self.build_temp, "cuda", os.path.basename(src) + ".o")
+                    obj = os.path.join(self.build_temp, "cuda", f"{os.path.basename(src)}.sm{'-'.join(cuda['archs'])}.o")
                     os.makedirs(os.path.dirname(obj), exist_ok=True)
                     if not self.force and not stale(obj, [src, *ext.depends]):
                         objects.append(obj)
