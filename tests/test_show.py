@@ -1,0 +1,86 @@
+"""`vstore show`: the native per-column top-k against a NumPy oracle, and neuron cards on a tiny store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vstore import kernels
+from vstore.errors import StoreError
+from vstore.topk import ColumnTopK, top_k_per_column
+
+BACKENDS = ["numpy", "numba"] + (["cpp"] if kernels.native_available() else [])
+
+
+def _raw(x: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return np.ascontiguousarray(x.astype(dtype))
+
+
+def _oracle(raw: np.ndarray, dtype: str, k: int, columns: np.ndarray, mask: np.ndarray | None):
+    """Sort every finite (value, row) of a column: value descending, then row ascending."""
+    vals = kernels.decode(raw, dtype).astype(np.float64)
+    out_v, out_r = [], []
+    for c in columns:
+        v = vals[:, c]
+        r = np.arange(v.size)
+        ok = np.isfinite(v) & (mask >= 0 if mask is not None else True)
+        order = sorted(zip(-v[ok], r[ok], strict=True))[:k]
+        out_v.append([-a for a, _ in order] + [-np.inf] * (k - len(order)))
+        out_r.append([int(b) for _, b in order] + [-1] * (k - len(order)))
+    return np.asarray(out_v), np.asarray(out_r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("shape,k", [((1, 5), 3), ((4, 3), 8), ((97, 40), 5), ((300, 70), 1)])
+def test_top_k_equals_the_oracle_streamed_in_blocks(backend: str, dtype: str, shape: tuple[int, int], k: int) -> None:
+    rng = np.random.default_rng(shape[0] * 31 + k)
+    x = rng.integers(-3, 4, size=shape).astype(np.float32) / 2  # many ties
+    x[rng.random(shape) < 0.1] = np.nan
+    if shape[0] > 3:
+        x[1, 0] = np.inf
+        x[2, 0] = -np.inf
+        x[:, -1] = np.nan  # a column with no finite value
+    raw = _raw(x, dtype)
+    columns = np.asarray(sorted({0, shape[1] - 1, *rng.choice(shape[1], min(6, shape[1]), replace=False)}), np.int64)
+    mask = np.where(rng.random(shape[0]) < 0.2, -1, 0).astype(np.int32)
+    want_v, want_r = _oracle(raw, dtype, k, columns, mask)
+    state = ColumnTopK(columns.size, k)
+    step = max(1, shape[0] // 3)
+    for r0 in reversed(range(0, shape[0], step)):  # blocks in any order give the same result
+        blk = np.ascontiguousarray(raw[r0 : r0 + step])
+        top_k_per_column(blk, dtype=dtype, state=state, columns=columns, row_start=r0, mask=mask[r0 : r0 + step],
+                         backend=backend)
+    np.testing.assert_array_equal(state.rows, want_r)
+    np.testing.assert_array_equal(state.values, want_v)
+
+
+def test_backends_agree_on_all_columns_without_mask() -> None:
+    rng = np.random.default_rng(5)
+    raw = _raw(rng.standard_normal((1200, 33)).astype(np.float32), "float16")
+    got = []
+    for b in BACKENDS:
+        s = ColumnTopK(33, 7)
+        top_k_per_column(raw, dtype="float16", state=s, backend=b)
+        got.append((s.values.copy(), s.rows.copy()))
+    for v, r in got[1:]:
+        np.testing.assert_array_equal(v, got[0][0])
+        np.testing.assert_array_equal(r, got[0][1])
+    assert got[0][0][0, 0] == kernels.decode(raw, "float16")[:, 0].max()
+
+
+def test_top_k_refuses_malformed_input() -> None:
+    raw = np.zeros((3, 4), np.float16)
+    with pytest.raises(StoreError, match="columns"):
+        top_k_per_column(raw, dtype="float16", state=ColumnTopK(1, 2), columns=np.array([4], np.int64))
+    with pytest.raises(StoreError, match="state"):
+        top_k_per_column(raw, dtype="float16", state=ColumnTopK(2, 2), columns=np.array([1], np.int64))
+    with pytest.raises(StoreError, match="mask"):
+        top_k_per_column(raw, dtype="float16", state=ColumnTopK(4, 2), mask=np.zeros(2, np.int32))
+    with pytest.raises(StoreError, match="raw dtype"):
+        top_k_per_column(raw.astype(np.float32), dtype="float16", state=ColumnTopK(4, 2))
