@@ -84,3 +84,84 @@ def test_top_k_refuses_malformed_input() -> None:
         top_k_per_column(raw, dtype="float16", state=ColumnTopK(4, 2), mask=np.zeros(2, np.int32))
     with pytest.raises(StoreError, match="raw dtype"):
         top_k_per_column(raw.astype(np.float32), dtype="float16", state=ColumnTopK(4, 2))
+
+
+# -- neuron cards on a tiny store ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from conftest_rank import tiny_store
+
+    from vstore.rank import rank_store
+
+    tmp = tmp_path_factory.mktemp("cards")
+    store = tiny_store(tmp, per_value=2)
+    rank_store(store, "value", "welch-t", top_k=4, out=tmp / "welch.json")
+    return store, tmp / "welch.json"
+
+
+def test_cards_equal_an_oracle_over_the_raw_rows(ranked: tuple[Path, Path]) -> None:
+    import zarr
+    from conftest_rank import raw_rows
+
+    from vstore.cards import neuron_cards
+    from vstore.neuronset import NeuronSet
+
+    store, welch = ranked
+    ns = NeuronSet.load(welch)
+    doc = neuron_cards(store, welch, group=["justice", "harmony"], top=4, context=3, top_neurons=2)
+    assert doc["format"] == {"name": "vstore-cards", "version": 1}
+    assert [(c["group"], c["rank"]) for c in doc["cards"]] == [("justice", 0), ("justice", 1), ("harmony", 0),
+                                                                ("harmony", 1)]
+    X, names, cats = raw_rows(store)
+    g = zarr.open_group(str(store), mode="r")
+    ex = np.asarray(g["parts/0000/rows/example"][:X.shape[1]])
+    pos = np.asarray(g["parts/0000/rows/position"][:X.shape[1]])
+    texts = [str(t) for t in np.asarray(g["examples/text"][:])]
+    layers = g.attrs["vstore"]["layers"]
+    for card in doc["cards"]:
+        it = ns.groups[card["group"]][card["rank"]]
+        assert (card["layer"], card["neuron"], card["score"]) == (it["layer"], it["neuron"], it["score"])
+        x = X[layers.index(card["layer"]), :, card["neuron"]]
+        order = sorted(range(x.size), key=lambda r: (-x[r], r))[:4]
+        assert [h["row"] for h in card["top"]] == order
+        assert [h["activation"] for h in card["top"]] == [float(x[r]) for r in order]
+        for h in card["top"]:
+            assert h["position"] == pos[h["row"]]
+            assert h["left"] + h["token"] + h["right"] in texts[ex[h["row"]]] and h["token"]
+        for grp in cats:
+            v = x[names == grp]
+            d = card["by_group"][grp]
+            assert d["n"] == v.size
+            assert d["mean"] == pytest.approx(v.mean(), rel=1e-12)
+            assert d["std"] == pytest.approx(v.std(ddof=1), rel=1e-9)
+            assert d["frac_pos"] == pytest.approx((v > 0).mean())
+            binned = v.astype(np.float16).astype(np.float64)  # float32 store: quantiles at float16 precision
+            assert d["p50"] == np.quantile(binned, 0.5, method="inverted_cdf")
+            assert d["p90"] == np.quantile(binned, 0.9, method="inverted_cdf")
+
+
+def test_show_command_prints_cards_and_json(ranked: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    from vstore.cli import main
+
+    store, welch = ranked
+    assert main(["show", str(store), "--neurons", str(welch), "--top", "2", "--top-neurons", "1",
+                 "--out", str(tmp_path / "cards.json")]) == 0
+    out = capsys.readouterr().out
+    assert "layer" in out and "frac > 0" in out and "…" not in out
+    doc = json.loads((tmp_path / "cards.json").read_text(encoding="utf-8"))
+    assert len(doc["cards"]) == 12 and all(len(c["top"]) == 2 for c in doc["cards"])
+    assert main(["show", str(store), "--neurons", str(welch), "--group", "justice", "--top-neurons", "1",
+                 "--json"]) == 0
+    assert [c["group"] for c in json.loads(capsys.readouterr().out)["cards"]] == ["justice"]
+    assert main(["show", str(store), "--neurons", str(welch), "--group", "nope"]) == 2
+    assert "no group 'nope'" in capsys.readouterr().err
+
+
+def test_cards_need_a_tokenizer(ranked: tuple[Path, Path], tmp_path: Path) -> None:
+    from vstore.cards import neuron_cards
+    from vstore.errors import ModelError
+
+    store, welch = ranked
+    with pytest.raises(ModelError, match="--tokenizer"):
+        neuron_cards(store, welch, tokenizer=tmp_path / "nothing-here")

@@ -21,7 +21,8 @@ from .common import FLAGS, console_err
 
 __all__ = ["main", "make_parser"]
 
-_GROUPS = ("vstore.cli.build", "vstore.cli.data", "vstore.cli.rank", "vstore.cli.ablate", "vstore.cli.study")
+_GROUPS = ("vstore.cli.build", "vstore.cli.data", "vstore.cli.rank", "vstore.cli.ablate", "vstore.cli.study",
+           "vstore.cli.show", "vstore.cli.compare")
 
 
 def make_parser() -> argparse.ArgumentParser:
