@@ -23,7 +23,7 @@ import numpy as np
 
 from .neuronset import jaccard, neuron_keys
 
-__all__ = ["ChanceLevel", "chance_jaccard", "keep_exclusive", "layer_sizes", "simulate_jaccard", "specificity"]
+__all__ = ["ChanceLevel", "annotate_rank", "annotate_set", "chance_jaccard", "check_exclusive", "keep_exclusive", "layer_sizes", "simulate_jaccard", "specificity"]
 
 Items = Sequence[Mapping[str, Any]]
 
@@ -52,17 +52,27 @@ def layer_sizes(items: Items | set[tuple[int, int]]) -> dict[int, int]:
     return dict(sorted(out.items()))
 
 
+def _hypergeom_pmf(n_neurons: int, a: int, b: int) -> np.ndarray:
+    """P(X = x), x = 0..min(a, b), for the overlap X of two uniform random subsets of sizes a and b of n_neurons."""
+    from scipy.special import gammaln
+
+    x = np.arange(0, min(a, b) + 1, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        logp = (gammaln(a + 1) - gammaln(x + 1) - gammaln(a - x + 1)
+                + gammaln(n_neurons - a + 1) - gammaln(b - x + 1) - gammaln(n_neurons - a - b + x + 1)
+                - gammaln(n_neurons + 1) + gammaln(b + 1) + gammaln(n_neurons - b + 1))
+    p = np.where(x >= a + b - n_neurons, np.exp(logp), 0.0)  # below max(0, a + b - N) the overlap is impossible
+    return np.asarray(p / p.sum())
+
+
 def _shared_pmf(sizes_a: Mapping[int, int], sizes_b: Mapping[int, int], n_neurons: int) -> np.ndarray:
     """P(X = x) for X, the neurons two random sets share: per layer hypergeometric, summed over layers."""
-    from scipy.stats import hypergeom
-
     pmf = np.ones(1)
     for layer in sorted(set(sizes_a) & set(sizes_b)):
         a, b = int(sizes_a[layer]), int(sizes_b[layer])
         if a == 0 or b == 0:
             continue
-        x = np.arange(0, min(a, b) + 1)
-        pmf = np.convolve(pmf, hypergeom.pmf(x, n_neurons, a, b))
+        pmf = np.convolve(pmf, _hypergeom_pmf(n_neurons, a, b))
     return pmf
 
 
@@ -195,10 +205,49 @@ def keep_exclusive(groups: Mapping[str, list[dict[str, Any]]], n: int) -> tuple[
 
     Order within a group is kept (the rank order of the selection).
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        from .errors import UsageError
-
-        raise UsageError(f"exclusive must be an integer >= 1 (groups a neuron may be in), got {n!r}", "exclusive")
+    check_exclusive(n)
     count = _assigned({g: neuron_keys(items) for g, items in groups.items()})
     kept = {g: [it for it in items if count[(int(it["layer"]), int(it["neuron"]))] <= n] for g, items in groups.items()}
     return kept, {g: len(groups[g]) - len(kept[g]) for g in groups}
+
+
+def check_exclusive(n: int | None) -> None:
+    """Raise ``UsageError`` unless ``n`` is None or an integer >= 1."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        from .errors import UsageError
+
+        raise UsageError(f"exclusive must be an integer >= 1 (groups a neuron may be in), got {n!r}", "exclusive")
+
+
+def annotate_set(doc: dict[str, Any], *, exclusive: int | None = None) -> dict[str, Any]:
+    """Add the ``specificity`` block to a neuron-set document, after keeping only neurons assigned to at most
+    ``exclusive`` groups (recorded as ``params.selection.exclusive`` and ``params.exclusive_dropped``).
+
+    Returns the block (see :func:`specificity`; with ``exclusive`` it also has ``before_exclusive``).
+    """
+    check_exclusive(exclusive)
+    before = None
+    if exclusive is not None:
+        before = specificity(doc["groups"])
+        doc["groups"], dropped = keep_exclusive(doc["groups"], exclusive)
+        params = doc.setdefault("params", {})
+        params.setdefault("selection", {})["exclusive"] = exclusive
+        params["exclusive_dropped"] = dropped
+    n = doc.get("n_neurons") or (doc.get("model") or {}).get("n_neurons")
+    block = specificity(doc["groups"], int(n) if n else None)
+    if before is not None:
+        block["before_exclusive"] = {k: before[k] for k in ("neurons", "exclusive", "shared", "shared_fraction",
+                                                             "mean_jaccard")}
+    doc["specificity"] = block
+    return block
+
+
+def annotate_rank(result: Any, exclusive: int | None) -> None:
+    """:func:`annotate_set` on a :class:`vstore.rank.RankResult` and its split halves (whose per-group
+    Jaccard index is then recomputed on the exclusive sets)."""
+    for r in (result, *(result.halves or ())):
+        annotate_set(r.data, exclusive=exclusive)
+    if result.halves is not None and exclusive is not None:
+        h1, h2 = result.halves
+        result.jaccard = {g: jaccard(h1.groups.get(g, []), h2.groups.get(g, [])) for g in result.groups}
+        result.data["split_half"]["jaccard"] = result.jaccard
