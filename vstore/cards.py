@@ -23,6 +23,7 @@ import numpy as np
 
 from . import kernels
 from .errors import ModelError, NeuronSetError, UsageError
+from .inference import json_safe
 from .models import cache_dir
 from .neuronset import NeuronSet
 from .progress import Note, Progress, task
@@ -156,7 +157,7 @@ class _Rows:
     def __init__(self, st: Store) -> None:
         self.st = st
         self.offsets: dict[str, int] = {}
-        self.cols: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.cols: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
         total = 0
         for p in st.parts:
             self.offsets[p.name] = total
@@ -168,18 +169,19 @@ class _Rows:
                 return name, global_row - off
         raise IndexError(global_row)
 
-    def part(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def part(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(example, position, token) of every row, the rows ordered by (example, position), and their examples."""
         if name not in self.cols:
-            ex = self.st.rows(name, "example")
-            order = np.lexsort((self.st.rows(name, "position"), ex))
-            self.cols[name] = (ex, self.st.rows(name, "position"), self.st.rows(name, "token"), order)
+            ex, pos = self.st.rows(name, "example"), self.st.rows(name, "position")
+            order = np.lexsort((pos, ex))
+            self.cols[name] = (ex, pos, self.st.rows(name, "token"), order, ex[order])
         return self.cols[name]
 
     def context(self, part: str, row: int, k: int) -> tuple[int, int, int, list[int], list[int]]:
         """(example, position, token id, ids before, ids after) of a row: ``k`` rows of its example either side."""
-        ex, pos, tok, order = self.part(part)
+        ex, pos, tok, order, sorted_ex = self.part(part)
         e = int(ex[row])
-        lo, hi = np.searchsorted(ex[order], e, "left"), np.searchsorted(ex[order], e, "right")
+        lo, hi = np.searchsorted(sorted_ex, e, "left"), np.searchsorted(sorted_ex, e, "right")
         mine = order[lo:hi]
         i = int(np.flatnonzero(mine == row)[0])
         before = [int(tok[r]) for r in mine[max(0, i - k) : i]]
@@ -223,7 +225,7 @@ def _check_tokenizer(rows: _Rows, tok: Any, texts: list[str], on_note: Note | No
     """Note when re-tokenizing the first example does not give the token ids the store recorded."""
     if not rows.st.parts or rows.st.parts[0].committed_rows == 0:
         return
-    ex, pos, tid, _ = rows.part(rows.st.parts[0].name)
+    ex, pos, tid, _, _ = rows.part(rows.st.parts[0].name)
     e = int(ex[0])
     mine = np.flatnonzero(ex == e)
     if tid[mine[0]] < 0:
@@ -318,7 +320,7 @@ def neuron_cards(
         lp, j = found[(pos[s["layer"]], s["neuron"])]
         hits = [_hit(rows, tok, texts, ids, v, r, context) for v, r in lp.top.column(j)]
         cards.append({**s, "top": hits, "by_group": _distribution(lp, j, grouping.names, values)})
-    return {"format": dict(CARDS_FORMAT), "store": str(Path(st.path).resolve()),
+    return json_safe({"format": dict(CARDS_FORMAT), "store": str(Path(st.path).resolve()),
             "neurons_file": str(ns.path) if ns.path else None, "model": dict(st.meta["model"]), "method": ns.method,
             "by": ns.data.get("by"), "where": ns.data.get("where") or {}, "context": context, "top": top,
-            "quantiles": "exact" if st.dtype != "float32" else "float16 bins", "cards": cards}
+            "quantiles": "exact" if st.dtype != "float32" else "float16 bins", "cards": cards})  # type: ignore[no-any-return]
