@@ -78,9 +78,7 @@ def overlap_table(rows: list[dict[str, Any]]) -> Table:
 
 
 def within_table(w: dict[str, Any]) -> Table:
-    t = Table(title=f"{w['set']}: groups against each other — {w['exclusive']} of {w['neurons']} neurons in one "
-              f"group; mean pairwise Jaccard {_f(w['mean_jaccard'])} (chance {_f(w['chance_jaccard'], '.4f')})",
-              title_justify="left")
+    t = Table(title=f"{w['set']}: groups against each other", title_justify="left")
     for c in ("group", "neurons", "own", "shared", "mean J", "chance J"):
         t.add_column(c, justify="left" if c == "group" else "right")
     for i, g in enumerate(w["groups"]):
@@ -140,6 +138,8 @@ def cmd_compare(a: argparse.Namespace) -> int:
         out.print(overlap_table(doc["overlaps"]))
     for w in doc["within"]:
         out.print(within_table(w))
+        out.print(f"{w['set']}: {w['exclusive']} of {w['neurons']} neurons in one group; mean pairwise Jaccard "
+                  f"{_f(w['mean_jaccard'])} (chance {_f(w['chance_jaccard'], '.4f')})", highlight=False, soft_wrap=True)
     if doc["depth"]:
         out.print(depth_table(doc["depth"]))
     for m in doc["similarity"]:
