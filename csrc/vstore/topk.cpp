@@ -16,7 +16,7 @@
 namespace vstore {
 namespace {
 
-constexpr std::int64_t kTile = 16;  // columns per task
+constexpr std::int64_t kTile = 64;  // columns per task
 
 inline double decode_one(const void* data, RawDtype dtype, std::int64_t index) noexcept {
     switch (dtype) {
@@ -59,6 +59,11 @@ void top_k_per_column(const void* data, RawDtype dtype, std::int64_t rows, std::
                       std::int64_t row_start, std::int64_t k, double* best_values, std::int64_t* best_rows,
                       int threads) noexcept {
     if (k <= 0 || rows <= 0 || n_columns <= 0) return;
+    // Consecutive columns (a gathered sub-block, or all of them) are decoded a row segment at a time
+    // by vstore::decode (F16C where the CPU has it); scattered ones value by value.
+    bool consecutive = true;
+    for (std::int64_t c = 1; c < n_columns && consecutive; ++c) consecutive = columns[c] == columns[0] + c;
+    const std::int64_t itemsize = dtype == RawDtype::float32 ? 4 : 2;
     const std::int64_t tiles = (n_columns + kTile - 1) / kTile;
 #ifdef _OPENMP
     const int nt = threads > 0 ? threads : omp_get_max_threads();
@@ -70,11 +75,15 @@ void top_k_per_column(const void* data, RawDtype dtype, std::int64_t rows, std::
     for (std::int64_t t = 0; t < tiles; ++t) {
         const std::int64_t c0 = t * kTile;
         const std::int64_t c1 = c0 + kTile < n_columns ? c0 + kTile : n_columns;
+        float segment[kTile];
         for (std::int64_t r = 0; r < rows; ++r) {
             if (mask != nullptr && mask[r] < 0) continue;
             const std::int64_t base = r * cols;
+            if (consecutive)
+                decode(static_cast<const char*>(data) + (base + columns[c0]) * itemsize, dtype, c1 - c0, segment);
             for (std::int64_t c = c0; c < c1; ++c) {
-                const double v = decode_one(data, dtype, base + columns[c]);
+                const double v = consecutive ? static_cast<double>(segment[c - c0])
+                                             : decode_one(data, dtype, base + columns[c]);
                 if (!std::isfinite(v)) continue;
                 offer(v, row_start + r, k, best_values + c * k, best_rows + c * k);
             }
