@@ -165,3 +165,22 @@ def test_cards_need_a_tokenizer(ranked: tuple[Path, Path], tmp_path: Path) -> No
     store, welch = ranked
     with pytest.raises(ModelError, match="--tokenizer"):
         neuron_cards(store, welch, tokenizer=tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_histogram_quantiles_are_exact_for_16_bit_stores(dtype: str) -> None:
+    from vstore.cards import _key_values, _quantile
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((501, 2)) * 3).astype(np.float32)
+    x[:40, 0] = 0.0
+    x[40:60, 0] = -0.0
+    raw = _raw(x, dtype)
+    hist = np.zeros((1, 2, kernels.HISTOGRAM_BINS), dtype=np.uint32)
+    kernels.accumulate_histogram(raw, np.zeros(501, np.int32), hist, dtype=dtype, neuron_start=0)
+    values = _key_values(dtype)
+    exact = kernels.decode(raw, dtype).astype(np.float64)
+    for j in range(2):
+        for q in (0.1, 0.5, 0.9, 1.0):
+            assert _quantile(hist[0, j], values, q) == np.quantile(exact[:, j], q, method="inverted_cdf")
+    assert _quantile(np.zeros(kernels.HISTOGRAM_BINS, np.uint32), values, 0.5) is None

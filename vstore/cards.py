@@ -124,9 +124,10 @@ def _key_values(dtype: str) -> np.ndarray:
     """The value of each 16-bit histogram key (float32 stores are binned at float16 precision)."""
     keys = np.arange(kernels.HISTOGRAM_BINS, dtype=np.uint32)
     bits = np.where(keys & 0x8000, keys ^ 0x8000, keys ^ 0xFFFF).astype(np.uint16)
-    if dtype == "bfloat16":
-        return kernels.decode(bits, "bfloat16").astype(np.float64)
-    return bits.view(np.float16).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # the NaN patterns (never counted) convert quietly
+        if dtype == "bfloat16":
+            return kernels.decode(bits, "bfloat16").astype(np.float64)
+        return bits.view(np.float16).astype(np.float64)
 
 
 def _quantile(hist: np.ndarray, values: np.ndarray, q: float) -> float | None:
