@@ -51,8 +51,9 @@ def _flat(s: str) -> str:
     return s.replace("\r", "").replace("\n", "⏎")
 
 
-def card_tables(card: dict[str, Any]) -> tuple[Table, Table]:
-    """The top-activating tokens of one card, and its distribution per group, as rich tables."""
+def card_tables(card: dict[str, Any], *, mark: bool = False) -> tuple[Table, Table]:
+    """The top-activating tokens of one card, and its distribution per group, as rich tables (the token is in
+    reverse video, and with ``mark`` also between « », for output that is not a terminal)."""
     title = (f"{card['group']} #{card['rank'] + 1}: layer {card['layer']} neuron {card['neuron']} "
              f"(score {card['score']:.4g})")
     top = Table(title=title, title_justify="left")
@@ -61,7 +62,8 @@ def card_tables(card: dict[str, Any]) -> tuple[Table, Table]:
     top.add_column("pos", justify="right")
     top.add_column("token in context")
     for h in card["top"]:
-        ctx = Text.assemble(_flat(h["left"]), (_flat(h["token"]) or "∅", "bold reverse"), _flat(h["right"]))
+        token = _flat(h["token"]) or "∅"
+        ctx = Text.assemble(_flat(h["left"]), (f"«{token}»" if mark else token, "bold reverse"), _flat(h["right"]))
         top.add_row(f"{h['activation']:.4g}", h["example"], str(h["position"]), ctx)
     dist = Table(title=f"activation of layer {card['layer']} neuron {card['neuron']} per group", title_justify="left")
     for c in ("group", "n", "mean", "std", "p50", "p90", "frac > 0"):
@@ -87,6 +89,6 @@ def cmd_show(a: argparse.Namespace) -> int:
     if not doc["cards"]:
         console_err.print("no neurons to show: the selected groups are empty")
     for card in doc["cards"]:
-        for t in card_tables(card):
+        for t in card_tables(card, mark=not out.is_terminal):
             out.print(t)
     return 0
