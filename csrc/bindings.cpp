@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "vstore/kernels.hpp"
+#include "vstore/topk.hpp"
 
 #ifndef VSTORE_VERSION
 #define VSTORE_VERSION "0+unknown"
@@ -171,6 +172,38 @@ py::array_t<std::int64_t> select_top_k(const carray<double>& scores, std::int64_
     return out;
 }
 
+// --- per-column streaming top-k (vstore.topk) ---
+void top_k_per_column(const py::array& block, const std::string& dtype_name, const carray<std::int32_t>& mask,
+                      const carray<std::int64_t>& columns, std::int64_t row_start, carray<double> best_values,
+                      carray<std::int64_t> best_rows, int threads) {
+    const vstore::RawDtype dtype = parse_dtype(dtype_name);
+    if (block.ndim() != 2)
+        throw std::invalid_argument("block: expected a 2-D (rows, neurons) array, got shape " + shape_of(block));
+    check_raw(block, dtype, "block");
+    const std::int64_t R = block.shape(0), N = block.shape(1);
+    if (mask.ndim() != 1 || mask.shape(0) != R)
+        throw std::invalid_argument("mask: expected shape (" + std::to_string(R) + ",), got " + shape_of(mask));
+    if (columns.ndim() != 1) throw std::invalid_argument("columns: expected a 1-D array, got " + shape_of(columns));
+    const std::int64_t C = columns.shape(0);
+    const std::int64_t* cols = columns.data();
+    for (std::int64_t c = 0; c < C; ++c)
+        if (cols[c] < 0 || cols[c] >= N)
+            throw std::invalid_argument("columns: expected values in [0, " + std::to_string(N) + "), got " +
+                                        std::to_string(cols[c]));
+    if (best_values.ndim() != 2 || best_values.shape(0) != C)
+        throw std::invalid_argument("best_values: expected shape (" + std::to_string(C) + ", k), got " +
+                                    shape_of(best_values));
+    const std::int64_t k = best_values.shape(1);
+    check_shape(best_rows, {C, k}, "best_rows");
+    if (row_start < 0) throw std::invalid_argument("row_start: expected >= 0, got " + std::to_string(row_start));
+    const void* src = block.data();
+    const std::int32_t* m = mask.data();
+    double* bv = best_values.mutable_data();
+    std::int64_t* br = best_rows.mutable_data();
+    py::gil_scoped_release nogil;
+    vstore::top_k_per_column(src, dtype, R, N, m, cols, C, row_start, k, bv, br, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -191,4 +224,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("decode", &decode, py::arg("values").noconvert(), py::arg("dtype"), "Raw values as float32.");
     m.def("select_top_k", &select_top_k, py::arg("scores").noconvert(), py::arg("k"),
           "Indices of the k largest finite scores, best first, ties by lower index.");
+    m.def("top_k_per_column", &top_k_per_column, py::arg("block").noconvert(), py::arg("dtype"),
+          py::arg("mask").noconvert(), py::arg("columns").noconvert(), py::arg("row_start"),
+          py::arg("best_values").noconvert(), py::arg("best_rows").noconvert(), py::arg("threads") = 0,
+          "Merges a raw block's columns into per-column top-k state (value desc, row asc).");
 }

@@ -22,7 +22,7 @@ from .atomic import write_atomic
 from .errors import NeuronSetError
 from .models import SITES
 
-__all__ = ["FORMAT", "LayerNeurons", "NeuronSet", "jaccard"]
+__all__ = ["FORMAT", "LayerNeurons", "NeuronKeys", "NeuronSet", "jaccard", "neuron_keys", "overlap"]
 
 FORMAT = {"name": "vstore-neurons", "version": 1}
 
@@ -290,10 +290,28 @@ def _check_document(doc: Any, source: str) -> None:
                     raise fail(f"{here}.{k}", f"{k} {it[k]} out of range (model.n_{k}s = {bound})")
 
 
-def jaccard(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> float | None:
-    """Jaccard index of two neuron lists by (layer, neuron); None when both are empty."""
-    sa = {(int(x["layer"]), int(x["neuron"])) for x in a}
-    sb = {(int(x["layer"]), int(x["neuron"])) for x in b}
-    if not sa and not sb:
+NeuronKeys = set[tuple[int, int]]
+
+
+def neuron_keys(items: Iterable[Mapping[str, Any]] | NeuronKeys) -> NeuronKeys:
+    """The ``(layer, neuron)`` pairs of a neuron list (a set of pairs is returned as it is)."""
+    if isinstance(items, set):
+        return items
+    return {(int(x["layer"]), int(x["neuron"])) for x in items}
+
+
+def overlap(a: Iterable[Mapping[str, Any]] | NeuronKeys, b: Iterable[Mapping[str, Any]] | NeuronKeys) -> tuple[int, int]:
+    """``(shared, union)``: neurons in both lists and in either, by ``(layer, neuron)``."""
+    sa, sb = neuron_keys(a), neuron_keys(b)
+    return len(sa & sb), len(sa | sb)
+
+
+def jaccard(a: Iterable[Mapping[str, Any]] | NeuronKeys, b: Iterable[Mapping[str, Any]] | NeuronKeys) -> float | None:
+    """Jaccard index of two neuron lists (or sets of pairs) by (layer, neuron); None when both are empty.
+
+    This is the one Jaccard of vstore: split halves, ``rank``'s specificity and ``compare`` use it.
+    """
+    shared, union = overlap(a, b)
+    if not union:
         return None
-    return len(sa & sb) / len(sa | sb)
+    return shared / union

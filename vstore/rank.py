@@ -23,6 +23,7 @@ from .methods import Method, get_method, score
 from .neuronset import FORMAT, LayerNeurons, NeuronSet, jaccard
 from .scoring import Scores
 from .select import Item, Selection, control_set, lape_select, select_neurons
+from .specificity import annotate_rank, check_exclusive
 from .stats import Grouping, GroupStats, grouping_auroc, grouping_stats, make_grouping, split_grouping_stats
 from .stats.grouping import normalise_contrast, normalise_where
 from .store import Store
@@ -307,6 +308,7 @@ def rank_store(
     auroc_memory: int = 256 << 20,
     verify: bool = True,
     skip_damaged: bool = False,
+    exclusive: int | None = None,
 ) -> RankResult:
     """Rank the neurons of a store with one method and write a neuron set.
 
@@ -354,6 +356,9 @@ def rank_store(
     skip_damaged
         Leave out chunks that cannot be read (missing, truncated, bad checksum) instead of failing;
         the rows left out are in ``RankResult.skipped`` and the JSON's ``params.skipped_damaged``.
+    exclusive
+        Keep only neurons assigned to at most this many groups (after selection; recorded in
+        ``params.selection.exclusive``). Every set gets a ``specificity`` block (docs/neuron-set.md).
 
     Raises
     ------
@@ -366,6 +371,7 @@ def rank_store(
     if out is not None and Path(out).suffix.lower() == ".npz":
         raise UsageError(f"out: {out} would be overwritten by the scores, which go to <out>.npz beside the "
                          "neuron set; give the neuron set a .json name", "out")
+    check_exclusive(exclusive)
     con = normalise_contrast(contrast)
     sel = Selection(top_k=top_k, per_layer_k=per_layer_k, top_rate=top_rate, threshold=threshold, by_abs=by_abs)
     req = _request(method, sel, contrast=con, neurons=neurons, split_half=split_half, filter_rate=filter_rate,
@@ -397,6 +403,7 @@ def rank_store(
     result = _rank_grouping(st, req, grouping, opts, stats, extra)
     if split_half:
         _rank_halves(st, req, grouping, opts, halves, result)
+    annotate_rank(result, exclusive)
     if out is not None:
         _write(result, Path(out))
     result.seconds = time.perf_counter() - t0

@@ -22,7 +22,7 @@ from .common import FLAGS, console_err
 __all__ = ["main", "make_parser"]
 
 _GROUPS = ("vstore.cli.build", "vstore.cli.data", "vstore.cli.rank", "vstore.cli.ablate", "vstore.cli.study",
-           "vstore.cli.report")
+           "vstore.cli.report", "vstore.cli.show", "vstore.cli.compare")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -82,3 +82,9 @@ def human_bytes(n: float) -> str:
             return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n} B"
+
+
+def table_console() -> Console:
+    """The console tables print to: standard output, at full width when it is not a terminal (a pipe,
+    a log, CI), so that no column collapses to an ellipsis."""
+    return console if console.is_terminal else Console(width=4000)

@@ -12,7 +12,7 @@ from ..kernels import BACKENDS
 from ..methods import METHODS, method_choices
 from ..rank import RankResult, rank_store
 from ..store import Store, clear_cache
-from .common import console, console_err, human_bytes
+from .common import console, console_err, human_bytes, table_console
 from .progress import make_progress
 
 
@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sel.add_argument("--abs", action="store_true", help="rank by magnitude (|score|; |AUROC - 0.5|)")
     sel.add_argument("--filter-rate", type=float, default=0.95, help="vape: probability quantile to pass (0.95)")
     sel.add_argument("--bar-ratio", type=float, default=0.95, help="vape: probability quantile to join a group (0.95)")
+    sel.add_argument("--exclusive", type=int, default=None, metavar="N",
+                     help="keep only neurons assigned to at most N groups (after selection)")
     p.add_argument("--split-half", action="store_true", help="also rank two halves of the items; report Jaccard")
     p.add_argument("--seed", type=int, default=0, help="seed of random and of --split-half (default 0)")
     p.add_argument("--neurons", default=None, metavar="FILE", help="random: draw the control of each group of this set")
@@ -104,9 +106,13 @@ def cmd_rank(a: argparse.Namespace) -> int:
         top_rate=a.top_rate, threshold=a.threshold, by_abs=a.abs, filter_rate=a.filter_rate, bar_ratio=a.bar_ratio,
         backend=a.backend, split_half=a.split_half, seed=a.seed, neurons=a.neurons, use_cache=not a.no_cache,
         progress=make_progress(not a.no_progress), threads=a.threads, dask=a.dask, auroc_memory=_size(a.auroc_memory),
-        verify=not a.no_verify, skip_damaged=a.skip_damaged,
+        verify=not a.no_verify, skip_damaged=a.skip_damaged, exclusive=a.exclusive,
     )
-    console.print(summary_table(ns))
+    out = table_console()
+    out.print(summary_table(ns))
+    if ns.data.get("specificity"):
+        out.print(specificity_line(ns.data["specificity"]), highlight=False, soft_wrap=True)
+    shared_warning(ns.data.get("specificity"))
     source = "statistics from the cache" if ns.from_cache else f"read {human_bytes(ns.bytes_read)}"
     if ns.data["method"] == "random":
         source = "no statistics needed"
@@ -142,6 +148,11 @@ def summary_table(ns: RankResult) -> Table:
     t.add_column("group")
     t.add_column("rows", justify="right")
     t.add_column("neurons", justify="right")
+    spec = d.get("specificity") or {}
+    if spec:
+        t.add_column("own", justify="right")
+        t.add_column("shared", justify="right")
+        t.add_column("mean J", justify="right")
     if ns.jaccard is not None:
         t.add_column("split-half J", justify="right")
     for lyr in show:
@@ -150,6 +161,10 @@ def summary_table(ns: RankResult) -> Table:
         t.add_column("more", justify="right")
     for g, items in d["groups"].items():
         row: list[Any] = [g, f"{ns.rows[g]:,}" if g in ns.rows else "-", str(len(items))]
+        if spec:
+            sg = spec["groups"].get(g, {})
+            row += [str(sg.get("own", "-")), str(sg.get("shared", "-")),
+                    "-" if sg.get("mean_jaccard") is None else f"{sg['mean_jaccard']:.2f}"]
         if ns.jaccard is not None:
             j = ns.jaccard.get(g)
             row.append("-" if j is None else f"{j:.2f}")
@@ -158,6 +173,30 @@ def summary_table(ns: RankResult) -> Table:
             row.append(str(sum(v for k, v in per[g].items() if k not in show)))
         t.add_row(*row)
     return t
+
+
+def specificity_line(spec: dict[str, Any]) -> str:
+    """One line on how specific a set's groups are (the ``specificity`` block of a neuron set)."""
+    mj, cj = spec.get("mean_jaccard"), spec.get("chance_jaccard")
+    line = (f"{spec['exclusive']} of {spec['neurons']} neurons belong to one group, {spec['shared']} are shared; "
+            f"mean pairwise Jaccard {'-' if mj is None else f'{mj:.3f}'}"
+            f" (chance {'-' if cj is None else f'{cj:.4f}'})")
+    if "before_exclusive" in spec:
+        line += f"; before --exclusive: {spec['before_exclusive']['neurons']} neurons"
+    return line
+
+
+def shared_warning(spec: dict[str, Any] | None) -> None:
+    """Warn (on standard error) when most of a set's neurons are in two or more groups."""
+    if not spec or not spec.get("mostly_shared"):
+        return
+    worst = sorted(((g, d) for g, d in spec["groups"].items() if d["neurons"] and (d["shared_fraction"] or 0) > 0.5),
+                   key=lambda x: -(x[1]["shared_fraction"] or 0))
+    names = ", ".join(f"{g} ({d['own']} own of {d['neurons']})" for g, d in worst[:6])
+    console_err.print(f"[yellow]warning:[/] most of this set is shared: {spec['shared']} of {spec['neurons']} neurons "
+                      f"({spec['shared_fraction']:.0%}) belong to two or more groups, so the groups are not "
+                      f"value-specific; mostly shared: {names or '-'}; see --exclusive N", highlight=False,
+                      soft_wrap=True)
 
 
 def cmd_cache_clear(a: argparse.Namespace) -> int:
