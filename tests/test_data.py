@@ -239,7 +239,10 @@ def test_duplicate_ids_and_wrong_types(tmp_path):
     with pytest.raises(DataError) as ei:
         load_stories(f)
     msg = str(ei.value)
-    assert f"{f}:2: field 'id' 'x' repeats line 1" in msg and f"{f}:3: field 'id' must be a string" in msg
+    assert f"{f}:2: field 'id' 'x' repeats line 1 (split 'evaluation')" in msg and f"{f}:3: field 'id' must be a string" in msg
+    # the same id in the other split is another item (an activation story and its evaluation twin)
+    f.write_text(json.dumps(line) + "\n" + json.dumps({**line, "split": "activation", "rationale": "r"}) + "\n")
+    assert [s.split for s in load_stories(f)] == ["evaluation", "activation"]
 
 
 def test_cli_validate_stats_import(tmp_path, capsys):

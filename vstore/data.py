@@ -200,7 +200,7 @@ def load_stories(path: str | Path) -> list[Story]:
     ------
     DataError
         Naming file, line and field of each bad line (the first 20), or an empty/missing file,
-        or a duplicated id.
+        or an id repeated within one split (the same id in two splits is allowed).
     """
     p = Path(path)
     if not p.exists():
@@ -219,11 +219,13 @@ def load_stories(path: str | Path) -> list[Story]:
             s = _parse_story_line(line, str(f), n, errors)
             if s is not None:
                 stories.append(s)
-    seen: dict[str, Story] = {}
+    seen: dict[tuple[str, str], Story] = {}  # ids are unique within a split (a split is what one stage reads)
     for s in stories:
-        if s.id in seen:
-            errors.append(f"{s.source}:{s.line}: field 'id' {s.id!r} repeats line {seen[s.id].line}")
-        seen[s.id] = s
+        if (s.split, s.id) in seen:
+            first = seen[(s.split, s.id)]
+            where = f"line {first.line}" if first.source == s.source else f"{first.source}:{first.line}"
+            errors.append(f"{s.source}:{s.line}: field 'id' {s.id!r} repeats {where} (split {s.split!r})")
+        seen[(s.split, s.id)] = s
     if errors:
         more = f"\n... and {len(errors) - _MAX_REPORTED} more" if len(errors) > _MAX_REPORTED else ""
         raise DataError(f"{len(errors)} problem(s) in {p}:\n" + "\n".join(errors[:_MAX_REPORTED]) + more)
