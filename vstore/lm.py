@@ -6,14 +6,16 @@ device the model is on.
 from __future__ import annotations
 
 import inspect
+import os
+from pathlib import Path
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from .errors import ModelError, UsageError
 
-__all__ = ["HEAD_CHUNK", "CausalLM", "Encoder", "Prefix", "batches", "common_prefix", "fit_length", "left_padded",
-           "right_padded"]
+__all__ = ["HEAD_CHUNK", "CausalLM", "Encoder", "Prefix", "batches", "choose_threads", "common_prefix", "fit_length",
+           "left_padded", "right_padded", "set_threads"]
 
 HEAD_CHUNK = 256  # positions per output-head call (bounds the (positions, vocab) logits buffer)
 
@@ -266,3 +268,71 @@ def batches(order: Sequence[int], batch_size: int) -> list[list[int]]:
     if batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}", "batch_size")
     return [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def _busy_jiffies(cpus: set[int]) -> int | None:
+    """Busy (non-idle, non-iowait) clock ticks of the given CPUs since boot, from /proc/stat."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    total, seen = 0, 0
+    for line in lines:
+        name, *vals = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            v = [int(x) for x in vals[:8]]
+            total += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
+            seen += 1
+    return total if seen else None
+
+
+def others_busy(sample_s: float = 0.25) -> float:
+    """How many of this process's cores other processes keep busy, sampled over ``sample_s`` seconds
+    (the cores' busy time less this process's own CPU time); 0 when it cannot be measured."""
+    import time
+
+    try:
+        cpus = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return 0.0
+    b0, c0, t0 = _busy_jiffies(cpus), time.process_time(), time.perf_counter()
+    time.sleep(sample_s)
+    b1, c1, t1 = _busy_jiffies(cpus), time.process_time(), time.perf_counter()
+    if b0 is None or b1 is None:
+        return 0.0
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return max(0.0, ((b1 - b0) / ticks - (c1 - c0)) / max(t1 - t0, 1e-6))
+
+
+def choose_threads(sample_s: float = 0.25) -> int:
+    """Torch threads for this process: the cores it may run on (``os.sched_getaffinity``) less the
+    ones other processes keep busy right now (:func:`others_busy`), at least 1.
+
+    With as many threads as cores beside a busy process, every parallel operation waits for the
+    thread that shares a core with it (passes 10x slower were measured on 2 cores); with the
+    busy cores left out, the other process costs about its share.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, int(cores - others_busy(sample_s) + 0.5)))
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (None: :func:`choose_threads`) and one inter-op thread; returns the count.
+
+    The inter-op pool can be sized only before torch runs its first parallel operation; later calls
+    leave it as it is.
+    """
+    import torch
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}", "threads")
+    n = choose_threads() if threads is None else int(threads)
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already started
+        pass
+    return n
