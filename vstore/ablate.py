@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,10 @@ import numpy as np
 
 from . import ablation_result as ar
 from ._version import __version__
-from .ablation_result import RESULT_FORMAT, EvalItems, LayerNeurons
+from .ablation_result import RESULT_FORMAT, EvalItems
+from .ablation_run import ITEMS_ON, SetRunner, SetSpec, run_order
 from .atomic import write_json_atomic
 from .data import file_sha256, load_examples, load_stories
-from .ablation_run import ITEMS_ON, SetRunner, SetSpec, run_order
 from .errors import DataError, OutputError, StoreError, UsageError
 from .evaluate import PROMPTS, SCORERS, require_chat_template
 from .inference import json_safe

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import inspect
 import os
-from pathlib import Path
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 from .errors import ModelError, UsageError
@@ -331,8 +331,6 @@ def set_threads(threads: int | None = None) -> int:
         raise UsageError(f"threads must be >= 1, got {threads}", "threads")
     n = choose_threads() if threads is None else int(threads)
     torch.set_num_threads(n)
-    try:
+    with suppress(RuntimeError):  # the inter-op pool has already started
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already started
-        pass
     return n
