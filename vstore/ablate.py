@@ -350,8 +350,8 @@ def _general(side_effect: str | None, general_text: str | Mapping[str, str | Pat
     return general_items(general_text)
 
 
-def _reusable(old: dict[str, Any] | None, spec: SetSpec, n_items: int) -> bool:
-    if old is None or old.get("neurons") != ar.neuron_list(spec.neurons):
+def _reusable(old: dict[str, Any] | None, spec: SetSpec, n_items: int, side: bool) -> bool:
+    if old is None or old.get("neurons") != ar.neuron_list(spec.neurons) or (side and not old.get("side_effect")):
         return False
     # results written before items_on measured every set on all items
     return bool(old.get("items_on", "all") == spec.on and (spec.on == "own" or len(old.get("items", [])) == n_items))
@@ -373,7 +373,7 @@ def _measure_all(run: SetRunner, plan: list[SetSpec], result: dict[str, Any], pr
         if out is not None:
             write_json_atomic(out, json_safe(result))
 
-    todo = [i for i, sp in enumerate(plan) if not _reusable(done.get(sp.key), sp, len(items.ids))]
+    todo = [i for i, sp in enumerate(plan) if not _reusable(done.get(sp.key), sp, len(items.ids), run.general is not None)]
     n_eval = sum(len(items.ids) if plan[i].on == "all" else len(own_items(items, plan[i].group)) for i in todo)
     low = min((plan[i].lowest_layer for i in todo if plan[i].lowest_layer > 0), default=None)
     with task(progress, "ablate", len(items.ids) + n_eval, unit="items") as bar:
@@ -381,9 +381,11 @@ def _measure_all(run: SetRunner, plan: list[SetSpec], result: dict[str, Any], pr
         if pb and len(pb.get("items", [])) == len(items.ids) and (run.general is None or pb.get("side_effect")):
             result["baseline"] = ar.refresh_baseline(pb, items, run.metric)
             bar.advance(len(items.ids))
+            n_base = 0
         else:
             bar.describe("baseline")
             result["baseline"] = run.baseline(bar, low)
+            n_base = len(items.ids)
         for i, sp in enumerate(plan):
             if i not in todo:
                 finished[i] = done[sp.key]
@@ -393,5 +395,6 @@ def _measure_all(run: SetRunner, plan: list[SetSpec], result: dict[str, Any], pr
             bar.describe(f"{sp.group} ({sp.kind}{'' if sp.seed is None else f' seed {sp.seed}'})")
             finished[todo[i]] = run.measure(sp, result["baseline"], bar)
             save()
+        result["cost"] = {"item_passes": n_base + n_eval, "prefix_replays": run.replayed}
         result["complete"] = True
         save()
