@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest_ablate import family_model, make_model_dir, make_tokenizer, neuron_set, stories, write_jsonl, write_neuron_set
+from conftest_ablate import (
+    family_model,
+    make_model_dir,
+    make_tokenizer,
+    neuron_set,
+    stories,
+    write_jsonl,
+    write_neuron_set,
+)
 from tiny_models import FAMILIES
 
 from vstore.ablate import run_ablation
