@@ -188,7 +188,7 @@ def _show(run: StudyRun) -> dict[str, Any]:
 
     s = run.cfg["show"]
     cards = neuron_cards(run.path("store"), _main_set(run), top_neurons=s["top_neurons"], top=s["top"],
-                         context=s["context"], progress=run.progress)
+                         context=s["context"], progress=run.progress, on_note=run.say)
     write_json_atomic(run.path("cards.json"), cards)
     return {"cards": len(cards.get("cards", []))}
 
@@ -196,30 +196,44 @@ def _show(run: StudyRun) -> dict[str, Any]:
 def _compare(run: StudyRun) -> dict[str, Any]:
     from .compare import compare_sets
 
-    main = run.cfg["rank"]["main"]
-    sets = [run.path("neurons", f"{stem}.json") for stem, _ in _rank_sets(run)]
-    res = compare_sets(sets, similarity=[run.path("store")], similarity_langs=("zh", "en"),
-                       reference=run.path("neurons", f"{main}.json"))
+    stems = [stem for stem, _ in _rank_sets(run)]
+    res = compare_sets([run.path("neurons", f"{stem}.json") for stem in stems], labels=stems,
+                       similarity=[run.path("store")], progress=run.progress, on_note=run.say)
     write_json_atomic(run.path("compare.json"), res)
-    return {"sets": len(sets)}
+    return {"sets": stems}
 
 
 def _scorer(run: StudyRun) -> dict[str, Any]:
-    from .ablate import baseline_summary
-
+    """With ``scorer = "auto"``: the unablated value consistency with each scorer, against chance."""
     a = run.cfg["ablate"]
-    candidates = ("ll", "choice") if a["scorer"] == "auto" else (a["scorer"],)
+    if a["scorer"] != "auto":  # the ablation's own baseline measures it
+        write_json_atomic(run.path("scorer.json"), {"measured": {}, "chosen": a["scorer"], "rule": "set in the config"})
+        return {"chosen": a["scorer"]}
+    from .ablate import load_eval_items
+    from .ablation_result import baseline_vc
+    from .evaluate import SCORERS, score_items
+    from .lm import set_threads
+
+    set_threads()
+    items = load_eval_items(_data_path(run), "evaluation", "vc", None)
+    assert items.stories is not None
     measured = {}
-    for scorer in candidates:
-        run.say(f"  baseline value consistency with the {scorer} scorer")
-        measured[scorer] = baseline_summary(run.lm, _data_path(run), scorer=scorer, prompt=a["prompt"],
-                                            batch_size=a["batch_size"], progress=run.progress)
+    for scorer in SCORERS:
+        run.say(f"  baseline value consistency with the {scorer} scorer ({len(items.ids)} items)")
+        sc = score_items(run.lm.model, run.lm.tokenizer, items.stories, scorer, batch_size=a["batch_size"],
+                         prompt=a["prompt"])
+        base = baseline_vc(items, sc.aligned_won, sc.aligned, sc.violating)
+        measured[scorer] = {"value_consistency": base["value_consistency"], "n_items": base["n_items"],
+                            "chance": base["chance"], "breakdown": base["breakdown"]}
     chosen = choose_scorer(measured)
-    write_json_atomic(run.path("scorer.json"), {"measured": measured, "chosen": chosen,
-                                                "rule": "highest lower 95% bound of value consistency, over both languages"})
-    run.say(f"  scorer: {chosen} " + ", ".join(
-        f"{s}: {m['overall']['value_consistency']:.3f} [{m['overall']['ci95'][0]:.3f}, {m['overall']['ci95'][1]:.3f}]"
-        for s, m in measured.items()))
+    write_json_atomic(run.path("scorer.json"), {
+        "measured": measured, "chosen": chosen, "prompt": a["prompt"],
+        "rule": "the scorer whose value consistency over both languages has the highest lower Wilson 95% bound"})
+    for s_, m in measured.items():
+        ov = m["chance"]["by_lang"]["*"]
+        run.say(f"  {s_}: {ov['value_consistency']:.3f} [{ov['ci95'][0]:.3f}, {ov['ci95'][1]:.3f}]"
+                f"{'' if ov['above_chance'] else ' (not above chance)'}")
+    run.say(f"  scorer: {chosen}")
     return {"chosen": chosen}
 
 
@@ -229,7 +243,7 @@ def choose_scorer(measured: dict[str, dict[str, Any]]) -> str:
     A scorer whose interval includes chance (0.5) in every language is still chosen when no scorer
     does better; the report marks it (``above_chance`` false).
     """
-    return max(measured, key=lambda s: (measured[s]["overall"]["ci95"][0], s == "ll"))
+    return max(measured, key=lambda s: (measured[s]["chance"]["by_lang"]["*"]["ci95"][0], s == "ll"))
 
 
 def _scorer_name(run: StudyRun) -> str:
@@ -244,7 +258,7 @@ def _ablate_one(run: StudyRun, neurons: Path, out: Path, *, controls: int, group
     return run_ablation(run.lm, neurons, _data_path(run), out, scorer=_scorer_name(run), prompt=a["prompt"],
                         groups=groups or None, controls=controls, seed=a["seed"], batch_size=a["batch_size"],
                         device=run.cfg["model"]["device"], side_effect="nll" if side_effect else None,
-                        progress=run.progress, on_note=run.say)
+                        general_text="default" if side_effect else None, progress=run.progress, on_note=run.say)
 
 
 def _ablate(run: StudyRun) -> dict[str, Any]:
@@ -275,19 +289,26 @@ def _headline(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dose(run: StudyRun) -> dict[str, Any]:
+    from .dose import run_dose
     from .rank import rank_store, write_rank_result
 
     a, r = run.cfg["ablate"], run.cfg["rank"]
-    out = {}
+    paths, labels = [], []
     for rate in a["dose"]:
         tag = f"{rate:g}"
         path = run.path("neurons", f"dose-{tag}.json")
+        run.say(f"  ranking {r['main']} at top rate {tag}")
         res = rank_store(run.path("store"), "value", r["main"], top_rate=rate, seed=a["seed"], progress=run.progress)
         write_rank_result(res, path)
-        result = _ablate_one(run, path, run.path("dose", f"{tag}.json"), controls=a["dose_controls"],
-                             groups=a["dose_groups"] or a["groups"], side_effect=False)
-        out[tag] = _headline(result)
-    return out
+        paths.append(path)
+        labels.append(tag)
+    doc = run_dose(run.lm, paths, _data_path(run), run.path("dose"), labels=labels,
+                   groups=a["dose_groups"] or a["groups"] or None, controls=a["dose_controls"], seed=a["seed"],
+                   scorer=_scorer_name(run), prompt=a["prompt"], batch_size=a["batch_size"],
+                   device=run.cfg["model"]["device"], progress=run.progress, on_note=run.say)
+    keep = ("label", "n_neurons_mean", "own_delta_mean", "other_delta_mean", "own_minus_other",
+            "control_own_delta_mean", "margin_own_mean", "control_margin_own_mean")
+    return {"sizes": [{k: x.get(k) for k in keep} for x in doc.get("sizes", [])]}
 
 
 def _report(run: StudyRun) -> dict[str, Any]:
@@ -308,7 +329,7 @@ def run_all(run: StudyRun) -> dict[str, Any]:
     run.stage("compare", lambda: _compare(run), [run.path("compare.json")])
     run.stage("scorer", lambda: _scorer(run), [run.path("scorer.json")])
     ablated = run.stage("ablate", lambda: _ablate(run), [run.path("ablation.json")])
-    dose = run.stage("dose", lambda: _dose(run), [run.path("dose", f"{x:g}.json") for x in cfg["ablate"]["dose"]])
+    dose = run.stage("dose", lambda: _dose(run), [run.path("dose", "dose.json")] if cfg["ablate"]["dose"] else [])
     report: dict[str, Any] = {}
     if cfg["report"]["enabled"]:
         report = run.stage("report", lambda: _report(run), [run.path("report.html")])

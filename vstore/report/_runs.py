@@ -121,10 +121,12 @@ def load_run(path: str | Path) -> Run:
     run.compare = _read_json(p / "compare.json", problems, "vstore-compare")
     run.ablation = _read_json(p / "ablation.json", problems, "vstore-ablation")
     for f in sorted((p / "dose").glob("*.json")) if (p / "dose").is_dir() else []:
-        size = _dose_size(f.stem)
+        if f.stem == "dose":  # run_dose's index of the sizes; the sizes are read from their own files
+            continue
+        size = _dose_size(f.stem.removeprefix("size-").replace("pct", "%"))
         doc = _read_json(f, problems, "vstore-ablation")
         if size is None:
-            problems.append(f"dose/{f.name}: the file name is not a set size (e.g. 0.01.json)")
+            problems.append(f"dose/{f.name}: the file name is not a set size (e.g. 0.01.json or size-1%.json)")
         elif doc is not None:
             run.dose[size] = doc
     models = [d.get("model") for d in (run.study, run.ablation, run.cards) if d]
