@@ -29,6 +29,8 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit, prange
 
+from ._numba_f16 import HOST_F16C, RUN_ROWS, f16_runs, moments_f16, moments_f16_f16c
+
 __all__ = [
     "KERNELS",
     "accumulate_histogram",
@@ -45,7 +47,6 @@ KIND_BFLOAT16 = 1
 KIND_FLOAT32 = 2
 _KIND = {"float16": KIND_FLOAT16, "bfloat16": KIND_BFLOAT16, "float32": KIND_FLOAT32}
 TWO_POW_M24 = 2.0**-24
-RUN_ROWS = 32  # float16 rows per float32 run, as vstore._numpy_kernels.RUN_ROWS
 
 _ALL_BITS = np.arange(65536, dtype=np.uint32)
 
@@ -149,106 +150,6 @@ def moments_tile(words, kind, groups, status, present, c0, w, sum_, sumsq, npos)
                 sum_[g, c0 + j] += ls[g, j]
                 sumsq[g, c0 + j] += lq[g, j]
                 npos[g, c0 + j] += lp[g, j]
-
-
-@njit(cache=True)
-def f16_runs(groups, status, n_groups, run_rows):  # pragma: no cover - compiled
-    """Each group's valid rows cut, in row order, into runs of ``run_rows``: (rows, begin, group)."""
-    n = groups.shape[0]
-    rows = np.empty(n, dtype=np.int64)
-    begin = np.empty(n + n_groups + 1, dtype=np.int64)
-    grp = np.empty(n + n_groups, dtype=np.int64)
-    pending = np.empty((n_groups, run_rows), dtype=np.int64)
-    fill = np.zeros(n_groups, dtype=np.int64)
-    m = 0
-    nr = 0
-    for r in range(n + n_groups):
-        if r < n:
-            g = groups[r]
-            if g < 0 or status[r] != ROW_VALID:
-                continue
-            pending[g, fill[g]] = r
-            fill[g] += 1
-            if fill[g] < run_rows:
-                continue
-        else:  # the unfinished runs, after the last row
-            g = r - n
-            if fill[g] == 0:
-                continue
-        begin[nr] = m
-        grp[nr] = g
-        nr += 1
-        for k in range(fill[g]):
-            rows[m] = pending[g, k]
-            m += 1
-        fill[g] = 0
-    begin[nr] = m
-    return rows[:m], begin[: nr + 1], grp[:nr]
-
-
-@njit(cache=True)
-def _decode_half32(src, u, f, xs):  # pragma: no cover - compiled
-    """xs[j] = float32 value of the (finite) float16 bits src[j]; u/f are one uint32 scratch."""
-    w = xs.shape[0]
-    for j in range(w):
-        h = np.uint32(src[j])
-        u[j] = (((h & np.uint32(0x7FFF)) << np.uint32(13)) + np.uint32(0x38000000)) | (
-            (h & np.uint32(0x8000)) << np.uint32(16))
-    for j in range(w):
-        h = src[j]
-        v = f[j]
-        if (h & 0x7C00) == 0:  # subnormal or zero: m * 2**-24, exact in float32
-            v = np.float32(h & 0x3FF) * np.float32(TWO_POW_M24)
-            if (h & 0x8000) != 0:
-                v = -v
-        xs[j] = v
-
-
-@njit(cache=True)
-def moments_f16_tile(words, rows, begin, grp, present, c0, w, sum_, sumsq, npos):  # pragma: no cover
-    """float16 columns [c0, c0 + w): float32 run partials into float64 block partials, then the output."""
-    n_groups = sum_.shape[0]
-    ls = np.zeros((n_groups, w))
-    lq = np.zeros((n_groups, w))
-    lp = np.zeros((n_groups, w), dtype=np.int64)
-    u = np.empty(w, dtype=np.uint32)
-    f = u.view(np.float32)
-    xs = np.empty(w, dtype=np.float32)
-    s = np.empty(w, dtype=np.float32)
-    q = np.empty(w, dtype=np.float32)
-    p = np.empty(w, dtype=np.int64)
-    for i in range(grp.shape[0]):
-        s[:] = 0.0
-        q[:] = 0.0
-        p[:] = 0
-        for k in range(begin[i], begin[i + 1]):
-            _decode_half32(words[rows[k], c0 : c0 + w], u, f, xs)
-            for j in range(w):
-                x = xs[j]
-                s[j] += x
-                q[j] += x * x
-                p[j] += np.int64(x > np.float32(0.0))
-        g = grp[i]
-        for j in range(w):
-            ls[g, j] += np.float64(s[j])
-            lq[g, j] += np.float64(q[j])
-            lp[g, j] += p[j]
-    for g in range(n_groups):
-        if present[g]:
-            for j in range(w):
-                sum_[g, c0 + j] += ls[g, j]
-                sumsq[g, c0 + j] += lq[g, j]
-                npos[g, c0 + j] += lp[g, j]
-
-
-@njit(cache=True, parallel=True)
-def moments_f16(words, rows, begin, grp, present, tile, sum_, sumsq, npos):  # pragma: no cover
-    """float16 moments in runs, one column tile per task."""
-    n = sum_.shape[1]
-    n_tiles = (n + tile - 1) // tile
-    for t in prange(n_tiles):
-        c0 = t * tile
-        moments_f16_tile(words, rows, begin, grp, present, c0, min(tile, n - c0), sum_, sumsq, npos)
 
 
 @njit(cache=True, parallel=True)
@@ -372,6 +273,7 @@ KERNELS: dict[str, Callable[..., Any]] = {
     "moments_words": moments_words,
     "f16_runs": f16_runs,
     "moments_f16": moments_f16,
+    "moments_f16_f16c": moments_f16_f16c,
     "histogram_words": histogram_words,
     "float_bits_to_half_bits": float_bits_to_half_bits,
     "top_k": top_k,
@@ -428,6 +330,9 @@ def accumulate_moments(
         return
     kind, words = _KIND[dtype], _words(block)
     with _threads(threads):
+        if kind == KIND_FLOAT16 and HOST_F16C and n > 0 and _moments_f16_optimistic(words, groups, count, sum_,
+                                                                                     sumsq, npos):
+            return
         status = _status(words, kind, groups)
         present = np.zeros(count.shape[0], dtype=np.bool_)
         KERNELS["count_rows"](groups, status, count, nonfinite, present)
@@ -443,6 +348,26 @@ def accumulate_moments(
             KERNELS["moments_f16"](words, rows, begin, grp, present, tile, sum_, sumsq, npos)
             return
         KERNELS["moments_words"](words, kind, groups, status, present, tile, sum_, sumsq, npos)
+
+
+def _moments_f16_optimistic(words: np.ndarray, groups: np.ndarray, count: np.ndarray, sum_: np.ndarray,
+                            sumsq: np.ndarray, npos: np.ndarray) -> bool:
+    """float16 moments without a row-status pass, taking every row of a group as valid; False (and
+    nothing added) when a run met NaN/Inf, for the caller to redo the block with the rows' status."""
+    n_groups, n = sum_.shape
+    status = np.where(groups >= 0, ROW_VALID, ROW_SKIPPED).astype(np.uint8)
+    rows, begin, grp = KERNELS["f16_runs"](groups, status, n_groups, RUN_ROWS)
+    ls, lq = np.zeros((n_groups, n)), np.zeros((n_groups, n))
+    lp = np.zeros((n_groups, n), dtype=np.int64)
+    if not KERNELS["moments_f16_f16c"](words, rows, begin, grp, _tile(n, 2048, 256), ls, lq, lp):
+        return False
+    counted = np.bincount(groups[groups >= 0], minlength=n_groups)
+    count += counted
+    present = counted > 0
+    sum_[present] += ls[present]
+    sumsq[present] += lq[present]
+    npos[present] += lp[present]
+    return True
 
 
 def accumulate_histogram(
