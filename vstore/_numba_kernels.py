@@ -363,10 +363,10 @@ def _moments_f16_optimistic(words: np.ndarray, groups: np.ndarray, count: np.nda
         return False
     counted = np.bincount(groups[groups >= 0], minlength=n_groups)
     count += counted
-    present = counted > 0
-    sum_[present] += ls[present]
-    sumsq[present] += lq[present]
-    npos[present] += lp[present]
+    present = (counted > 0)[:, None]
+    np.add(sum_, ls, out=sum_, where=present)
+    np.add(sumsq, lq, out=sumsq, where=present)
+    np.add(npos, lp, out=npos, where=present)
     return True
 
 
