@@ -204,6 +204,21 @@ void top_k_per_column(const py::array& block, const std::string& dtype_name, con
     vstore::top_k_per_column(src, dtype, R, N, m, cols, C, row_start, k, bv, br, threads);
 }
 
+std::uint64_t read_probe(const py::buffer& buffer) {
+    const py::buffer_info info = buffer.request();
+    bool contiguous = true;
+    py::ssize_t expect = info.itemsize;
+    for (py::ssize_t i = info.ndim - 1; i >= 0; --i) {
+        if (info.shape[i] != 1 && info.strides[i] != expect) contiguous = false;
+        expect *= info.shape[i];
+    }
+    if (!contiguous) throw std::invalid_argument("buffer: expected a C-contiguous buffer");
+    const void* p = info.ptr;
+    const std::int64_t n = static_cast<std::int64_t>(info.size * info.itemsize);
+    py::gil_scoped_release nogil;
+    return vstore::read_probe(p, n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -211,7 +226,7 @@ PYBIND11_MODULE(_C, m) {
     m.attr("__version__") = VSTORE_VERSION;
     m.def("version", [] { return std::string(VSTORE_VERSION); }, "Version the extension was built as.");
     m.def("openmp_threads", &vstore::openmp_threads, "Threads an OpenMP region uses by default (1 without OpenMP).");
-    m.def("has_f16c", &vstore::has_f16c, "True when the CPU has F16C and AVX2 (the fast float16 path).");
+    m.def("has_f16c", &vstore::has_f16c, "True when the CPU has F16C, AVX2 and FMA (the fast float16 path).");
     m.def("accumulate_moments", &accumulate_moments, py::arg("block").noconvert(), py::arg("dtype"),
           py::arg("groups").noconvert(), py::arg("count").noconvert(), py::arg("sum").noconvert(),
           py::arg("sumsq").noconvert(), py::arg("npos").noconvert(), py::arg("nonfinite").noconvert(),
@@ -228,4 +243,5 @@ PYBIND11_MODULE(_C, m) {
           py::arg("mask").noconvert(), py::arg("columns").noconvert(), py::arg("row_start"),
           py::arg("best_values").noconvert(), py::arg("best_rows").noconvert(), py::arg("threads") = 0,
           "Merges a raw block's columns into per-column top-k state (value desc, row asc).");
+    m.def("read_probe", &read_probe, py::arg("buffer"), "XOR of a buffer's 64-bit words (a read-bandwidth probe).");
 }

@@ -2,7 +2,10 @@
 
 The oracle here is plain NumPy on float64 per group (counts, sums, sums of squares, > 0 counts), with
 its own decoding; sums are compared within 1e-9 of the column's absolute sum (the oracle's summation
-order differs), counts exactly. The C++ backend's tests skip when ``vstore._C`` is not built.
+order differs; float16 within RUN_ROWS * 2**-24 more, the bound of its float32 runs), counts exactly.
+:func:`documented_order` is a second, independent oracle of the float16 summation order itself
+(kernels.hpp), which every backend must reproduce bit for bit. The C++ backend's tests skip when
+``vstore._C`` is not built.
 """
 
 from __future__ import annotations
@@ -103,13 +106,41 @@ def assert_same_moments(a: Moments, b: Moments) -> None:
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
+RUN_ROWS = 32  # float16 rows per float32 run (kF16RunRows in csrc/vstore/kernels.hpp)
+
+
 def assert_matches_oracle(acc: Moments, raw, dtype, groups) -> None:
     want = oracle_moments(raw, dtype, groups, acc.n_groups)
     for field in ("count", "npos", "nonfinite"):
         np.testing.assert_array_equal(getattr(acc, field), want[field], err_msg=field)
+    rel = 1e-9 + (RUN_ROWS * 2.0**-24 if dtype == "float16" else 0.0)
     for field, scale in (("sum", want["abs_sum"]), ("sumsq", want["sumsq"])):
         err = np.abs(getattr(acc, field) - want[field])
-        assert np.all(err <= 1e-9 * scale), (field, err.max())
+        assert np.all(err <= rel * scale), (field, err.max())
+
+
+def documented_order(raw: np.ndarray, groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sums and sums of squares of a finite float16 block in the documented order, value by value:
+    per group, runs of RUN_ROWS of its rows in row order summed in float32, each run widened and
+    added to a float64 block partial."""
+    rows_, n = raw.shape
+    s = np.zeros((n_groups, n))
+    q = np.zeros((n_groups, n))
+    for g in range(n_groups):
+        rows = [r for r in range(rows_) if groups[r] == g]
+        for j in range(n):
+            part_s = part_q = 0.0
+            for start in range(0, len(rows), RUN_ROWS):
+                run_s = run_q = np.float32(0.0)
+                for r in rows[start : start + RUN_ROWS]:
+                    x = np.float32(raw[r, j])
+                    run_s = np.float32(run_s + x)
+                    run_q = np.float32(run_q + np.float32(x * x))
+                part_s += float(run_s)
+                part_q += float(run_q)
+            s[g, j] += part_s
+            q[g, j] += part_q
+    return s, q
 
 
 def degenerate_case(name: str, dtype: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
@@ -202,6 +233,63 @@ def test_moments_threads_agree(shape: tuple[int, int], dtype: str, backend: str)
     assert_same_moments(one, run_moments(raw, groups, 12, dtype, backend, threads=None))
     assert_same_moments(one, run_moments(raw, groups, 12, dtype, "numpy"))
     assert_matches_oracle(one, raw, dtype, groups)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("layout", ["interleaved", "contiguous", "one_group"])
+def test_float16_documented_summation_order(layout: str, backend: str) -> None:
+    """Wide-range values (float32 runs round differently from float64 sums), > RUN_ROWS rows per
+    group, neuron counts with every SIMD tail (64-, 32-, 8-wide and scalar)."""
+    rng = np.random.default_rng(len(layout))
+    rows, n, n_groups = 150, 107, 3
+    x = rng.standard_normal((rows, n)).astype(np.float32) * rng.choice([1e-3, 1.0, 900.0], (rows, 1))
+    raw = x.astype(np.float16)
+    if layout == "interleaved":
+        groups = rng.integers(-1, n_groups, rows).astype(np.int32)
+    elif layout == "contiguous":
+        groups = (np.arange(rows) * n_groups // rows).astype(np.int32)
+    else:
+        groups = np.zeros(rows, np.int32)
+    acc = run_moments(raw, groups, n_groups, "float16", backend)
+    s, q = documented_order(raw, groups, n_groups)
+    np.testing.assert_array_equal(acc.sum, s)
+    np.testing.assert_array_equal(acc.sumsq, q)
+    in64 = oracle_moments(raw, "float16", groups, n_groups)
+    assert not np.array_equal(acc.sumsq, in64["sumsq"])  # the order matters for these values
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_float16_overflow_stays_finite(backend: str) -> None:
+    """Sums far beyond float16's range (65504) stay finite: float32 runs, float64 block sums. The
+    sums (and the squares of 61440 = 15 * 2**12) have few significant bits, so they are exact."""
+    raw = np.full((100, 70), 65504.0, np.float16)
+    raw[:, 1::2] = -61440.0
+    acc = run_moments(raw, np.zeros(100, np.int32), 1, "float16", backend)
+    np.testing.assert_array_equal(acc.sum[0, ::2], np.full(35, 100 * 65504.0))
+    np.testing.assert_array_equal(acc.sum[0, 1::2], np.full(35, -100 * 61440.0))
+    np.testing.assert_array_equal(acc.sumsq[0, 1::2], np.full(35, 100 * 61440.0**2))
+    np.testing.assert_allclose(acc.sumsq[0, ::2], 100 * 65504.0**2, rtol=RUN_ROWS * 2.0**-24)
+    np.testing.assert_array_equal(acc.npos[0], np.tile([100, 0], 35))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("n", [1, 8, 31, 32, 33, 63, 64, 65, 130, 2049, 4163])
+def test_float16_widths_and_nonfinite_positions(n: int, backend: str) -> None:
+    """Every column tail and tile boundary; NaN/Inf first, last, in a tail column and in a long run."""
+    rng = np.random.default_rng(n)
+    rows = 70
+    raw = (rng.standard_normal((rows, n)).astype(np.float32) * 5).astype(np.float16)
+    groups = rng.integers(-1, 2, rows).astype(np.int32)
+    groups[:40] = 1
+    reference = run_moments(raw, groups, 2, "float16", "numpy")
+    for threads in (1, None):
+        assert_same_moments(run_moments(raw, groups, 2, "float16", backend, threads=threads), reference)
+    for r, c, v in ((0, 0, np.nan), (rows - 1, n - 1, np.inf), (35, n // 2, -np.inf)):
+        raw[r, c] = v
+    reference = run_moments(raw, groups, 2, "float16", "numpy")
+    assert_matches_oracle(reference, raw, "float16", groups)
+    for threads in (1, None):
+        assert_same_moments(run_moments(raw, groups, 2, "float16", backend, threads=threads), reference)
 
 
 raw_blocks = st.tuples(
@@ -401,18 +489,22 @@ def test_native_histogram_keys_and_decode() -> None:
 
 
 @NATIVE_SKIP
-def test_native_portable_path_matches_reference() -> None:
-    """The non-F16C path (taken on CPUs without F16C) forced with VSTORE_NO_F16C=1, in a subprocess."""
+@pytest.mark.parametrize("switch", ["VSTORE_NO_F16C", "VSTORE_NO_AVX512"])
+def test_native_portable_path_matches_reference(switch: str) -> None:
+    """The non-F16C path (taken on CPUs without F16C) forced with VSTORE_NO_F16C=1, and the AVX2 path
+    (CPUs without AVX-512) with VSTORE_NO_AVX512=1, in a subprocess."""
     script = textwrap.dedent(
         """
         import numpy as np
         from vstore import kernels, _C
         from vstore.stats import Moments
-        assert not kernels.native_info()["f16c"]
+        import os
+        assert kernels.native_info()["f16c"] == ("VSTORE_NO_F16C" not in os.environ)
         rng = np.random.default_rng(0)
         bits = rng.integers(0, 2**16, (257, 300), dtype=np.uint16)
         groups = rng.integers(-1, 3, 257).astype(np.int32)
-        for dtype, raw in (("float16", bits.view(np.float16)), ("bfloat16", bits),
+        half = (rng.standard_normal((257, 300)) * 50).astype(np.float16)
+        for dtype, raw in (("float16", bits.view(np.float16)), ("float16", half), ("bfloat16", bits),
                            ("float32", rng.standard_normal((257, 300)).astype(np.float32))):
             for backend in ("cpp", "numpy"):
                 acc = Moments.zeros(3, 300)
@@ -436,7 +528,9 @@ def test_native_portable_path_matches_reference() -> None:
         print("ok")
         """
     )
-    env = {**os.environ, "VSTORE_NO_F16C": "1"}
+    if switch == "VSTORE_NO_F16C" and not kernels.native_info()["f16c"]:
+        pytest.skip("this CPU takes the portable path anyway")
+    env = {**os.environ, switch: "1"}
     root = str(Path(kernels.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     done = subprocess.run(

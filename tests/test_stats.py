@@ -71,8 +71,10 @@ def test_stats_equal_numpy_on_every_backend(tmp_path: Path, dtype: str) -> None:
             np.testing.assert_array_equal(st.count[:, gi], ref[g]["count"])
             np.testing.assert_array_equal(st.npos[:, gi], ref[g]["npos"])
             np.testing.assert_array_equal(st.nonfinite[:, gi], ref[g]["nonfinite"])
-            np.testing.assert_allclose(st.sum[:, gi], ref[g]["sum"], rtol=1e-12, atol=1e-9)
-            np.testing.assert_allclose(st.sumsq[:, gi], ref[g]["sumsq"], rtol=1e-12, atol=1e-9)
+            # float16 sums in float32 runs of 32 rows (docs/rank.md): within 31 * 2**-24 of sum |x|
+            rtol, atol = (1e-5, 1e-3) if dtype == "float16" else (1e-12, 1e-9)
+            np.testing.assert_allclose(st.sum[:, gi], ref[g]["sum"], rtol=rtol, atol=atol)
+            np.testing.assert_allclose(st.sumsq[:, gi], ref[g]["sumsq"], rtol=rtol, atol=atol)
     assert int(results[0].nonfinite.sum()) == 5 * 3  # one NaN neuron in each layer of each NaN row
     assert (results[0].valid()[:, :, 1:] == results[0].count[:, :, None]).all()  # the other neurons keep every row
     for other in results[1:]:  # backends agree bit for bit
@@ -94,7 +96,7 @@ def test_grouping_where_contrast_and_mask(tmp_path: Path) -> None:
     _, lg, _ = raw_rows(tmp_path / "s", "lang")
     sel = (y == "g01") & (pol == "violating") & (lg == "zh")
     gi = st.groups.index("g01|violating")
-    np.testing.assert_allclose(st.sum[:, gi], X[:, sel].sum(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(st.sum[:, gi], X[:, sel].sum(axis=1), rtol=1e-5, atol=1e-3)  # float16: float32 runs
     with pytest.raises(StoreError, match="no value"):
         make_grouping(store, "value", where={"lang": ["fr"]})
     with pytest.raises(StoreError, match="no label column"):
@@ -149,8 +151,9 @@ def test_merge_of_halves_equals_the_whole(tmp_path: Path) -> None:
     merged.merge(a)
     merged.merge(b)
     assert np.array_equal(merged.count, whole.count) and np.array_equal(merged.npos, whole.npos)
-    np.testing.assert_allclose(merged.sum, whole.sum, rtol=1e-12)
-    np.testing.assert_allclose(merged.mean(), whole.mean(), rtol=1e-12)
+    # float16 sums in float32 runs of 32 rows: the halves cut the runs elsewhere than the whole
+    np.testing.assert_allclose(merged.sum, whole.sum, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(merged.mean(), whole.mean(), rtol=1e-5, atol=1e-5)
     with pytest.raises(VstoreError, match="cannot merge"):
         merged.merge(GroupStats.for_groups(["x"], whole.layers, whole.n_neurons))
 

@@ -12,8 +12,9 @@ vectorises. Histogram keys of 16-bit patterns come from a 65,536-entry table; fl
 float16 with integer bit operations (round to nearest even, overflow to +-Inf) first.
 
 Work is split over column tiles with ``prange``: each tile owns its columns, so threads never write
-the same element. The summation order is the reference's: per group, a block partial from +0.0 over
-the valid rows in row order.
+the same element. The summation order is the reference's: per group, a float64 block partial from
++0.0; float16 adds float32 runs of ``RUN_ROWS`` valid rows of the group (:func:`f16_runs`), the other
+dtypes add the valid rows in row order.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import numba
 import numpy as np
 import numpy.typing as npt
 from numba import njit, prange
+
+from ._numba_f16 import HOST_F16C, RUN_ROWS, f16_runs, moments_f16, moments_f16_f16c
 
 __all__ = [
     "KERNELS",
@@ -268,6 +271,9 @@ KERNELS: dict[str, Callable[..., Any]] = {
     "count_rows": count_rows,
     "moments_tile": moments_tile,
     "moments_words": moments_words,
+    "f16_runs": f16_runs,
+    "moments_f16": moments_f16,
+    "moments_f16_f16c": moments_f16_f16c,
     "histogram_words": histogram_words,
     "float_bits_to_half_bits": float_bits_to_half_bits,
     "top_k": top_k,
@@ -324,6 +330,9 @@ def accumulate_moments(
         return
     kind, words = _KIND[dtype], _words(block)
     with _threads(threads):
+        if kind == KIND_FLOAT16 and HOST_F16C and n > 0 and _moments_f16_optimistic(words, groups, count, sum_,
+                                                                                     sumsq, npos):
+            return
         status = _status(words, kind, groups)
         present = np.zeros(count.shape[0], dtype=np.bool_)
         KERNELS["count_rows"](groups, status, count, nonfinite, present)
@@ -334,7 +343,31 @@ def accumulate_moments(
         while widest > 16 and count.shape[0] * widest * 24 > 1 << 20:
             widest //= 2
         tile = _tile(n, widest, min(256, widest))
+        if kind == KIND_FLOAT16:
+            rows, begin, grp = KERNELS["f16_runs"](groups, status, count.shape[0], RUN_ROWS)
+            KERNELS["moments_f16"](words, rows, begin, grp, present, tile, sum_, sumsq, npos)
+            return
         KERNELS["moments_words"](words, kind, groups, status, present, tile, sum_, sumsq, npos)
+
+
+def _moments_f16_optimistic(words: np.ndarray, groups: np.ndarray, count: np.ndarray, sum_: np.ndarray,
+                            sumsq: np.ndarray, npos: np.ndarray) -> bool:
+    """float16 moments without a row-status pass, taking every row of a group as valid; False (and
+    nothing added) when a run met NaN/Inf, for the caller to redo the block with the rows' status."""
+    n_groups, n = sum_.shape
+    status = np.where(groups >= 0, ROW_VALID, ROW_SKIPPED).astype(np.uint8)
+    rows, begin, grp = KERNELS["f16_runs"](groups, status, n_groups, RUN_ROWS)
+    ls, lq = np.zeros((n_groups, n)), np.zeros((n_groups, n))
+    lp = np.zeros((n_groups, n), dtype=np.int64)
+    if not KERNELS["moments_f16_f16c"](words, rows, begin, grp, _tile(n, 2048, 256), ls, lq, lp):
+        return False
+    counted = np.bincount(groups[groups >= 0], minlength=n_groups)
+    count += counted
+    present = (counted > 0)[:, None]
+    np.add(sum_, ls, out=sum_, where=present)
+    np.add(sumsq, lq, out=sumsq, where=present)
+    np.add(npos, lp, out=npos, where=present)
+    return True
 
 
 def accumulate_histogram(

@@ -3,9 +3,14 @@
 Written to be obviously correct rather than fast. Inputs are validated by :mod:`vstore.kernels`;
 these functions assume well-formed arrays (see that module for the contracts).
 
-The summation order every backend follows: for each group, a block partial starts at +0.0 and adds
-the group's valid rows in row order (float64); the partial is then added once to the accumulator.
-Squares ``x * x`` of float32-exact values are exact in float64, so the order is the only freedom.
+The summation order every backend follows: for each group, a float64 block partial starts at +0.0
+and is added once to the accumulator at the end. float16 blocks: the group's valid rows, in row
+order, are cut into runs of :data:`RUN_ROWS` rows (the last one shorter); each run sums its rows in
+row order in float32 from +0.0 (``s += x``, ``q += x * x``: the square of a float16 value is exact
+in float32), and the run partials are widened and added to the block partial run after run.
+bfloat16 and float32 blocks: the block partial adds the group's valid rows in row order in float64
+(squares of float32 values are exact in float64). So the order is the only freedom, and every
+backend takes this one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ __all__ = [
     "row_status",
     "select_top_k",
 ]
+
+#: float16 rows per float32 run (``kF16RunRows`` in csrc/vstore/kernels.hpp).
+RUN_ROWS = 32
 
 ROW_SKIPPED = 0
 ROW_VALID = 1
@@ -79,15 +87,37 @@ def accumulate_moments(
         if rows.size == 0:
             continue
         count[g] += rows.size
-        part_sum = np.zeros(values.shape[1], dtype=np.float64)
-        part_sumsq = np.zeros(values.shape[1], dtype=np.float64)
-        for r in rows:  # row order: the summation order every backend follows
-            x = values[r].astype(np.float64)
-            part_sum += x
-            part_sumsq += x * x
+        part_sum, part_sumsq = (_float16_partials if dtype == "float16" else _row_partials)(values, rows)
         sum_[g] += part_sum
         sumsq[g] += part_sumsq
         npos[g] += np.count_nonzero(values[rows] > 0, axis=0)
+
+
+def _row_partials(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 block partials over ``rows`` in row order (bfloat16 and float32)."""
+    part_sum = np.zeros(values.shape[1], dtype=np.float64)
+    part_sumsq = np.zeros(values.shape[1], dtype=np.float64)
+    for r in rows:
+        x = values[r].astype(np.float64)
+        part_sum += x
+        part_sumsq += x * x
+    return part_sum, part_sumsq
+
+
+def _float16_partials(values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 block partials of float32 runs of RUN_ROWS rows (float16)."""
+    part_sum = np.zeros(values.shape[1], dtype=np.float64)
+    part_sumsq = np.zeros(values.shape[1], dtype=np.float64)
+    for start in range(0, rows.size, RUN_ROWS):
+        run_sum = np.zeros(values.shape[1], dtype=np.float32)
+        run_sumsq = np.zeros(values.shape[1], dtype=np.float32)
+        for r in rows[start : start + RUN_ROWS]:
+            x = values[r]
+            run_sum += x
+            run_sumsq += x * x
+        part_sum += run_sum.astype(np.float64)
+        part_sumsq += run_sumsq.astype(np.float64)
+    return part_sum, part_sumsq
 
 
 def accumulate_histogram(

@@ -3,9 +3,10 @@
 The one public, validating, dispatching wrapper over three backends that give bit-identical results:
 
 ``"cpp"``
-    the native extension ``vstore._C`` (OpenMP over column tiles, F16C float16 decoding picked at
-    run time; the environment variable ``VSTORE_NO_F16C=1`` forces the portable path); available
-    when built (``python setup.py build_ext --inplace``).
+    the native extension ``vstore._C`` (OpenMP over column tiles, F16C float16 decoding and the
+    AVX-512 or AVX2 float16 sweep picked at run time; the environment variable ``VSTORE_NO_F16C=1``
+    forces the portable path, ``VSTORE_NO_AVX512=1`` the AVX2 one); available when built
+    (``python setup.py build_ext --inplace``).
 ``"numba"``
     :mod:`vstore._numba_kernels`, JIT-compiled on first use (cached on disk).
 ``"numpy"``
@@ -26,9 +27,11 @@ backend).
 
 Exactness
 ---------
-Values are decoded to float32, then widened to float64 (both exact). For every group, a block's
-partial sums start at +0.0 and add its valid rows in row order; the partials are then added once to
-the accumulator; the rows holding NaN/Inf are then added one by one. All backends follow this order,
+Values are decoded to float32 (exact). For every group, a block's float64 partial sums start at +0.0
+and are added once to the accumulator; the rows holding NaN/Inf are then added one by one. float16:
+the group's valid rows, in row order, are cut into runs of 32, each run summed in float32 and added
+to the partial run after run (see ``csrc/vstore/kernels.hpp``); bfloat16 and float32: the valid
+rows are added to the partial in row order in float64. All backends follow this order,
 so they agree bit for bit, and (for blocks without NaN/Inf) accumulating two blocks one after the
 other equals accumulating each into its own :class:`vstore.stats.Moments` and merging them.
 

@@ -5,10 +5,13 @@
 // no two threads ever write the same element, so there are no atomics. Whether a row is valid
 // (group >= 0 and all values finite) is decided once per row, before the tiles run.
 //
-// float16 decoding picks an F16C/AVX2 path at run time (__builtin_cpu_supports); every other CPU takes
+// float16 moments run in csrc/vstore/moments_f16.cpp (float32 partials over runs of rows).
+// float16 decoding picks an F16C/AVX2(/FMA) path at run time (__builtin_cpu_supports); every other CPU takes
 // the portable path (a 65,536-entry table), as does any CPU when the environment variable
 // VSTORE_NO_F16C is set to a non-zero value. The build never uses -march=native.
 #include "vstore/kernels.hpp"
+
+#include "vstore/moments_f16.hpp"
 
 #include <algorithm>
 #include <array>
@@ -74,7 +77,7 @@ bool detect_f16c() noexcept {
     if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
 #if VSTORE_X86 && defined(__GNUC__)
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
 #else
     return false;
 #endif
@@ -438,6 +441,10 @@ void accumulate_moments(const BlockRef& b, const MomentsRef& acc, int threads) n
     if (rows <= 0 || G <= 0) return;
     int nt = resolve_threads(threads);
     if (rows * cols < kParallelMinValues) nt = 1;
+    if (b.dtype == RawDtype::float16) {
+        detail::accumulate_moments_f16(b, acc, nt, has_f16c());
+        return;
+    }
 
     std::vector<std::uint8_t> status(static_cast<std::size_t>(rows));
     row_status(b, status.data(), nt);
@@ -539,6 +546,48 @@ VSTORE_OMP(omp for schedule(dynamic, 1))
             }
         }
     }
+}
+
+#if VSTORE_HAVE_AVX2_PATH
+namespace {
+__attribute__((target("avx2"))) std::uint64_t read_probe_avx2(const unsigned char* p, std::int64_t n32) noexcept {
+    __m256i a = _mm256_setzero_si256(), b = a, c = a, d = a;
+    std::int64_t i = 0;
+    for (; i + 4 <= n32; i += 4) {
+        a = _mm256_xor_si256(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i)));
+        b = _mm256_xor_si256(b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i + 32)));
+        c = _mm256_xor_si256(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i + 64)));
+        d = _mm256_xor_si256(d, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i + 96)));
+    }
+    for (; i < n32; ++i) a = _mm256_xor_si256(a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * i)));
+    alignas(32) std::uint64_t w[4];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(w), _mm256_xor_si256(_mm256_xor_si256(a, b), _mm256_xor_si256(c, d)));
+    return w[0] ^ w[1] ^ w[2] ^ w[3];
+}
+}  // namespace
+#endif
+
+std::uint64_t read_probe(const void* data, std::int64_t bytes) noexcept {
+    const auto* p = static_cast<const unsigned char*>(data);
+    std::uint64_t x = 0;
+    std::int64_t done = 0;
+#if VSTORE_HAVE_AVX2_PATH
+    if (has_f16c()) {
+        x = read_probe_avx2(p, bytes / 32);
+        done = bytes / 32 * 32;
+    }
+#endif
+    for (; done + 8 <= bytes; done += 8) {
+        std::uint64_t w;
+        std::memcpy(&w, p + done, 8);
+        x ^= w;
+    }
+    if (done < bytes) {
+        std::uint64_t w = 0;
+        std::memcpy(&w, p + done, static_cast<std::size_t>(bytes - done));
+        x ^= w;
+    }
+    return x;
 }
 
 std::int64_t select_top_k(const double* scores, std::int64_t n, std::int64_t k, std::int64_t* out) {

@@ -9,9 +9,16 @@
 //     (uint16) or float32. Each value is decoded to float32, then widened to float64 (both exact).
 //   * A row whose group is -1 is skipped entirely. A row holding any NaN or +-Inf (anywhere in the row,
 //     not only in the columns being histogrammed) is skipped and counted in nonfinite[group].
-//   * Sums are formed per block and per group, starting from +0.0 and adding the valid rows in row
-//     order; the block partial is then added once to the accumulator. Squares x*x are exact in
-//     float64, so fused multiply-add cannot change a result.
+//   * Summation order (float16): per block and per group, the group's valid rows are taken in row
+//     order and cut into runs of kF16RunRows (32) rows, the last one shorter. A run's partials are
+//     float32, start at +0.0 and add the run's rows in row order (s += x, q += x*x; x*x is exact in
+//     float32 for a float16 x, so fused multiply-add gives the same result). Each run's partials are
+//     widened to float64 and added, run after run, to the group's block partial (float64, from +0.0),
+//     which is then added once to the accumulator. A run's float32 sum is within 31 * 2^-24 of its
+//     exact value relative to sum |x|, far below float16's own rounding (2^-11).
+//   * Summation order (bfloat16, float32): the block partial is float64, starts at +0.0 and adds the
+//     group's valid rows in row order; it is then added once to the accumulator. Squares x*x are
+//     exact in float64, so fused multiply-add cannot change a result.
 #pragma once
 
 #include <cstdint>
@@ -41,10 +48,13 @@ struct MomentsRef {
     std::int64_t* nonfinite;
 };
 
+/// Rows per float32 run of the float16 moments (see the summation order above).
+inline constexpr std::int64_t kF16RunRows = 32;
+
 /// Number of histogram bins per neuron (one per 16-bit key).
 inline constexpr std::int64_t kHistogramBins = 65536;
 
-/// True when this CPU has F16C and AVX2 (checked once, at run time).
+/// True when this CPU has F16C, AVX2 and FMA (checked once, at run time).
 bool has_f16c() noexcept;
 
 /// Threads an OpenMP parallel region would use by default (1 without OpenMP).
@@ -77,6 +87,10 @@ void accumulate_moments(const BlockRef& block, const MomentsRef& acc, int thread
 /// j in [0, n_hist_neurons). `hist` is uint32 C order (n_groups, n_hist_neurons, 65536).
 void accumulate_histogram(const BlockRef& block, std::int64_t n_groups, std::int64_t neuron_start,
                           std::int64_t n_hist_neurons, std::uint32_t* hist, int threads) noexcept;
+
+/// XOR of the 64-bit words of `bytes` bytes at `data` (any tail bytes zero-padded): a single-core
+/// read-bandwidth probe for the benchmarks (AVX2 loads where the CPU has them).
+std::uint64_t read_probe(const void* data, std::int64_t bytes) noexcept;
 
 /// Writes the indices of the min(k, #finite) largest finite scores to `out`, best first, ties
 /// broken by the lower index; NaN and +-Inf are never selected. Returns how many were written.
