@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import kernels
-from ..errors import UsageError
+from ..errors import StoreError, UsageError
 from ..progress import Progress, task
 from ..store import Store, read_cached, store_digest, write_cached
 from .grouping import Grouping, make_grouping
@@ -158,11 +158,29 @@ def cached_pass(
         hits = [read_cached(store, k, s, kind, digest=digest) for k, s in zip(keys, specs, strict=True)]
         if all(h is not None for h in hits):
             return [h for h in hits if h is not None], True
+    if not store.keeps_activations:
+        raise _no_activations(store, groupings, kind)
     arrays = compute()
     if use_cache and store.mode == "r+" and cacheable():
         for g, k, s, a in zip(groupings, keys, specs, arrays, strict=True):
             write_cached(store, k, a, cache_attrs(g, s, kind, store), digest=digest)
     return arrays, False
+
+
+def _no_activations(store: Store, groupings: Sequence[Grouping], kind: str) -> StoreError:
+    """Why a pass cannot run on a store built ``--keep stats|pooled``, and what it can rank instead."""
+    keep = store.meta.get("keep") or next((store.part_entry(p.name).get("keep") for p in store.parts
+                                           if not store.has_acts(p.name)), "stats")
+    what = "AUROC histograms" if kind == "auroc" else "moments"
+    want = ", ".join(f"by={g.by}" + (f" where={g.where}" if g.where else "") + (" (a split half)" if g.mask_digest
+                     else "") + (f" contrast={g.contrast}" if g.contrast else "") for g in groupings)
+    cached = sorted(set(store.meta.get("stats_by", [])))
+    have = f"its build-time statistics cover --by {', --by '.join(cached)} (no filter, contrast or split)" \
+        if cached else "it holds no build-time statistics"
+    return StoreError(f"{store.path} was built with --keep {keep}: it holds no token activations, and the {what} "
+                      f"of {want} are not in its statistics cache; {have}. Methods and groupings beyond those "
+                      "(auroc, --split-half, --where, --contrast, other columns) need a store built with "
+                      "--keep all" + (" or --stats-by for that column" if kind == "moments" else ""))
 
 
 def labelled(arrays: Mapping[str, np.ndarray], grouping: Grouping, store: Store, from_cache: bool) -> GroupStats:
