@@ -223,6 +223,7 @@ def grouping_stats(
 def split_grouping_stats(
     st: Store, grouping: Grouping, *, seed: int = 0, backend: str = "auto", use_cache: bool = True,
     progress: Progress | None = None, threads: int | None = None, verify: bool = True, skip_damaged: bool = False,
+    dask: str | None = None,
 ) -> tuple[GroupStats, GroupStats]:
     """:func:`compute_split_stats` of a grouping already made."""
     halves = [grouping.with_mask(st, m) for m in split_halves(st, seed=seed, by=grouping.by)]
@@ -233,8 +234,13 @@ def split_grouping_stats(
         c0, c1 = halves[0].codes, halves[1].codes
         both = np.where(c0 >= 0, c0 * 2, np.where(c1 >= 0, c1 * 2 + 1, -1)).astype(np.int32)
         names = [f"{g}#{h}" for g in halves[0].names for h in (0, 1)]
-        read.append(reduce_moments(st, both, names, backend=backend, threads=threads, progress=progress,
-                                   verify=verify, skip_damaged=skip_damaged))
+        if dask:
+            from .dask import reduce_on_dask
+
+            read.append(reduce_on_dask(dask, st, both, names, backend=backend, threads=threads))
+        else:
+            read.append(reduce_moments(st, both, names, backend=backend, threads=threads, progress=progress,
+                                       verify=verify, skip_damaged=skip_damaged))
         return [{k: np.ascontiguousarray(v[:, h::2]) for k, v in read[0].arrays().items()} for h in (0, 1)]
 
     arrays, hit = cached_pass(st, halves, "moments", compute, use_cache=use_cache,
@@ -305,6 +311,7 @@ def compute_split_stats(
     progress: Progress | None = None,
     threads: int | None = None,
     verify: bool = True,
+    dask: str | None = None,
 ) -> tuple[GroupStats, GroupStats]:
     """Statistics of the two halves of :func:`vstore.stats.halves.split_halves`, in one pass (each cached).
 
@@ -314,4 +321,4 @@ def compute_split_stats(
     st = open_store(store, write=use_cache)
     grouping = make_grouping(st, by, where=where, contrast=contrast)
     return split_grouping_stats(st, grouping, seed=seed, backend=backend, use_cache=use_cache, progress=progress,
-                                threads=threads, verify=verify)
+                                threads=threads, verify=verify, dask=dask)
