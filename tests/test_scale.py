@@ -195,7 +195,7 @@ def cluster():
     """One real LocalCluster of two worker processes for the module's Dask tests."""
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as c:
+                                  dashboard_address=":0") as c:
         yield c
 
 
@@ -247,7 +247,7 @@ def test_s3_store_on_a_local_moto_server_builds_and_ranks_on_dask(tiny_model, st
         _same_moments(compute_stats(url, "value", use_cache=False), want)
         # the workers start after the endpoint is in the environment, so they reach the same server
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                      dashboard_address=None) as c:
+                                      dashboard_address=":0") as c:
             _same_moments(compute_stats(url, "value", use_cache=False, dask=c.scheduler_address), want)
         r = rank_store(url, "value", "welch-t", top_k=4)
         assert _neurons(r) == _neurons(rank_store(local, "value", "welch-t", top_k=4))

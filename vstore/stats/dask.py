@@ -65,7 +65,7 @@ def dask_client(address: str) -> Iterator[Any]:
             raise UsageError(f"dask: expected local:N (N workers), got {address!r}", "dask") from None
         if n < 1:
             raise UsageError(f"dask: expected local:N with N >= 1, got {address!r}", "dask")
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0")
         client = Client(cluster)
     try:
         yield client
