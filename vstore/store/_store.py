@@ -40,7 +40,10 @@ from ._format import (
 )
 from ._meta import meta_lock, read_meta_file
 
-__all__ = ["PartInfo", "Store", "is_store"]
+__all__ = ["VIEWS", "PartInfo", "Store", "is_store", "is_url"]
+
+#: The rows a :class:`Store` can be read as: token rows, or a ``--keep pooled`` store's pooled rows.
+VIEWS = ("token", "mean", "last")
 
 
 def is_url(path: str | Path) -> bool:
@@ -96,11 +99,17 @@ class Store:
         The store folder (or any zarr store URL).
     mode
         ``"r"`` (read only) or ``"r+"``.
+    view
+        Which rows the reading side sees: ``token`` (the ``acts`` of every part, default), or ``mean``
+        / ``last``: the pooled rows of a store built ``--keep pooled`` (``pooled/<view>``).
     """
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
+    def __init__(self, path: str | Path, mode: str = "r", *, view: str = "token") -> None:
         if mode not in ("r", "r+"):
             raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
+        if view not in VIEWS:
+            raise StoreError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+        self.view = view
         #: the store's URL for a remote store (zarr reads it through fsspec), else None
         self.url: str | None = str(path) if is_url(path) else None
         self.path = Path(str(path)) if self.url else local_path(path)
@@ -122,6 +131,9 @@ class Store:
         check_format_version(self.meta.get("format_version"), str(self.path))
         check_attributes(self.meta, f"{self.path}: attributes.vstore")
         self._check_inside()
+        if view != "token" and not any(p.get("keep") == "pooled" for p in self.meta["parts"]):
+            raise StoreError(f"{self.path}: rows {view!r} are the pooled rows of a store built with --keep pooled; "
+                             "this store has none")
 
     @property
     def location(self) -> str:
@@ -176,7 +188,11 @@ class Store:
         return cls(p, mode="r+")
 
     def array(self, path: str) -> zarr.Array:
-        """The zarr array at ``path`` inside the store (``StoreError`` when it is missing or a group)."""
+        """The zarr array at ``path`` inside the store (``StoreError`` when it is missing or a group).
+
+        In a pooled view, a part's ``rows/example`` is that of its pooled rows."""
+        if self.view != "token" and path.startswith("parts/") and path.endswith("/rows/example"):
+            path = path.replace("/rows/example", "/rows/pooled/example")
         try:
             node = self.group.get(path)
         except Exception as e:  # zarr raises JSON, key and value errors on damaged array metadata
@@ -251,7 +267,8 @@ class Store:
         return [
             PartInfo(
                 p["name"], p["state"], int(p["example_start"]), int(p["n_examples"]),
-                int(p["committed_examples"]), int(p["committed_rows"]),
+                int(p["committed_examples"]),
+                int(p["committed_rows"] if self.view == "token" else p.get("pooled_rows", 0)),
             )
             for p in self.meta["parts"]
         ]
@@ -268,14 +285,15 @@ class Store:
     @property
     def committed_key(self) -> str:
         """A string that changes whenever rows are committed (for stats caching)."""
-        return ";".join(f"{p.name}:{p.committed_rows}" for p in self.parts)
+        key = ";".join(f"{p.name}:{p.committed_rows}" for p in self.parts)
+        return key if self.view == "token" else f"{key};rows={self.view}"
 
     def acts(self, part: str) -> Any:
         """The raw ``acts`` array of a part (storage dtype; bfloat16 is uint16 bits)."""
         if not self.has_acts(part):
             keep = self.part_entry(part).get("keep")
             raise StoreError(f"{self.path}: part {part} holds no token activations (built with --keep {keep})")
-        arr = self.array(f"parts/{part}/acts")
+        arr = self.array(f"parts/{part}/acts" if self.view == "token" else f"parts/{part}/pooled/{self.view}")
         if arr.ndim != 3 or arr.shape[0] != len(self.layers) or arr.shape[2] != self.n_neurons:
             raise StoreError(f"{self.path}/parts/{part}/acts: shape {arr.shape} does not match the attributes "
                              f"({len(self.layers)} layers, {self.n_neurons} neurons)")
@@ -373,7 +391,7 @@ class Store:
 
     def has_acts(self, part: str) -> bool:
         """Whether a part holds token activations (``acts``); ``--keep stats|pooled`` parts do not."""
-        return str(self.part_entry(part).get("keep", "all")) == "all"
+        return str(self.part_entry(part).get("keep", "all")) == ("all" if self.view == "token" else "pooled")
 
     @property
     def keeps_activations(self) -> bool:

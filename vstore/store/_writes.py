@@ -18,7 +18,10 @@ from ._format import DTYPES, codecs_for
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["add_examples", "commit", "finish_part", "start_parts", "trim_examples"]
+__all__ = ["POOLED_CHUNK", "add_examples", "commit", "finish_part", "start_parts", "trim_examples"]
+
+#: Rows per chunk of the ``pooled/*`` arrays (one row per example).
+POOLED_CHUNK = 256
 
 
 def add_examples(self: Store, ids: Sequence[str], texts: Sequence[str], labels: Sequence[Mapping[str, str]]) -> int:
@@ -95,8 +98,9 @@ def _create_part_arrays(self: Store, name: str, compressor: str, keep: str) -> N
     chunk = int(self.meta["chunk_rows"])
     heads = {"all": ["acts"], "pooled": ["pooled/mean", "pooled/last"], "stats": []}[keep]
     for head in heads:
+        rows = chunk if head == "acts" else min(chunk, POOLED_CHUNK)  # pooled rows are few: small chunks
         self.group.create_array(
-            f"{base}/{head}", shape=(L, 0, N), chunks=(1, chunk, N), dtype=DTYPES[self.dtype].storage,
+            f"{base}/{head}", shape=(L, 0, N), chunks=(1, rows, N), dtype=DTYPES[self.dtype].storage,
             fill_value=0, compressors=codecs_for(compressor), config={"write_empty_chunks": True},
             dimension_names=("layer", "row", "neuron"), attributes={"logical_dtype": self.dtype},
         )
