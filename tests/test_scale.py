@@ -81,6 +81,19 @@ def test_build_time_statistics_equal_the_out_of_core_pass(tiny_model, stories, t
     assert Store(out).meta["stats_by"] == ["lang", "value"]
 
 
+def test_append_with_stats_by_reduces_the_earlier_part_and_merges(tiny_model, stories, tmp_path):
+    out = tmp_path / "s"
+    build_store(out, model=str(tiny_model), data=stories, dtype="float16", progress=False)
+    more = tmp_path / "more.jsonl"
+    tiny_models.make_stories(more, per_value=1, seed=5)
+    res = build_store(out, model=str(tiny_model), data=more, dtype="float16", progress=False, append=True,
+                      stats_by=["value"], labels={"batch": "two"})
+    assert res.stats_written == ["value"] and len(Store(out).parts) == 2
+    live = compute_stats(out, "value")
+    assert live.from_cache
+    _same_moments(live, compute_stats(out, "value", use_cache=False))
+
+
 def test_keep_stats_ranks_the_same_and_names_what_needs_activations(tiny_model, stories, tmp_path):
     full, lean = tmp_path / "full", tmp_path / "lean"
     build_store(full, model=str(tiny_model), data=stories, dtype="float32", progress=False)
