@@ -213,8 +213,8 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
     return {
         "format": dict(FORMAT),
         "model": dict(st.meta["model"]),
-        "store": {"path": str(Path(st.path).resolve()), "committed": st.committed_key, "site": st.meta.get("site"),
-                  "dtype": st.dtype, "pooling": st.meta.get("pooling")},
+        "store": {"path": st.location, "committed": st.committed_key, "site": st.meta.get("site"),
+                  "dtype": st.dtype, "pooling": st.meta.get("pooling") if st.view == "token" else st.view},
         "method": req.method.name,
         "params": {**req.params(), **extra_params, **ranked.params},
         "by": grouping.by,
@@ -253,7 +253,7 @@ def _rank_grouping(st: Store, req: RankRequest, grouping: Grouping, opts: _PassO
     elif req.method.needs == "histogram":
         res = grouping_auroc(st, grouping, backend=opts.backend, use_cache=opts.use_cache, progress=opts.progress,
                              threads=opts.threads, verify=opts.verify, memory=opts.auroc_memory,
-                             skip_damaged=opts.skip_damaged)
+                             skip_damaged=opts.skip_damaged, dask=opts.dask)
         skipped, auroc_nonfinite = res.skipped, res.nonfinite
         sc = score("auroc", auroc=res)
         if res.exact:
@@ -273,13 +273,13 @@ def _rank_grouping(st: Store, req: RankRequest, grouping: Grouping, opts: _PassO
                       nbytes, skipped=skipped)
 
 
-def _open(store: str | Path, write: bool) -> Store:
+def _open(store: str | Path, write: bool, view: str = "token") -> Store:
     if write:
         try:
-            return Store(store, mode="r+")
+            return Store(store, mode="r+", view=view)
         except PermissionError:  # a read-only store: rank without caching
             pass
-    return Store(store, mode="r")
+    return Store(store, mode="r", view=view)
 
 
 def rank_store(
@@ -309,6 +309,7 @@ def rank_store(
     verify: bool = True,
     skip_damaged: bool = False,
     exclusive: int | None = None,
+    rows: str = "token",
 ) -> RankResult:
     """Rank the neurons of a store with one method and write a neuron set.
 
@@ -359,6 +360,9 @@ def rank_store(
     exclusive
         Keep only neurons assigned to at most this many groups (after selection; recorded in
         ``params.selection.exclusive``). Every set gets a ``specificity`` block (docs/neuron-set.md).
+    rows
+        ``token`` (default), or ``mean`` / ``last``: rank the pooled rows of a store built with
+        ``keep="pooled"`` (one row per example; the neuron set records them as its ``pooling``).
 
     Raises
     ------
@@ -376,7 +380,9 @@ def rank_store(
     sel = Selection(top_k=top_k, per_layer_k=per_layer_k, top_rate=top_rate, threshold=threshold, by_abs=by_abs)
     req = _request(method, sel, contrast=con, neurons=neurons, split_half=split_half, filter_rate=filter_rate,
                    bar_ratio=bar_ratio, seed=seed, backend=backend)
-    st = _open(store, write=use_cache and req.method.needs != "none")
+    if rows not in ("token", "mean", "last"):
+        raise UsageError(f"rows must be token, mean or last, got {rows!r}", "rows")
+    st = _open(store, write=use_cache and req.method.needs != "none", view=rows)
     if st.n_rows == 0 and req.method.needs != "none":
         raise VstoreError(f"{st.path}: the store has no committed rows to rank")
     grouping = make_grouping(st, by, where=normalise_where(where), contrast=con)
@@ -391,7 +397,8 @@ def rank_store(
     if req.method.needs == "moments":
         if split_half:
             halves = split_grouping_stats(st, grouping, seed=seed, backend=backend, use_cache=use_cache,
-                                          progress=progress, threads=threads, verify=verify, skip_damaged=skip_damaged)
+                                          progress=progress, threads=threads, verify=verify, skip_damaged=skip_damaged,
+                                          dask=dask)
             stats = halves[0].copy()
             stats.merge(halves[1])
             stats.key, stats.spec = grouping.key(st), grouping.spec(st)

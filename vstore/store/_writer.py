@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 
 from .._faults import fault_point
@@ -19,54 +22,93 @@ class PartWriter:
     files, checksum included, when the store is local and uncompressed; through zarr otherwise);
     :meth:`flush` also writes a partial one. After each write the part's counters advance to the
     last example whose rows are all written.
+
+    A part built ``--keep stats`` has no ``acts``: only the row table is written (and, through
+    ``on_commit``, the statistics); ``--keep pooled`` adds one mean and one last row per example.
+    ``on_commit(payloads, examples)`` receives, before the counters advance, the payloads given to
+    :meth:`add` of the examples about to be committed (the build's statistics of those batches).
     """
 
-    def __init__(self, store: Store, part: str) -> None:
+    def __init__(self, store: Store, part: str, *,
+                 on_commit: Callable[[list[Any], int], None] | None = None) -> None:
         self.store = store
         self.part = part
         store.check_writable()
         info = store.part_info(part)
-        self.acts = store.acts(part)
+        entry = store.part_entry(part)
+        self.keep = str(entry.get("keep", "all"))
+        self.on_commit = on_commit
+        self.acts: Any = store.acts(part) if self.keep == "all" else None
         self.rows = {c: store.array(f"parts/{part}/rows/{c}") for c in ("example", "position", "token")}
-        self.chunk = int(self.acts.chunks[1])
+        self.chunk = int(self.acts.chunks[1]) if self.acts is not None else int(store.meta["chunk_rows"])
         self.written = info.committed_rows
         self.committed_examples = info.committed_examples
         self.example_start = info.example_start
-        self.overflow: dict[str, int] = dict(store.meta.get("overflow", {}))
-        self._boundaries: list[tuple[int, int]] = []  # (row end, examples done) not yet committed
+        self.overflow: dict[str, int] = dict(entry.get("overflow", {}) if "shard" in entry
+                                             else store.meta.get("overflow", {}))
+        self._boundaries: list[tuple[int, int, Any, int]] = []  # (row end, examples done, payload, pooled rows)
         self.bytes_written = 0
-        self._direct = direct_chunk_layout(self.acts)
+        self.pooled: dict[str, Any] = {}
+        self.pooled_rows = int(entry.get("pooled_rows", 0))
+        if self.keep == "pooled":
+            self.pooled = {k: store.array(f"parts/{part}/pooled/{k}") for k in ("mean", "last")}
+            self.pooled["example"] = store.array(f"parts/{part}/rows/pooled/example")
+            for arr in self.pooled.values():  # drop pooled rows written after the last commit
+                if arr.shape[-2 if arr.ndim == 3 else 0] != self.pooled_rows:
+                    arr.resize((*arr.shape[:-2], self.pooled_rows, arr.shape[-1]) if arr.ndim == 3
+                               else (self.pooled_rows,))
+        self._direct = direct_chunk_layout(self.acts) if self.acts is not None else None
         # drop anything written after the last commit (a killed build)
-        if self.acts.shape[1] != self.written:
+        if self.acts is not None and self.acts.shape[1] != self.written:
             self.acts.resize((self.acts.shape[0], self.written, self.acts.shape[2]))
         for arr in self.rows.values():
             if arr.shape[0] != self.written:
                 arr.resize((self.written,))
-        L, _, N = self.acts.shape
-        self._buf = np.zeros((L, self.chunk, N), dtype=self.acts.dtype)
+        L, N = (len(store.layers), store.n_neurons) if self.acts is not None else (0, 0)
+        self._buf = np.zeros((L, self.chunk, N), dtype=self.acts.dtype if self.acts is not None else np.float32)
         self._rows_buf = {c: np.full(self.chunk, -1, dtype=a.dtype) for c, a in self.rows.items()}
         self._base = self.written - self.written % self.chunk  # first row of the buffer
         self._fill = self.written - self._base  # rows in the buffer
-        if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
+        self._pooled_end = self.pooled_rows
+        if self._fill and self.acts is not None:  # resuming inside a chunk: its committed rows are the start of the buffer
             self._buf[:, : self._fill] = self.acts[:, self._base : self.written]
 
-    def add(self, acts: np.ndarray, example: np.ndarray, position: np.ndarray, token: np.ndarray, examples_done: int) -> None:
-        """Queue rows (``acts`` shaped (layers, rows, neurons)); ``examples_done`` of the part are then complete.
+    def add(self, acts: np.ndarray | None, example: np.ndarray, position: np.ndarray, token: np.ndarray,
+            examples_done: int, *, payload: Any = None, pooled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+            ) -> None:
+        """Queue rows (``acts`` shaped (layers, rows, neurons); None for a part without ``acts``);
+        ``examples_done`` of the part are then complete.
 
         Every call must end at an example boundary: the rows of an example arrive in one call.
+        ``pooled`` is ``(mean, last, example)`` of these examples (``--keep pooled``).
         """
-        n, i = acts.shape[1], 0
+        n, i = example.shape[0], 0
         cols = {"example": example, "position": position, "token": token}
+        if pooled is not None and self.pooled:
+            self._add_pooled(*pooled)
         while i < n:
             take = min(n - i, self.chunk - self._fill)
-            self._buf[:, self._fill : self._fill + take] = acts[:, i : i + take]
+            if acts is not None and self.acts is not None:
+                self._buf[:, self._fill : self._fill + take] = acts[:, i : i + take]
             for c, v in cols.items():
                 self._rows_buf[c][self._fill : self._fill + take] = v[i : i + take]
             self._fill += take
             i += take
             if self._fill == self.chunk:
                 self._write()
-        self._boundaries.append((self._base + self._fill, examples_done))
+        self._boundaries.append((self._base + self._fill, examples_done, payload, self._pooled_end))
+
+    def _add_pooled(self, mean: np.ndarray, last: np.ndarray, example: np.ndarray) -> None:
+        """Pooled rows go through zarr at once (they are few); they count once their examples commit."""
+        start = max(self.pooled_rows, self._pooled_end)
+        end = start + example.shape[0]
+        for key, values in (("mean", mean), ("last", last)):
+            arr = self.pooled[key]
+            arr.resize((arr.shape[0], end, arr.shape[2]))
+            arr[:, start:end] = values
+        self.pooled["example"].resize((end,))
+        self.pooled["example"][start:end] = example
+        self._pooled_end = end
 
     def flush(self) -> None:
         """Write every queued row (a partial chunk too) and commit."""
@@ -77,8 +119,10 @@ class PartWriter:
 
     def _write(self) -> None:
         r0, r1 = self._base, self._base + self._fill
-        L, _, N = self.acts.shape
-        if self._direct is not None:
+        L, _, N = self._buf.shape
+        if self.acts is None:
+            pass
+        elif self._direct is not None:
             for layer in range(L):
                 write_chunk_file(self._direct, (layer, r0 // self.chunk, 0), self._buf[layer])
                 fault_point("after-layer")
@@ -99,8 +143,14 @@ class PartWriter:
 
     def _commit(self) -> None:
         done = None
+        payloads = []
         while self._boundaries and self._boundaries[0][0] <= self.written:
             done = self._boundaries.pop(0)
+            payloads.append(done[2])
         if done is not None and done[1] != self.committed_examples:
+            if self.on_commit is not None:  # the statistics of these examples first, then the counters
+                self.on_commit(payloads, done[1])
             self.committed_examples = done[1]
-            self.store.commit(self.part, done[1], done[0], overflow=self.overflow)
+            extra = {"pooled_rows": done[3]} if self.pooled else {}
+            self.pooled_rows = done[3] if self.pooled else 0
+            self.store.commit(self.part, done[1], done[0], overflow=self.overflow, **extra)
