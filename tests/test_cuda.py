@@ -54,9 +54,23 @@ def raw_of(acts: torch.Tensor) -> tuple[np.ndarray, str]:
 
 
 def oracle(acts: torch.Tensor, groups: torch.Tensor, n_groups: int) -> Moments:
-    raw, dtype = raw_of(acts)
+    """Exact float64 statistics by NumPy (no summation order to share: the sums compare to rounding).
+
+    The CPU kernels sum float16 in float32 runs (docs/rank.md); this oracle does not, so both the
+    device kernel and the PyTorch path are held to float64 rounding of the exact sums.
+    """
+    x = acts.detach().cpu().to(torch.float64).numpy()
+    g = groups.cpu().numpy()
     acc = Moments.zeros(n_groups, acts.shape[1])
-    kernels.accumulate_moments(raw, groups.cpu().numpy(), acc, dtype=dtype, backend="numpy")
+    for k in range(n_groups):
+        rows = x[g == k]
+        fin = np.isfinite(rows)
+        v = np.where(fin, rows, 0.0)
+        acc.count[k] = len(rows)
+        acc.sum[k] = v.sum(axis=0)
+        acc.sumsq[k] = (v * v).sum(axis=0)
+        acc.npos[k] = (fin & (rows > 0)).sum(axis=0)
+        acc.nonfinite[k] = (~fin).sum(axis=0)
     return acc
 
 
