@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from vstore import cuda_stats, kernels
+from vstore import cuda_stats
 from vstore.errors import StoreError, VstoreError
 from vstore.stats import Moments
 
