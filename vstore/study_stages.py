@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json_atomic
+from .atomic import write_atomic, write_json_atomic
 from .data import bundled_stories, file_sha256, sample_stories
 from .errors import OutputError
 from .models import LoadedModel, load_model
@@ -129,7 +129,7 @@ def _data_path(run: StudyRun) -> Path:
 
 def _build(run: StudyRun) -> dict[str, Any]:
     from .build import build_store
-    from .data import file_sha256
+    from .data import load_examples
     from .store import Store, is_store
 
     b = run.cfg["build"]
@@ -138,11 +138,11 @@ def _build(run: StudyRun) -> dict[str, Any]:
     complete = is_store(store) and Store(store).state == "complete"
     if complete:
         st = Store(store)
-        parts = st.meta.get("parts") or [{}]
-        same = [p.get("dataset", {}).get("sha256") for p in parts] == [file_sha256(data)] and \
+        examples = load_examples(data, split="activation")
+        same = st.ids() == [e.id for e in examples] and st.texts() == [e.text for e in examples] and \
             st.meta.get("model", {}).get("sha256") == run.lm.identity.sha256
         if same:
-            run.say(f"  the store {store} is complete and holds this data and model; keeping it")
+            run.say(f"  the store {store} is complete and holds this data's activation stories and this model; keeping it")
             return {"store": str(store), "kept": True, "rows": int(st.n_rows)}
         run.say(f"  the store {store} holds other data or another model; rebuilding it")
     res = build_store(store, model=run.lm, data=data, split="activation", dtype=b["dtype"],
@@ -250,27 +250,42 @@ def _scorer_name(run: StudyRun) -> str:
     return str(run.state["stages"]["scorer"]["result"]["chosen"])
 
 
+def _general_text(run: StudyRun) -> dict[str, str]:
+    """The first ``ablate.side_effect_texts`` packaged general texts per language, as files in the run."""
+    from .generaltext import general_texts
+
+    out = {}
+    for lang, texts in general_texts(run.cfg["ablate"]["side_effect_texts"]).items():
+        path = run.path("general", f"{lang}.txt")
+        if not path.exists() or path.read_text(encoding="utf-8") != "\n".join(texts) + "\n":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda f, t=texts: f.write(("\n".join(t) + "\n").encode("utf-8")))
+        out[lang] = str(path)
+    return out
+
+
 def _ablate_one(run: StudyRun, neurons: Path, out: Path, *, controls: int, groups: list[str] | None,
-                side_effect: bool) -> dict[str, Any]:
+                side_effect: bool, targets_on: str) -> dict[str, Any]:
     from .ablate import run_ablation
 
     a = run.cfg["ablate"]
     return run_ablation(run.lm, neurons, _data_path(run), out, scorer=_scorer_name(run), prompt=a["prompt"],
                         groups=groups or None, controls=controls, seed=a["seed"], batch_size=a["batch_size"],
                         device=run.cfg["model"]["device"], side_effect="nll" if side_effect else None,
-                        general_text="default" if side_effect else None, progress=run.progress, on_note=run.say)
+                        general_text=_general_text(run) if side_effect else None, targets_on=targets_on,
+                        progress=run.progress, on_note=run.say)
 
 
 def _ablate(run: StudyRun) -> dict[str, Any]:
     a = run.cfg["ablate"]
     out = {}
     main = _ablate_one(run, _main_set(run), run.path("ablation.json"), controls=a["controls"], groups=a["groups"],
-                       side_effect=a["side_effect"])
+                       side_effect=a["side_effect"], targets_on=a["targets_on"])
     out["main"] = _headline(main)
     excl = run.path("neurons", f"{run.cfg['rank']['main']}-exclusive.json")
     if run.cfg["rank"]["exclusive"] and excl.exists():
         res = _ablate_one(run, excl, run.path("ablation-exclusive.json"), controls=a["controls"],
-                          groups=a["groups"], side_effect=False)
+                          groups=a["groups"], side_effect=False, targets_on=a["targets_on"])
         out["exclusive"] = _headline(res)
     return out
 

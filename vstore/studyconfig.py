@@ -42,6 +42,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "controls": 3,
         "groups": [],  # values to ablate ([] = all)
         "side_effect": True,  # per-token NLL on general text of each language under each set
+        "side_effect_texts": 40,  # general texts per language (the packaged ones, vstore.generaltext)
+        "targets_on": "all",  # all | own: the items a value's own set is scored on (all gives the cross-value matrix)
         "dose": [0.005, 0.01, 0.02, 0.05],  # VAPE top rates of the dose-response ([] = off)
         "dose_groups": [],  # values of the dose-response ([] = those of "groups")
         "dose_controls": 1,
@@ -70,7 +72,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "show": ("show",),
     "compare": (),
     "scorer": ("ablate.scorer", "ablate.prompt", "ablate.batch_size"),
-    "ablate": ("ablate.controls", "ablate.groups", "ablate.side_effect", "ablate.seed"),
+    "ablate": ("ablate.controls", "ablate.groups", "ablate.side_effect", "ablate.side_effect_texts",
+               "ablate.targets_on", "ablate.seed"),
     "dose": ("ablate.dose", "ablate.dose_groups", "ablate.dose_controls"),
     "report": ("report",),
 }
@@ -153,6 +156,10 @@ def _check(cfg: dict[str, dict[str, Any]]) -> None:
         raise UsageError(f"ablate.scorer = {a['scorer']!r}: choose auto, {', '.join(SCORERS)}")
     if a["prompt"] not in ("raw", "chat"):
         raise UsageError(f"ablate.prompt = {a['prompt']!r}: choose raw or chat")
+    if a["targets_on"] not in ("all", "own"):
+        raise UsageError(f"ablate.targets_on = {a['targets_on']!r}: choose all or own")
+    if a["side_effect_texts"] < 1:
+        raise UsageError("ablate.side_effect_texts must be >= 1")
     bad = [x for x in a["dose"] if not 0 < float(x) < 1]
     if bad:
         raise UsageError(f"ablate.dose: top rates must lie in (0, 1), got {bad[0]!r}")
