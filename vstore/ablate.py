@@ -307,7 +307,7 @@ def run_ablation(
     StoreError
         ``mode="mean"`` with a store that does not fit.
     """
-    from .models import load_model
+    from .models import load_model, site_width
 
     note = on_note or note_to_stderr
     mode_name, factor = _check_arguments(metric, scorer, controls, seed, batch_size, limit, mode, store)
@@ -326,7 +326,7 @@ def run_ablation(
     plan: list[tuple[str, str, int | None, LayerNeurons]] = []
     for name, sel in sets:
         plan.append((name, "target", None, sel))
-        plan += [(name, "control", seed + i, control_set(sel, lm.identity.n_neurons, seed + i, name))
+        plan += [(name, "control", seed + i, control_set(sel, site_width(lm.model, ns.site), seed + i, name))
                  for i in range(controls)]
     run = _Run(lm, ns, items, plan, metric, scorer, mode_name, factor, means, batch_size)
     fingerprint = {

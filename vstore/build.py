@@ -23,11 +23,14 @@ from .capture import POOLINGS, estimate_rows, stream_part
 from .data import Example, file_sha256, load_examples
 from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError, disk_full
 from .lm import fit_length
-from .models import DEFAULT_MODEL, SITES, LoadedModel, ModelIdentity, load_model
+from .models import DEFAULT_MODEL, SITES, LoadedModel, ModelIdentity, load_model, site_width
 from .progress import Note, Progress, note_to_stderr, task
 from .store import DTYPES, ITEMSIZE, PartWriter, Store, chunk_rows_for, codecs_for, dtype_spec, is_store
 
-__all__ = ["POOLINGS", "BuildResult", "build_store", "parse_layers"]
+__all__ = ["ATTRIBUTION_SITE", "POOLINGS", "BuildResult", "build_store", "parse_layers", "parse_sites"]
+
+#: The site an attribution build adds (``--attribution``), stored float32.
+ATTRIBUTION_SITE = "attr"
 
 ROW_TABLE_BYTES = 16  # rows/example (int64) + rows/position + rows/token (int32) per row
 
@@ -83,15 +86,39 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str, chunk_rows: int) -> None:
+def parse_sites(site: str | Sequence[str]) -> list[str]:
+    """``act``, ``act,down_in,resid`` or a list of sites: the capture sites, in the order given, each once."""
+    names = [x.strip() for x in site.split(",")] if isinstance(site, str) else [str(x).strip() for x in site]
+    bad = [x for x in names if x not in SITES]
+    if not names or bad:
+        raise UsageError(f"site: expected one or more of {', '.join(SITES)} (comma-separated), got {site!r}", "site")
+    if len(set(names)) != len(names):
+        raise UsageError(f"site: {site!r} names a site twice", "site")
+    return names
+
+
+def _site_entries(lm: LoadedModel, sites: list[str], dtype: str, attribution: str | None) -> list[dict[str, Any]]:
+    """The ``sites`` attribute: every capture site in ``dtype``, then ``attr`` (float32), one row chunking."""
+    chunk = chunk_rows_for(site_width(lm.model, sites[0]), dtype)
+    out: list[dict[str, Any]] = [{"name": s, "n_neurons": site_width(lm.model, s), "dtype": dtype, "chunk_rows": chunk}
+                                 for s in sites]
+    if attribution is not None:
+        out.append({"name": ATTRIBUTION_SITE, "n_neurons": out[0]["n_neurons"], "dtype": "float32",
+                    "chunk_rows": chunk, "of": sites[0], "scorer": attribution})
+    return out
+
+
+def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str, chunk_rows: int,
+                sites: Sequence[dict[str, Any]] = ()) -> None:
     """Refuse a build whose activations and row table would not fit in 95% of the free space.
 
     Chunk files are whole chunks (the last one of a part padded), so rows count up to whole chunks;
     and a chunk is rewritten through a temporary beside it, so one more chunk must fit on top.
     """
     padded = -(-rows // max(1, chunk_rows)) * max(1, chunk_rows)
-    chunk = max(1, chunk_rows) * n_neurons * ITEMSIZE[dtype]
-    need = padded * n_layers * n_neurons * ITEMSIZE[dtype] + chunk + rows * ROW_TABLE_BYTES
+    row_bytes = sum(int(e["n_neurons"]) * ITEMSIZE[e["dtype"]] for e in sites) or n_neurons * ITEMSIZE[dtype]
+    chunk = max(1, chunk_rows) * row_bytes
+    need = padded * n_layers * row_bytes + chunk + rows * ROW_TABLE_BYTES
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -103,13 +130,16 @@ def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str
         )
 
 
-def _check_arguments(pool: str, dtype: str, site: str, batch_size: int, max_length: int, limit: int | None,
-                     compressor: str, append: bool, overwrite: bool) -> None:
+def _check_arguments(pool: str, dtype: str, site: str | Sequence[str], batch_size: int, max_length: int,
+                     limit: int | None, compressor: str, append: bool, overwrite: bool,
+                     attribution: str | None = None) -> None:
     if pool not in POOLINGS:
         raise UsageError(f"pool must be one of {list(POOLINGS)}, got {pool!r}", "pool")
     dtype_spec(dtype)
-    if site not in SITES:
-        raise UsageError(f"site must be one of {list(SITES)}, got {site!r}", "site")
+    parse_sites(site)
+    if attribution is not None and attribution not in ("choice", "ll"):
+        raise UsageError(f"attribution: expected choice or ll (the scorers of vstore ablate), got {attribution!r}",
+                         "attribution")
     if batch_size < 1 or max_length < 1:
         raise UsageError("batch_size and max_length must be positive", "batch_size", "max_length")
     if limit is not None and limit < 1:
@@ -142,7 +172,7 @@ def _existing(out: Path, *, append: bool, overwrite: bool, resume: bool) -> Stor
 def _check_same(store: Store, meta: dict[str, Any], ident: ModelIdentity) -> None:
     have = store.meta
     problems = [f"{key}: store has {have.get(key)!r}, this build {meta[key]!r}"
-                for key in ("site", "dtype", "pooling", "layers") if have.get(key) != meta[key]]
+                for key in ("site", "dtype", "pooling", "layers", "sites") if have.get(key) != meta.get(key)]
     hm = have.get("model", {})
     problems += [f"model {key}: store has {hm.get(key)!r}, this build {getattr(ident, key)!r}"
                  for key in ("architecture", "n_layers", "n_neurons", "sha256") if hm.get(key) != getattr(ident, key)]
@@ -178,7 +208,8 @@ def _open_part(out: Path, existing: Store | None, plan: _Plan, lm: LoadedModel, 
         existing.trim_examples()
         return existing, last["name"], int(last["example_start"])
     rows_est = estimate_rows(lm.tokenizer, examples, pool, max_length)
-    _check_disk(out, rows_est, len(plan.layers), ident.n_neurons, plan.meta["dtype"], int(plan.meta["chunk_rows"]))
+    _check_disk(out, rows_est, len(plan.layers), ident.n_neurons, plan.meta["dtype"], int(plan.meta["chunk_rows"]),
+                plan.meta.get("sites", ()))
     if existing is not None:  # append
         _check_same(existing, plan.meta, ident)
         store = existing
@@ -199,7 +230,7 @@ def build_store(
     pool: str = "token",
     dtype: str = "float16",
     layers: str | Sequence[int] | None = None,
-    site: str = "act",
+    site: str | Sequence[str] = "act",
     batch_size: int = 8,
     max_length: int = 512,
     limit: int | None = None,
@@ -214,6 +245,7 @@ def build_store(
     on_note: Note | None = None,
     queue_depth: int = 2,
     commit_every: float = 30.0,
+    attribution: str | None = None,
 ) -> BuildResult:
     """Run the model over a dataset and write its activations into a store.
 
@@ -236,7 +268,10 @@ def build_store(
     layers
         Model layer indices (or a string for :func:`parse_layers`); default all.
     site
-        ``act`` (activation-function output) or ``down_in`` (down-projection input).
+        ``act`` (activation-function output), ``down_in`` (down-projection input), ``resid`` (the
+        decoder layer's output, hidden size wide), or several (``"act,down_in,resid"`` or a list):
+        all captured in one forward, the first in ``parts/NNNN/acts``, the others under
+        ``parts/NNNN/sites/<site>`` (see ``docs/store-format.md``).
     append
         Add the data as a new part of an existing complete store (same model, site, dtype, pooling).
     overwrite
@@ -250,6 +285,11 @@ def build_store(
     commit_every
         Seconds between commits of a partial chunk (whole chunks commit as they fill): the most
         work a killed build can lose.
+    attribution
+        ``choice`` or ``ll``: also store, as the site ``attr`` (float32), the attribution
+        ``-act * d(margin)/d(act)`` of every neuron of the first site at each row, the margin being the
+        aligned - violating score of the example's item under that scorer (:mod:`vstore.attribution`;
+        story tokens carry it, every other row is 0). Needs a story file with both actions per item.
 
     Raises
     ------
@@ -260,9 +300,11 @@ def build_store(
     t_start = time.perf_counter()
     out = Path(out)
     note = on_note or note_to_stderr
-    _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite)
+    _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite, attribution)
+    sites = parse_sites(site)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
+    stories = _stories_of(examples, data_path, split, limit, texts) if attribution is not None else []
     with _build_lock(out), _disk_full_is_clear(out):  # one writer at a time
         existing = _existing(out, append=append, overwrite=overwrite, resume=resume)
         lm = model if isinstance(model, LoadedModel) else load_model(
@@ -276,9 +318,11 @@ def build_store(
         lm.tokenizer.padding_side = "right"
         dataset = {"paths": [str(data_path.resolve())], "sha256": file_sha256(data_path), "examples": len(examples),
                    "split": split, "texts": list(texts) if texts else None, "labels": labels or {}, "limit": limit}
-        meta = {"model": ident.to_json(), "site": site, "layers": layer_list, "dtype": dtype, "pooling": pool,
+        meta = {"model": ident.to_json(), "site": sites[0], "layers": layer_list, "dtype": dtype, "pooling": pool,
                 "storage_dtype": DTYPES[dtype].storage, "compressor": compressor,
-                "chunk_rows": chunk_rows_for(ident.n_neurons, dtype), "versions": _versions()}
+                "chunk_rows": chunk_rows_for(site_width(lm.model, sites[0]), dtype), "versions": _versions()}
+        if len(sites) > 1 or attribution is not None:  # a single plain site stays a version-1 store as it was
+            meta["sites"] = _site_entries(lm, sites, dtype, attribution)
         plan = _Plan(examples, layer_list, meta, {"dataset": dataset, "build": {"batch_size": batch_size,
                      "max_length": max_length, "device": device, "pool": pool}})
         fit = fit_length(lm.model, max_length)  # never past the model's position limit (GPT-2: 1024)
@@ -286,10 +330,16 @@ def build_store(
                                                 compressor=compressor, pool=pool, max_length=fit)
         writer = PartWriter(store, part)
         resumed_from = writer.committed_examples
+        extra = {}
+        if attribution is not None:
+            from .attribution import Attributor
+
+            extra[ATTRIBUTION_SITE] = Attributor(lm.model, lm.tokenizer, stories, attribution, site=sites[0],
+                                                 layers=layer_list, max_length=fit)
         with task(progress, "build", len(examples), unit="examples", done=resumed_from) as bar:
-            res = stream_part(lm, examples, writer, layers=layer_list, site=site, pool=pool, dtype=dtype,
+            res = stream_part(lm, examples, writer, layers=layer_list, site=sites, pool=pool, dtype=dtype,
                               batch_size=batch_size, max_length=fit, device=device, example_start=example_start,
-                              queue_depth=queue_depth, commit_every=commit_every, bar=bar)
+                              queue_depth=queue_depth, commit_every=commit_every, bar=bar, extra=extra)
         store.commit(part, len(examples), writer.written, overflow=res.overflow)
         if res.nonfinite:
             store.update_meta(nonfinite={k: int(store.meta.get("nonfinite", {}).get(k, 0)) + v
@@ -304,6 +354,25 @@ def build_store(
         return BuildResult(out, part, len(examples) - resumed_from, writer.written, res.tokens,
                            time.perf_counter() - t_start, writer.bytes_written, resumed_from, res.overflow,
                            res.nonfinite)
+
+
+def _stories_of(examples: Sequence[Example], data: Path, split: str | None, limit: int | None,
+                texts: Sequence[str] | None) -> list[Any]:
+    """The story item of each example (attribution scores its two actions), in example order."""
+    from .data import load_stories
+
+    if data.suffix == ".txt":
+        raise UsageError(f"attribution: {data} is plain text; it needs a story file whose items have both actions "
+                         "(aligned and violating)", "attribution", "data")
+    items = [s for s in load_stories(data) if split is None or s.split == split]
+    by_id = {s.id: s for s in (items[:limit] if limit else items)}
+    out = []
+    for e in examples:
+        sid = e.id.rsplit(":", 1)[0] if texts else e.id
+        if sid not in by_id:
+            raise StoreError(f"attribution: example {e.id!r} has no story item in {data}")
+        out.append(by_id[sid])
+    return out
 
 
 @contextlib.contextmanager

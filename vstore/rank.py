@@ -212,8 +212,8 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
     return {
         "format": dict(FORMAT),
         "model": dict(st.meta["model"]),
-        "store": {"path": str(Path(st.path).resolve()), "committed": st.committed_key, "site": st.meta.get("site"),
-                  "dtype": st.dtype, "pooling": st.meta.get("pooling")},
+        "store": {"path": str(Path(st.path).resolve()), "committed": st.committed_key, "site": st.site,
+                  "dtype": st.dtype, "pooling": st.meta.get("pooling"), **_site_extra(st)},
         "method": req.method.name,
         "params": {**req.params(), **extra_params, **ranked.params},
         "by": grouping.by,
@@ -227,6 +227,14 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "vstore_version": __version__,
     }
+
+
+def _site_extra(st: Store) -> dict[str, Any]:
+    """What the neuron set records of an ``attr`` site: the site attributed and the scorer."""
+    info = st.site_info()
+    if info["name"] != "attr":
+        return {}
+    return {"attribution": {"of": info.get("of"), "scorer": info.get("scorer")}}
 
 
 @dataclass(frozen=True)
@@ -307,6 +315,7 @@ def rank_store(
     auroc_memory: int = 256 << 20,
     verify: bool = True,
     skip_damaged: bool = False,
+    site: str | None = None,
 ) -> RankResult:
     """Rank the neurons of a store with one method and write a neuron set.
 
@@ -354,6 +363,9 @@ def rank_store(
     skip_damaged
         Leave out chunks that cannot be read (missing, truncated, bad checksum) instead of failing;
         the rows left out are in ``RankResult.skipped`` and the JSON's ``params.skipped_damaged``.
+    site
+        The store's site to rank (``act``, ``down_in``, ``resid``, ``attr``; default: the store's
+        first site, or ``attr`` for the ``attribution`` method). Recorded as ``store.site``.
 
     Raises
     ------
@@ -371,6 +383,7 @@ def rank_store(
     req = _request(method, sel, contrast=con, neurons=neurons, split_half=split_half, filter_rate=filter_rate,
                    bar_ratio=bar_ratio, seed=seed, backend=backend)
     st = _open(store, write=use_cache and req.method.needs != "none")
+    st = st.with_site(_site_for(st, req.method, site))
     if st.n_rows == 0 and req.method.needs != "none":
         raise VstoreError(f"{st.path}: the store has no committed rows to rank")
     grouping = make_grouping(st, by, where=normalise_where(where), contrast=con)
@@ -401,6 +414,18 @@ def rank_store(
         _write(result, Path(out))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _site_for(st: Store, method: Method, site: str | None) -> str | None:
+    """The site to rank: as asked, else the method's own (``attribution``: ``attr``), else the first."""
+    if site is not None and method.site is not None and site != method.site:
+        raise UsageError(f"site: method {method.name} ranks site {method.site!r}, not {site!r}", "site", "method")
+    want = site if site is not None else method.site
+    if want is not None and want not in st.sites:
+        hint = " (build it with --attribution choice|ll)" if want == "attr" else ""
+        raise UsageError(f"site: the store {st.path} holds no site {want!r}; its sites: {', '.join(st.sites)}{hint}",
+                         "site")
+    return want
 
 
 def _rank_halves(st: Store, req: RankRequest, grouping: Grouping, opts: _PassOptions,

@@ -20,10 +20,10 @@ __all__ = ["reduce_on_dask", "reduce_slice"]
 
 def reduce_slice(
     store_path: str, codes: np.ndarray, groups: Sequence[str], ranges: list[tuple[str, int, int]],
-    backend: str = "auto", threads: int | None = None,
+    backend: str = "auto", threads: int | None = None, site: str | None = None,
 ) -> GroupStats:
-    """Statistics of some chunk row ranges of a store (what one Dask task computes)."""
-    st = Store(store_path, mode="r")
+    """Statistics of some chunk row ranges of a store at ``site`` (what one Dask task computes)."""
+    st = Store(store_path, mode="r", site=site)
     return reduce_moments(st, np.asarray(codes, dtype=np.int32), groups, ranges=ranges, backend=backend,
                           threads=threads)
 
@@ -66,7 +66,7 @@ def reduce_on_dask(
         batches = [list(b) for b in np.array_split(np.arange(len(ranges)), n_tasks) if len(b)]
         codes_f = client.scatter(np.asarray(codes, dtype=np.int32), broadcast=True)  # type: ignore[attr-defined]
         futures = [client.submit(reduce_slice, str(store.path.resolve()), codes_f, list(groups),  # type: ignore[attr-defined]
-                                 [ranges[i] for i in b], backend, threads, pure=False) for b in batches]
+                                 [ranges[i] for i in b], backend, threads, store.site, pure=False) for b in batches]
         total = GroupStats.for_groups(groups, store.layers, store.n_neurons)
         for fut in futures:
             total.merge(fut.result())

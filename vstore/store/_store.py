@@ -7,6 +7,7 @@ Layout::
     examples/text, examples/id     one entry per example (string arrays)
     examples/<label>               int32 codes, attribute "categories" (names), -1 = missing
     parts/NNNN/acts                (captured layers, rows, neurons), chunked (1, chunk_rows, neurons)
+    parts/NNNN/sites/<site>        the same for every further site (``sites`` attribute; e.g. resid, attr)
     parts/NNNN/rows/example        int64 global example index per row
     parts/NNNN/rows/position       int32 token index in the example's own tokenization (-1 for mean pool)
     parts/NNNN/rows/token          int32 token id (-1 for mean pool)
@@ -18,6 +19,7 @@ after them, at example boundaries. Readers trust only the counters.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +41,8 @@ from ._format import (
     check_attributes,
     check_format_version,
     codecs_for,
+    site_entries,
+    site_path,
 )
 
 __all__ = ["PartInfo", "Store", "is_store"]
@@ -80,9 +84,12 @@ class Store:
         The store folder (or any zarr store URL).
     mode
         ``"r"`` (read only) or ``"r+"``.
+    site
+        The site that :meth:`acts`, :attr:`n_neurons`, :attr:`dtype` and every reader see (default:
+        the store's first site); :meth:`with_site` gives the same store seen at another site.
     """
 
-    def __init__(self, path: str | Path, mode: str = "r") -> None:
+    def __init__(self, path: str | Path, mode: str = "r", site: str | None = None) -> None:
         if mode not in ("r", "r+"):
             raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
         self.path = Path(path)
@@ -101,6 +108,33 @@ class Store:
         check_format_version(self.meta.get("format_version"), str(self.path))
         check_attributes(self.meta, f"{self.path}: attributes.vstore")
         self._check_inside()
+        self.site = self._resolve_site(site)
+
+    def _resolve_site(self, site: str | None) -> str:
+        names = self.sites
+        if site is None:
+            return names[0]
+        if site not in names:
+            raise StoreError(f"{self.path}: no site {site!r}; the store holds {', '.join(names)}")
+        return site
+
+    @property
+    def sites(self) -> list[str]:
+        """The sites the store holds, the first (``parts/NNNN/acts``) first."""
+        return [str(e["name"]) for e in site_entries(self.meta)]
+
+    def site_info(self, site: str | None = None) -> dict[str, Any]:
+        """``name``, ``n_neurons``, ``dtype``, ``chunk_rows`` (and more, e.g. ``of`` for ``attr``) of a site."""
+        name = self._resolve_site(site if site is not None else self.site)
+        e = next(e for e in site_entries(self.meta) if e["name"] == name)
+        return {**e, "chunk_rows": int(e.get("chunk_rows") or self.meta.get("chunk_rows") or 1),
+                "path": site_path(self.meta, name)}
+
+    def with_site(self, site: str | None) -> Store:
+        """This store seen at another site (the same group and attributes; ``None``: the first site)."""
+        other = copy.copy(self)
+        other.site = self._resolve_site(site)
+        return other
 
     def _check_inside(self) -> None:
         """Refuse a store whose folders lead outside it (a symbolic link): nothing is read or written there."""
@@ -180,12 +214,13 @@ class Store:
 
     @property
     def n_neurons(self) -> int:
-        return int(self.meta["model"]["n_neurons"])
+        """Values per row at the selected site (the MLP width for act/down_in, the hidden size for resid)."""
+        return int(self.site_info()["n_neurons"])
 
     @property
     def dtype(self) -> str:
-        """Logical dtype of the activations (``float16``, ``bfloat16`` or ``float32``)."""
-        return str(self.meta["dtype"])
+        """Logical dtype of the selected site's values (``float16``, ``bfloat16`` or ``float32``)."""
+        return str(self.site_info()["dtype"])
 
     @property
     def parts(self) -> list[PartInfo]:
@@ -211,12 +246,14 @@ class Store:
         """A string that changes whenever rows are committed (for stats caching)."""
         return ";".join(f"{p.name}:{p.committed_rows}" for p in self.parts)
 
-    def acts(self, part: str) -> Any:
-        """The raw ``acts`` array of a part (storage dtype; bfloat16 is uint16 bits)."""
-        arr = self.array(f"parts/{part}/acts")
-        if arr.ndim != 3 or arr.shape[0] != len(self.layers) or arr.shape[2] != self.n_neurons:
-            raise StoreError(f"{self.path}/parts/{part}/acts: shape {arr.shape} does not match the attributes "
-                             f"({len(self.layers)} layers, {self.n_neurons} neurons)")
+    def acts(self, part: str, site: str | None = None) -> Any:
+        """The raw array of a part at the selected site, or ``site`` (storage dtype; bfloat16 is uint16 bits)."""
+        info = self.site_info(site)
+        path = f"parts/{part}/{info['path']}"
+        arr = self.array(path)
+        if arr.ndim != 3 or arr.shape[0] != len(self.layers) or arr.shape[2] != int(info["n_neurons"]):
+            raise StoreError(f"{self.path}/{path}: shape {arr.shape} does not match the attributes "
+                             f"({len(self.layers)} layers, {info['n_neurons']} neurons at site {info['name']!r})")
         return arr
 
     def rows(self, part: str, column: str) -> np.ndarray:
@@ -268,13 +305,16 @@ class Store:
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary of the store."""
-        nbytes = sum(p.committed_rows for p in self.parts) * len(self.layers) * self.n_neurons * ITEMSIZE[self.dtype]
+        sites = [self.site_info(n) for n in self.sites]
+        nbytes = sum(p.committed_rows for p in self.parts) * len(self.layers) * sum(
+            int(e["n_neurons"]) * ITEMSIZE[str(e["dtype"])] for e in sites)
         return {
             "path": str(self.path),
             "format_version": self.meta["format_version"],
             "state": self.state,
             "model": self.meta["model"],
             "site": self.meta.get("site"),
+            "sites": [{k: v for k, v in e.items() if k != "chunk_rows"} for e in sites],
             "layers": self.layers,
             "dtype": self.dtype,
             "pooling": self.meta.get("pooling"),
@@ -349,13 +389,15 @@ class Store:
         base = f"parts/{name}"
         if base in self.group:  # left over by a crash before the counters were written
             del self.group[base]
-        L, N = len(self.layers), self.n_neurons
-        chunk = int(self.meta["chunk_rows"])
-        self.group.create_array(
-            f"{base}/acts", shape=(L, 0, N), chunks=(1, chunk, N), dtype=DTYPES[self.dtype].storage,
-            fill_value=0, compressors=codecs_for(compressor), config={"write_empty_chunks": True},
-            dimension_names=("layer", "row", "neuron"), attributes={"logical_dtype": self.dtype},
-        )
+        L = len(self.layers)
+        for site in self.sites:  # one array per site: the first at acts, the others under sites/
+            e = self.site_info(site)
+            N, chunk, dt = int(e["n_neurons"]), int(e["chunk_rows"]), str(e["dtype"])
+            self.group.create_array(
+                f"{base}/{e['path']}", shape=(L, 0, N), chunks=(1, chunk, N), dtype=DTYPES[dt].storage,
+                fill_value=0, compressors=codecs_for(compressor), config={"write_empty_chunks": True},
+                dimension_names=("layer", "row", "neuron"), attributes={"logical_dtype": dt, **({"site": site} if "sites" in self.meta else {})},
+            )
         for col, dt in (("example", "int64"), ("position", "int32"), ("token", "int32")):
             self.group.create_array(
                 f"{base}/rows/{col}", shape=(0,), chunks=(_format.ROWS_CHUNK,), dtype=dt, fill_value=-1,

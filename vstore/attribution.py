@@ -1,0 +1,228 @@
+"""Attribution of the value choice to every captured neuron: ``-act x d(margin)/d(act)``.
+
+The *margin* of an item is the aligned minus the violating score under a scorer of
+:mod:`vstore.evaluate` (``ll`` or ``choice``), computed here with gradients. Its attribution to a
+neuron at one token is ``-a * dm/da``: the first-order estimate of the change of the margin when
+that activation is set to zero ("attribution patching"). One forward and one backward per batch.
+
+Which tokens carry it: the *story* tokens, the ones every sequence of the item's forward shares
+before the actions (``ll``: the story context of :func:`vstore.evaluate.score_ll`, scored on the
+full ``story + action`` sequences; ``choice``: the story at the start of both option prompts).
+A story token's activation appears once per sequence of the item (twice: two actions, or two
+option orders); its attribution is the sum over those copies, so it estimates zeroing the neuron
+at that token in all of them. Actions and option lists are what is scored, and carry none.
+
+:class:`Attributor` maps the story tokens onto the rows of a build (by position, as far as the
+build's tokenization of the example agrees with the story's): every other row — action and
+rationale tokens, or a story cut by ``max_length`` — holds 0, which for a rationale token is
+exact (the margin never reads it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .data import Story
+from .errors import DataError, UsageError
+from .evaluate import SCORERS, _letter_ids, _ll_item, choice_prompt
+from .hooks import Capture
+from .lm import CausalLM, Encoder, common_prefix, fit_length, right_padded
+
+__all__ = ["Attributor", "BatchAttribution", "attribute_batch", "check_stories"]
+
+
+@dataclass
+class BatchAttribution:
+    """The attribution of a batch of items (torch tensors on the model's device).
+
+    Attributes
+    ----------
+    margins
+        (B,) float32 margin (aligned - violating score) of each item.
+    tokens
+        Per item, its story tokens as the forward reads them (the model's leading special tokens first).
+    attr, act
+        Model layer -> (B, T, N) attribution and activation at the story positions
+        (``T`` = the longest story; positions past an item's story are 0).
+    """
+
+    margins: Any
+    tokens: list[list[int]]
+    attr: dict[int, Any]
+    act: dict[int, Any]
+
+
+def check_stories(stories: Sequence[Story]) -> None:
+    """Refuse an item without both actions (the margin needs both), naming its file and line."""
+    for s in stories:
+        for name in ("aligned", "violating"):
+            if not str(getattr(s, name) or "").strip():
+                where = f"{s.source}:{s.line}" if s.source else f"item {s.id!r}"
+                raise DataError(f"{where}: item {s.id!r} has no {name!r} action; attribution scores the aligned "
+                                "against the violating action, so every item needs both")
+
+
+def _ll_sequences(enc: Encoder, stories: Sequence[Story], max_length: int) -> tuple[list[list[int]], list[int],
+                                                                                     list[tuple[int, int]]]:
+    """Per item two sequences (context + aligned, context + violating); the story length; action spans."""
+    seqs, story_len, spans = [], [], []
+    for s in stories:
+        it = _ll_item(enc, s, max_length)
+        c = len(it.context)
+        story_len.append(c)
+        for a in it.actions:
+            seqs.append(it.context + a)
+            spans.append((c, c + len(a)))
+    return seqs, story_len, spans
+
+
+def _choice_sequences(enc: Encoder, stories: Sequence[Story], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """Per item two prompts (aligned shown as A, then as B); the story tokens they share."""
+    seqs, story_len = [], []
+    for s in stories:
+        story = enc(s.story.strip())
+        pair = []
+        for first, second in ((s.aligned, s.violating), (s.violating, s.aligned)):
+            ids = enc(choice_prompt(s, first, second))
+            if len(ids) > max_length:
+                keep = len(enc.lead)
+                ids = ids[:keep] + ids[len(ids) - (max_length - keep):]
+            pair.append(ids)
+        seqs += pair
+        story_len.append(min(common_prefix(story, p) for p in pair))
+    return seqs, story_len
+
+
+def _ll_margins(lm: CausalLM, hidden: Any, seqs: list[list[int]], spans: list[tuple[int, int]]) -> Any:
+    import torch
+
+    states, targets, owner = [], [], []
+    for r, (c0, c1) in enumerate(spans):
+        states.append(hidden[r, c0 - 1 : c1 - 1])  # the state before each action token predicts it
+        targets.extend(seqs[r][c0:c1])
+        owner.extend([r] * (c1 - c0))
+    lp = lm.token_log_probs(torch.cat(states), torch.as_tensor(targets, device=hidden.device))
+    idx = torch.as_tensor(owner, device=hidden.device)
+    sums = torch.zeros(len(spans), dtype=lp.dtype, device=hidden.device).index_add(0, idx, lp)
+    means = sums / torch.as_tensor([c1 - c0 for c0, c1 in spans], dtype=lp.dtype, device=hidden.device)
+    return means[0::2] - means[1::2]
+
+
+def _choice_margins(lm: CausalLM, hidden: Any, seqs: list[list[int]], letters: dict[str, list[int]]) -> Any:
+    import torch
+
+    last = torch.as_tensor([len(s) - 1 for s in seqs], device=hidden.device)
+    lp = lm.log_probs(hidden[torch.arange(len(seqs), device=hidden.device), last])
+    a = torch.logsumexp(lp[:, letters["A"]], dim=-1)
+    b = torch.logsumexp(lp[:, letters["B"]], dim=-1)
+    # order AB: aligned is A; order BA: aligned is B; the margin is the mean over both orders
+    return ((a[0::2] - b[0::2]) + (b[1::2] - a[1::2])) / 2
+
+
+def attribute_batch(
+    model: Any, tokenizer: Any, stories: Sequence[Story], scorer: str, *, site: str = "act",
+    layers: Sequence[int] | None = None, max_length: int = 1024,
+) -> BatchAttribution:
+    """Margins and the attribution ``-act * d(margin)/d(act)`` of every neuron at the story tokens of a batch.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A causal LM (its own dtype and device: float32 on CPU) and its tokenizer.
+    stories
+        The items (both actions each; see :func:`check_stories`).
+    scorer
+        ``ll`` or ``choice``, as in :func:`vstore.evaluate.score_items`.
+    site
+        The capture site attributed (``act``, ``down_in`` or ``resid``).
+    layers
+        Model layer indices (default all).
+    max_length
+        Longest sequence in tokens (cut as the scorers cut).
+    """
+    import torch
+
+    if scorer not in SCORERS:
+        raise UsageError(f"scorer: expected one of {', '.join(SCORERS)}, got {scorer!r}", "scorer")
+    check_stories(stories)
+    lm, enc = CausalLM(model), Encoder(tokenizer)
+    max_length = fit_length(model, max_length)
+    if scorer == "ll":
+        seqs, story_len, spans = _ll_sequences(enc, stories, max_length)
+    else:
+        seqs, story_len = _choice_sequences(enc, stories, max_length)
+        letters = {x: _letter_ids(tokenizer, x) for x in "AB"}
+    acts: dict[int, Any] = {}
+    with torch.inference_mode(False), torch.enable_grad():  # the build streams in inference mode
+        ids, mask = right_padded(seqs, enc.pad)
+        ids, mask = ids.to(lm.device), mask.to(lm.device)
+        pos = torch.arange(ids.shape[1], device=lm.device)[None].expand_as(ids)
+        with Capture(model, site, list(layers) if layers is not None else None, keep_graph=True,
+                     on_output=lambda layer, t: acts.__setitem__(layer, t)):
+            hidden, _ = lm.forward(ids, mask, pos)
+        margins = _ll_margins(lm, hidden, seqs, spans) if scorer == "ll" else _choice_margins(lm, hidden, seqs, letters)
+        order = sorted(acts)
+        grads = torch.autograd.grad(margins.sum(), [acts[k] for k in order], allow_unused=True)
+    T = max(story_len)
+    attr, act = {}, {}
+    for k, g in zip(order, grads, strict=True):
+        a = acts[k].detach()
+        contrib = -(a * g) if g is not None else torch.zeros_like(a)
+        contrib = contrib[:, :T].float()
+        per_item = contrib[0::2] + contrib[1::2]  # the item's two sequences share the story
+        keep = torch.arange(T, device=a.device)[None, :] < torch.as_tensor(story_len, device=a.device)[:, None]
+        attr[k] = per_item * keep[..., None]
+        act[k] = a[0::2, :T].float() * keep[..., None]
+    tokens = [seqs[2 * i][:c] for i, c in enumerate(story_len)]
+    return BatchAttribution(margins.detach().float(), tokens, attr, act)
+
+
+class Attributor:
+    """The attribution rows of a build: called per batch, it returns each layer's attribution on the
+    grid of the build's tokenized batch (story tokens; 0 elsewhere), for :func:`vstore.capture.stream_part`.
+
+    Parameters
+    ----------
+    model, tokenizer
+        The model being captured.
+    stories
+        The story of each example of the build, in example order.
+    scorer
+        ``ll`` or ``choice``.
+    site
+        The capture site attributed (the store's first site).
+    layers
+        The captured model layers.
+    max_length
+        The build's longest sequence.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, stories: Sequence[Story], scorer: str, *, site: str,
+                 layers: Sequence[int], max_length: int) -> None:
+        if scorer not in SCORERS:
+            raise UsageError(f"attribution: expected one of {', '.join(SCORERS)}, got {scorer!r}", "attribution")
+        check_stories(stories)
+        self.model, self.tokenizer, self.stories = model, tokenizer, list(stories)
+        self.scorer, self.site, self.layers, self.max_length = scorer, site, list(layers), max_length
+        self.cut = 0  # examples none of whose story tokens matched the build's tokens (a story cut at the left)
+
+    def __call__(self, b0: int, input_ids: Any) -> dict[int, Any]:
+        """Layer -> (B, T, N) float32 attribution on the grid of ``input_ids`` (the build's batch from example ``b0``)."""
+        import torch
+
+        batch = self.stories[b0 : b0 + int(input_ids.shape[0])]
+        res = attribute_batch(self.model, self.tokenizer, batch, self.scorer, site=self.site, layers=self.layers,
+                              max_length=self.max_length)
+        B, T = input_ids.shape
+        ids = input_ids.tolist()
+        out = {}
+        for layer, a in res.attr.items():
+            grid = torch.zeros((B, T, a.shape[-1]), dtype=torch.float32, device=a.device)
+            for i, toks in enumerate(res.tokens):
+                m = min(common_prefix(toks, ids[i]), T)
+                grid[i, :m] = a[i, :m]
+            out[layer] = grid
+        self.cut += sum(1 for i, toks in enumerate(res.tokens) if common_prefix(toks, ids[i]) <= 1)
+        return out
