@@ -321,7 +321,8 @@ def build_store(
         meta = {"model": ident.to_json(), "site": sites[0], "layers": layer_list, "dtype": dtype, "pooling": pool,
                 "storage_dtype": DTYPES[dtype].storage, "compressor": compressor,
                 "chunk_rows": chunk_rows_for(site_width(lm.model, sites[0]), dtype), "versions": _versions()}
-        if len(sites) > 1 or attribution is not None:  # a single plain site stays a version-1 store as it was
+        # one MLP-wide site stays a version-1 store exactly as before; anything else lists its sites
+        if len(sites) > 1 or attribution is not None or site_width(lm.model, sites[0]) != ident.n_neurons:
             meta["sites"] = _site_entries(lm, sites, dtype, attribution)
         plan = _Plan(examples, layer_list, meta, {"dataset": dataset, "build": {"batch_size": batch_size,
                      "max_length": max_length, "device": device, "pool": pool}})

@@ -79,7 +79,6 @@ def _root_meta(path: Path) -> dict[str, Any]:
 
 
 def _check_part(st: Store, part: Any, report: VerifyReport, bar: Any) -> None:
-    base = f"parts/{part.name}"
     for site in st.sites:  # every site's array: acts, and sites/<name> beside it
         if not _check_site(st, site, part, report, bar):
             return

@@ -25,10 +25,10 @@ __all__ = [
     "check_attributes",
     "check_format_version",
     "chunk_rows_for",
-    "site_entries",
-    "site_path",
     "codecs_for",
     "dtype_spec",
+    "site_entries",
+    "site_path",
 ]
 
 FORMAT_NAME = "vstore"
