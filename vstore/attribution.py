@@ -30,7 +30,7 @@ from .evaluate import SCORERS, _letter_ids, _ll_item, choice_prompt
 from .hooks import Capture
 from .lm import CausalLM, Encoder, common_prefix, fit_length, right_padded
 
-__all__ = ["Attributor", "BatchAttribution", "attribute_batch", "check_stories"]
+__all__ = ["Attributor", "BatchAttribution", "attribute_batch", "check_stories", "measure_zeroing"]
 
 
 @dataclass
@@ -226,3 +226,68 @@ class Attributor:
             out[layer] = grid
         self.cut += sum(1 for i, toks in enumerate(res.tokens) if common_prefix(toks, ids[i]) <= 1)
         return out
+
+
+def measure_zeroing(
+    model: Any, tokenizer: Any, stories: Sequence[Story], scorer: str, neurons: Sequence[tuple[int, int]], *,
+    site: str = "act", batch_size: int = 8, max_length: int = 1024,
+) -> tuple[Any, Any]:
+    """The truth attribution estimates: each item's margin change when one neuron alone is zeroed at
+    the item's story tokens, measured with the scorers of :mod:`vstore.evaluate` (as ``vstore ablate``
+    scores), one evaluation per neuron.
+
+    Returns
+    -------
+    (baseline float64 (items,), change float64 (neurons, items))
+        The unablated margins, and ``margin(zeroed) - baseline`` per neuron and item.
+    """
+    import numpy as np
+    import torch
+
+    from .evaluate import score_choice, score_ll
+    from .models import capture_modules
+
+    check_stories(stories)
+    enc = Encoder(tokenizer)
+    story_len = {}  # choice: prompt tokens -> its story tokens (the prompts run one at a time, unpadded)
+    if scorer == "choice":
+        seqs, lens = _choice_sequences(enc, stories, fit_length(model, max_length))
+        story_len = {tuple(s): lens[i // 2] for i, s in enumerate(seqs)}
+
+    def margins() -> Any:
+        if scorer == "ll":
+            s = score_ll(model, tokenizer, stories, batch_size=batch_size, max_length=max_length)
+        elif scorer == "choice":
+            s = score_choice(model, tokenizer, stories, batch_size=1, max_length=max_length)
+        else:
+            raise UsageError(f"scorer: expected one of {', '.join(SCORERS)}, got {scorer!r}", "scorer")
+        return s.aligned - s.violating
+
+    base = margins()
+    out = np.zeros((len(neurons), len(stories)), dtype=np.float64)
+    for j, (layer, n) in enumerate(neurons):
+        (_, module, kind), = capture_modules(model, site, [layer])
+        state = {"calls": 0, "ids": None}
+
+        def zero(t: Any, n: int = n) -> Any:
+            t = t.clone()
+            if scorer == "ll":  # per batch: the story's forward, then the actions' (on its cache)
+                if state["calls"] % 2 == 0:
+                    t[..., n] = 0
+            else:
+                t[:, : story_len[tuple(state["ids"][0].tolist())], n] = 0
+            state["calls"] += 1
+            return t
+
+        emb = model.get_input_embeddings().register_forward_pre_hook(lambda _m, i: state.__setitem__("ids", i[0]))
+        if kind == "input":
+            h = module.register_forward_pre_hook(lambda _m, i: (zero(i[0]), *i[1:]))
+        else:
+            h = module.register_forward_hook(lambda _m, _i, o: (zero(o[0]), *o[1:]) if isinstance(o, tuple) else zero(o))
+        try:
+            with torch.inference_mode():
+                out[j] = margins() - base
+        finally:
+            h.remove()
+            emb.remove()
+    return base, out
