@@ -267,23 +267,13 @@ def measure_zeroing(
     out = np.zeros((len(neurons), len(stories)), dtype=np.float64)
     for j, (layer, n) in enumerate(neurons):
         (_, module, kind), = capture_modules(model, site, [layer])
-        state = {"calls": 0, "ids": None}
-
-        def zero(t: Any, n: int = n) -> Any:
-            t = t.clone()
-            if scorer == "ll":  # per batch: the story's forward, then the actions' (on its cache)
-                if state["calls"] % 2 == 0:
-                    t[..., n] = 0
-            else:
-                t[:, : story_len[tuple(state["ids"][0].tolist())], n] = 0
-            state["calls"] += 1
-            return t
-
-        emb = model.get_input_embeddings().register_forward_pre_hook(lambda _m, i: state.__setitem__("ids", i[0]))
+        zero = _StoryZero(n, scorer, story_len)
+        emb = model.get_input_embeddings().register_forward_pre_hook(zero.see_ids)
         if kind == "input":
-            h = module.register_forward_pre_hook(lambda _m, i: (zero(i[0]), *i[1:]))
+            h = module.register_forward_pre_hook(lambda _m, i, z=zero: (z(i[0]), *i[1:]))
         else:
-            h = module.register_forward_hook(lambda _m, _i, o: (zero(o[0]), *o[1:]) if isinstance(o, tuple) else zero(o))
+            h = module.register_forward_hook(
+                lambda _m, _i, o, z=zero: (z(o[0]), *o[1:]) if isinstance(o, tuple) else z(o))
         try:
             with torch.inference_mode():
                 out[j] = margins() - base
@@ -291,3 +281,25 @@ def measure_zeroing(
             h.remove()
             emb.remove()
     return base, out
+
+
+class _StoryZero:
+    """Zeroes one neuron at the story tokens of each forward of a scorer (see :func:`measure_zeroing`)."""
+
+    def __init__(self, neuron: int, scorer: str, story_len: dict[tuple[int, ...], int]) -> None:
+        self.neuron, self.scorer, self.story_len = neuron, scorer, story_len
+        self.calls = 0
+        self.ids: Any = None
+
+    def see_ids(self, _module: Any, inputs: Any) -> None:
+        self.ids = inputs[0]
+
+    def __call__(self, t: Any) -> Any:
+        t = t.clone()
+        if self.scorer == "ll":  # per batch: the story's forward, then the actions' (on its cache)
+            if self.calls % 2 == 0:
+                t[..., self.neuron] = 0
+        else:  # choice: one unpadded prompt per forward
+            t[:, : self.story_len[tuple(self.ids[0].tolist())], self.neuron] = 0
+        self.calls += 1
+        return t
