@@ -25,12 +25,27 @@ from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, U
 from .lm import fit_length
 from .models import DEFAULT_MODEL, SITES, LoadedModel, ModelIdentity, load_model, site_width
 from .progress import Note, Progress, note_to_stderr, task
-from .store import DTYPES, ITEMSIZE, PartWriter, Store, chunk_rows_for, codecs_for, dtype_spec, is_store
+from .store import (
+    DTYPES,
+    ITEMSIZE,
+    PartWriter,
+    Store,
+    chunk_rows_for,
+    codecs_for,
+    dtype_spec,
+    is_store,
+    is_url,
+    meta_lock,
+)
 
-__all__ = ["ATTRIBUTION_SITE", "POOLINGS", "BuildResult", "build_store", "parse_layers", "parse_sites"]
+__all__ = ["ATTRIBUTION_SITE", "KEEPS", "POOLINGS", "BuildResult", "build_store", "parse_layers", "parse_shard",
+           "parse_sites"]
 
 #: The site an attribution build adds (``--attribution``), stored float32.
 ATTRIBUTION_SITE = "attr"
+
+#: What a build keeps: token activations (``all``), pooled rows and statistics, or statistics only.
+KEEPS = ("all", "pooled", "stats")
 
 ROW_TABLE_BYTES = 16  # rows/example (int64) + rows/position + rows/token (int32) per row
 
@@ -49,6 +64,21 @@ class BuildResult:
     resumed_from: int
     overflow: dict[str, int] = field(default_factory=dict)
     nonfinite: dict[str, int] = field(default_factory=dict)
+    stats_written: list[str] = field(default_factory=list)
+    complete: bool = True
+
+
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"I/N"`` (or ``(I, N)``) as ``(I, N)`` with ``0 <= I < N`` (None: not sharded)."""
+    if spec is None:
+        return None
+    try:
+        i, n = (int(x) for x in spec.split("/")) if isinstance(spec, str) else (int(spec[0]), int(spec[1]))
+    except (ValueError, TypeError, IndexError):
+        raise UsageError(f"shard: expected I/N (e.g. 0/4), got {spec!r}", "shard") from None
+    if not 0 <= i < n:
+        raise UsageError(f"shard: expected 0 <= I < N, got {i}/{n}", "shard")
+    return i, n
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
@@ -132,7 +162,7 @@ def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str
 
 def _check_arguments(pool: str, dtype: str, site: str | Sequence[str], batch_size: int, max_length: int,
                      limit: int | None, compressor: str, append: bool, overwrite: bool,
-                     attribution: str | None = None) -> None:
+                     attribution: str | None = None, keep: str = "all") -> None:
     if pool not in POOLINGS:
         raise UsageError(f"pool must be one of {list(POOLINGS)}, got {pool!r}", "pool")
     dtype_spec(dtype)
@@ -140,6 +170,9 @@ def _check_arguments(pool: str, dtype: str, site: str | Sequence[str], batch_siz
     if attribution is not None and attribution not in ("choice", "ll"):
         raise UsageError(f"attribution: expected choice or ll (the scorers of vstore ablate), got {attribution!r}",
                          "attribution")
+    if attribution is not None and keep != "all":
+        raise UsageError(f"attribution is stored as the site attr beside the activations: it needs keep all, not "
+                         f"{keep!r}", "attribution", "keep")
     if batch_size < 1 or max_length < 1:
         raise UsageError("batch_size and max_length must be positive", "batch_size", "max_length")
     if limit is not None and limit < 1:
@@ -149,12 +182,30 @@ def _check_arguments(pool: str, dtype: str, site: str | Sequence[str], batch_siz
         raise UsageError("append and overwrite cannot be combined", "append", "overwrite")
 
 
-def _existing(out: Path, *, append: bool, overwrite: bool, resume: bool) -> Store | None:
+def _check_scale(keep: str, stats_by: Sequence[str], pool: str, shard: tuple[int, int] | None, append: bool,
+                 overwrite: bool, out: str | Path) -> None:
+    if keep not in KEEPS:
+        raise UsageError(f"keep must be one of {list(KEEPS)}, got {keep!r}", "keep")
+    if keep == "stats" and not stats_by:
+        raise UsageError("keep stats writes no activations: name the groupings to keep with stats_by "
+                         "(--stats-by COLUMN)", "keep", "stats_by")
+    if keep == "pooled" and pool != "token":
+        raise UsageError("keep pooled pools the token rows itself: use it with pool token", "keep", "pool")
+    if shard is not None and (append or overwrite):
+        raise UsageError("shard builds one new store (its shards resume alone): no append or overwrite",
+                         "shard", "append", "overwrite")
+    if shard is not None and "://" in str(out) and not str(out).startswith("file://"):
+        raise UsageError("shard needs a store on a local or shared POSIX file system (the shards lock its "
+                         "attributes)", "shard", "out")
+
+
+def _existing(out: Path | str, *, append: bool, overwrite: bool, resume: bool) -> Store | None:
     """The store at ``out`` to resume or append to (None: create one), or a refusal; before any model load."""
-    if out.exists() and not out.is_dir():
+    if isinstance(out, Path) and out.exists() and not out.is_dir():
         raise OutputError(f"{out} exists and is not a folder; a store is a folder (choose another out)")
     existing = Store(out, mode="r+") if is_store(out) else None
-    if existing is None and out.exists() and out.is_dir() and any(out.iterdir()) and not overwrite:
+    if existing is None and isinstance(out, Path) and out.exists() and out.is_dir() and any(out.iterdir()) \
+            and not overwrite:
         raise StoreExistsError(f"{out} exists and is not a vstore store; choose another out")
     if existing is None and (append or resume):
         raise StoreError(f"{'append' if append else 'resume'}: no store at {out}")
@@ -173,6 +224,8 @@ def _check_same(store: Store, meta: dict[str, Any], ident: ModelIdentity) -> Non
     have = store.meta
     problems = [f"{key}: store has {have.get(key)!r}, this build {meta[key]!r}"
                 for key in ("site", "dtype", "pooling", "layers", "sites") if have.get(key) != meta.get(key)]
+    if have.get("keep", "all") != meta.get("keep", "all"):
+        problems.append(f"keep: store has {have.get('keep', 'all')!r}, this build {meta.get('keep', 'all')!r}")
     hm = have.get("model", {})
     problems += [f"model {key}: store has {hm.get(key)!r}, this build {getattr(ident, key)!r}"
                  for key in ("architecture", "n_layers", "n_neurons", "sha256") if hm.get(key) != getattr(ident, key)]
@@ -190,10 +243,13 @@ class _Plan:
     part_extra: dict[str, Any]
 
 
-def _open_part(out: Path, existing: Store | None, plan: _Plan, lm: LoadedModel, *, append: bool, overwrite: bool,
-               compressor: str, pool: str, max_length: int) -> tuple[Store, str, int]:
-    """The store and part to write, and the global index of the part's first example."""
+def _open_part(out: Path | str, existing: Store | None, plan: _Plan, lm: LoadedModel, *, append: bool, overwrite: bool,
+               compressor: str, pool: str, max_length: int) -> tuple[Store, str, int, list[Example]]:
+    """The store and part to write, the global index of the part's first example, and its examples."""
     ident, examples = lm.identity, plan.examples
+    if existing is not None and existing.meta.get("shards"):
+        raise StoreError(f"{out} is a sharded build ({existing.meta['shards']} shards): run each unfinished "
+                         "shard again with its --shard I/N")
     if existing is not None and not append and not existing.meta["parts"]:
         existing = None  # created, then killed before its first part: it holds nothing, start it again
         overwrite = True
@@ -206,10 +262,11 @@ def _open_part(out: Path, existing: Store | None, plan: _Plan, lm: LoadedModel, 
             raise StoreError(f"{out} is an incomplete build of other data or arguments; rerun it with the same ones, "
                              "or pass overwrite")
         existing.trim_examples()
-        return existing, last["name"], int(last["example_start"])
-    rows_est = estimate_rows(lm.tokenizer, examples, pool, max_length)
-    _check_disk(out, rows_est, len(plan.layers), ident.n_neurons, plan.meta["dtype"], int(plan.meta["chunk_rows"]),
-                plan.meta.get("sites", ()))
+        return existing, last["name"], int(last["example_start"]), examples
+    if isinstance(out, Path):
+        rows_est = estimate_rows(lm.tokenizer, examples, pool, max_length)
+        _check_disk(out, rows_est, len(plan.layers) if plan.meta["keep"] == "all" else 0, ident.n_neurons,
+                    plan.meta["dtype"], int(plan.meta["chunk_rows"]), plan.meta.get("sites", ()))
     if existing is not None:  # append
         _check_same(existing, plan.meta, ident)
         store = existing
@@ -217,7 +274,38 @@ def _open_part(out: Path, existing: Store | None, plan: _Plan, lm: LoadedModel, 
         store = Store.create(out, plan.meta, overwrite=overwrite)
     store.trim_examples()
     start = store.add_examples([e.id for e in examples], [e.text for e in examples], [e.labels for e in examples])
-    return store, store.start_part(len(examples), start, plan.part_extra, compressor=compressor), start
+    part = store.start_part(len(examples), start, plan.part_extra, compressor=compressor, keep=plan.meta["keep"])
+    return store, part, start, examples
+
+
+def _open_shard(out: Path, plan: _Plan, lm: LoadedModel, shard: tuple[int, int], *,
+                compressor: str) -> tuple[Store, str, int, list[Example]]:
+    """Shard ``I`` of ``N``: the first shard to come creates the store, every example and all N parts (so
+    the parts lie in file order whichever shard starts first); each then writes its own part."""
+    i, n = shard
+    examples = plan.examples
+    out.mkdir(parents=True, exist_ok=True)
+    with meta_lock(out.resolve().parent):  # one shard creates the store; the others wait for it
+        if not is_store(out):
+            if any(out.iterdir()):
+                raise StoreExistsError(f"{out} exists and is not a vstore store; choose another out")
+            store = Store.create(out, {**plan.meta, "shards": n})
+            start = store.add_examples([e.id for e in examples], [e.text for e in examples],
+                                       [e.labels for e in examples])
+            bounds = [len(examples) * k // n for k in range(n + 1)]
+            store.start_parts([(bounds[k + 1] - bounds[k], start + bounds[k], {**plan.part_extra, "shard": [k, n]})
+                               for k in range(n)], compressor=compressor, keep=plan.meta["keep"])
+        store = Store(out, mode="r+")
+    if store.meta.get("shards") != n:
+        raise StoreError(f"{out} is not a build of {n} shards (it has {store.meta.get('shards') or 'no'} shards); "
+                         "use its own I/N, another out, or remove it")
+    _check_same(store, plan.meta, lm.identity)
+    entry = store.meta["parts"][i]
+    ds = entry.get("dataset", {})
+    if entry.get("build") != plan.part_extra["build"] or ds.get("sha256") != plan.part_extra["dataset"]["sha256"]:
+        raise StoreError(f"{out}: shard {i}/{n} was started with other data or arguments; rerun it with the same ones")
+    local = int(entry["example_start"]) - int(store.meta["parts"][0]["example_start"])
+    return store, entry["name"], int(entry["example_start"]), examples[local : local + int(entry["n_examples"])]
 
 
 def build_store(
@@ -245,6 +333,9 @@ def build_store(
     on_note: Note | None = None,
     queue_depth: int = 2,
     commit_every: float = 30.0,
+    stats_by: Sequence[str] = (),
+    keep: str = "all",
+    shard: str | tuple[int, int] | None = None,
     attribution: str | None = None,
 ) -> BuildResult:
     """Run the model over a dataset and write its activations into a store.
@@ -252,7 +343,7 @@ def build_store(
     Parameters
     ----------
     out
-        Store folder.
+        Store folder, or an fsspec URL zarr can open (``memory://``, ``s3://``, ...).
     model
         Alias, ``.gguf``, folder or hub id (see :func:`vstore.models.load_model`), or a loaded model.
     data
@@ -285,6 +376,17 @@ def build_store(
     commit_every
         Seconds between commits of a partial chunk (whole chunks commit as they fill): the most
         work a killed build can lose.
+    stats_by
+        Label columns: accumulate the moments of each grouping on the device while streaming (from the
+        values as stored) and write them into the statistics cache, as ``vstore rank --by COLUMN``
+        would, so that ranking them reads no activation.
+    keep
+        ``all`` (token activations), ``pooled`` (a mean and a last row per example instead, with
+        ``pool="token"``) or ``stats`` (the row table and the ``stats_by`` statistics only).
+    shard
+        ``"I/N"``: this process builds the I-th of N contiguous ranges of the examples, in file order,
+        as part I of the store; run the N shards concurrently (same arguments). The store is complete
+        when every part is; a killed shard is resumed by running it again.
     attribution
         ``choice`` or ``ll``: also store, as the site ``attr`` (float32), the attribution
         ``-act * d(margin)/d(act)`` of every neuron of the first site at each row, the margin being the
@@ -298,63 +400,113 @@ def build_store(
     from .data import bundled_stories
 
     t_start = time.perf_counter()
-    out = Path(out)
+    out_s = str(out)
+    out = Path(out_s[len("file://"):]) if out_s.startswith("file://") else Path(out_s)
     note = on_note or note_to_stderr
-    _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite, attribution)
-    sites = parse_sites(site)
+    shard_t = parse_shard(shard)
+    stats_by = list(dict.fromkeys(stats_by))
+    _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite, attribution,
+                     keep)
+    _check_scale(keep, stats_by, pool, shard_t, append, overwrite, out_s)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
     stories = _stories_of(examples, data_path, split, limit, texts) if attribution is not None else []
-    with _build_lock(out), _disk_full_is_clear(out):  # one writer at a time
-        existing = _existing(out, append=append, overwrite=overwrite, resume=resume)
+    target: Any = out_s if is_url(out_s) else out
+    with _build_lock(target, shard_t), _disk_full_is_clear(out):  # one writer per store (or shard) at a time
+        existing = None if shard_t else _existing(target, append=append, overwrite=overwrite, resume=resume)
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=device, trust_remote_code=trust_remote_code, progress=note)
-        ident = lm.identity
-        layer_list = parse_layers(layers, ident.n_layers) if isinstance(layers, str) or layers is None else sorted(
-            {int(i) % ident.n_layers for i in layers})
-        layer_list = layer_list if layer_list is not None else list(range(ident.n_layers))
-        if not layer_list:
-            raise UsageError(f"layers {layers!r} selects no layer of the model's {ident.n_layers}", "layers")
-        lm.tokenizer.padding_side = "right"
-        dataset = {"paths": [str(data_path.resolve())], "sha256": file_sha256(data_path), "examples": len(examples),
-                   "split": split, "texts": list(texts) if texts else None, "labels": labels or {}, "limit": limit}
-        meta = {"model": ident.to_json(), "site": sites[0], "layers": layer_list, "dtype": dtype, "pooling": pool,
-                "storage_dtype": DTYPES[dtype].storage, "compressor": compressor,
-                "chunk_rows": chunk_rows_for(site_width(lm.model, sites[0]), dtype), "versions": _versions()}
-        # one MLP-wide site stays a version-1 store exactly as before; anything else lists its sites
-        if len(sites) > 1 or attribution is not None or site_width(lm.model, sites[0]) != ident.n_neurons:
-            meta["sites"] = _site_entries(lm, sites, dtype, attribution)
-        plan = _Plan(examples, layer_list, meta, {"dataset": dataset, "build": {"batch_size": batch_size,
-                     "max_length": max_length, "device": device, "pool": pool}})
+        plan = _plan(lm, examples, data_path, layers=layers, split=split, texts=texts, labels=labels, limit=limit,
+                     site=site, dtype=dtype, pool=pool, compressor=compressor, batch_size=batch_size,
+                     max_length=max_length, device=device, stats_by=stats_by, keep=keep, attribution=attribution)
         fit = fit_length(lm.model, max_length)  # never past the model's position limit (GPT-2: 1024)
-        store, part, example_start = _open_part(out, existing, plan, lm, append=append, overwrite=overwrite,
-                                                compressor=compressor, pool=pool, max_length=fit)
-        writer = PartWriter(store, part)
+        if shard_t is not None:
+            store, part, example_start, todo = _open_shard(out, plan, lm, shard_t, compressor=compressor)
+        else:
+            store, part, example_start, todo = _open_part(target, existing, plan, lm, append=append,
+                                                          overwrite=overwrite, compressor=compressor, pool=pool,
+                                                          max_length=fit)
+        if store.part_info(part).complete:  # a shard run again after it finished
+            return BuildResult(out, part, 0, 0, 0, time.perf_counter() - t_start, 0, len(todo),
+                               complete=store.state == "complete")
+        live = None
+        if stats_by:
+            from .stats.live import LiveStats
+
+            live = LiveStats(store, part, stats_by, device)
+        writer = PartWriter(store, part, on_commit=live.on_commit if live is not None else None)
         resumed_from = writer.committed_examples
+        sites = parse_sites(site)
         extra = {}
-        if attribution is not None:
+        if attribution is not None:  # the stories of this part's examples (a shard: its range of them)
             from .attribution import Attributor
 
-            extra[ATTRIBUTION_SITE] = Attributor(lm.model, lm.tokenizer, stories, attribution, site=sites[0],
-                                                 layers=layer_list, max_length=fit)
-        with task(progress, "build", len(examples), unit="examples", done=resumed_from) as bar:
-            res = stream_part(lm, examples, writer, layers=layer_list, site=sites, pool=pool, dtype=dtype,
+            local = example_start - int(store.meta["parts"][0]["example_start"]) if shard_t else 0
+            extra[ATTRIBUTION_SITE] = Attributor(lm.model, lm.tokenizer, stories[local : local + len(todo)],
+                                                 attribution, site=sites[0], layers=plan.layers, max_length=fit)
+        with task(progress, "build", len(todo), unit="examples", done=resumed_from) as bar:
+            res = stream_part(lm, todo, writer, layers=plan.layers, site=sites, pool=pool, dtype=dtype,
                               batch_size=batch_size, max_length=fit, device=device, example_start=example_start,
-                              queue_depth=queue_depth, commit_every=commit_every, bar=bar, extra=extra)
-        store.commit(part, len(examples), writer.written, overflow=res.overflow)
-        if res.nonfinite:
-            store.update_meta(nonfinite={k: int(store.meta.get("nonfinite", {}).get(k, 0)) + v
-                                         for k, v in res.nonfinite.items()})
-        store.finish_part(part)
-        if res.overflow:
-            note(f"warning: {sum(res.overflow.values())} activation value(s) beyond ±65504 became ±inf in float16 "
-                 f"(per layer: {res.overflow}); store bfloat16 or float32 instead")
-        if res.nonfinite:
-            note(f"warning: the model produced {sum(res.nonfinite.values())} NaN/Inf activation value(s) (per layer: "
-                 f"{res.nonfinite}); they are stored as they are and left out of the statistics neuron by neuron")
-        return BuildResult(out, part, len(examples) - resumed_from, writer.written, res.tokens,
+                              queue_depth=queue_depth, commit_every=commit_every, bar=bar, live=live, extra=extra)
+        written = _finish(store, part, len(todo), writer, res, stats_by, note)
+        return BuildResult(out, part, len(todo) - resumed_from, writer.written, res.tokens,
                            time.perf_counter() - t_start, writer.bytes_written, resumed_from, res.overflow,
-                           res.nonfinite)
+                           res.nonfinite, written, store.state == "complete")
+
+
+def _plan(lm: LoadedModel, examples: list[Example], data_path: Path, *, layers: str | Sequence[int] | None,
+          split: str | None, texts: Sequence[str] | None, labels: dict[str, str] | None, limit: int | None,
+          site: str | Sequence[str], dtype: str, pool: str, compressor: str, batch_size: int, max_length: int,
+          device: str, stats_by: list[str], keep: str, attribution: str | None = None) -> _Plan:
+    ident = lm.identity
+    layer_list = parse_layers(layers, ident.n_layers) if isinstance(layers, str) or layers is None else sorted(
+        {int(i) % ident.n_layers for i in layers})
+    layer_list = layer_list if layer_list is not None else list(range(ident.n_layers))
+    if not layer_list:
+        raise UsageError(f"layers {layers!r} selects no layer of the model's {ident.n_layers}", "layers")
+    lm.tokenizer.padding_side = "right"
+    dataset = {"paths": [str(data_path.resolve())], "sha256": file_sha256(data_path), "examples": len(examples),
+               "split": split, "texts": list(texts) if texts else None, "labels": labels or {}, "limit": limit}
+    sites = parse_sites(site)
+    meta = {"model": ident.to_json(), "site": sites[0], "layers": layer_list, "dtype": dtype, "pooling": pool,
+            "storage_dtype": DTYPES[dtype].storage, "compressor": compressor, "keep": keep,
+            "chunk_rows": chunk_rows_for(site_width(lm.model, sites[0]), dtype), "versions": _versions()}
+    # one MLP-wide site stays a version-1 store exactly as before; anything else lists its sites
+    if len(sites) > 1 or attribution is not None or site_width(lm.model, sites[0]) != ident.n_neurons:
+        meta["sites"] = _site_entries(lm, sites, dtype, attribution)
+    build = {"batch_size": batch_size, "max_length": max_length, "device": device, "pool": pool}
+    if stats_by or keep != "all":
+        build.update({"stats_by": stats_by, "keep": keep})
+    return _Plan(examples, layer_list, meta, {"dataset": dataset, "build": build})
+
+
+def _finish(store: Store, part: str, n_examples: int, writer: PartWriter, res: Any, stats_by: list[str],
+            note: Note) -> list[str]:
+    """Commit and close the part; when that completes the store, write the build-time statistics."""
+    store.commit(part, n_examples, writer.written, overflow=res.overflow)
+    if res.nonfinite:
+        store.update_meta(nonfinite={k: int(store.meta.get("nonfinite", {}).get(k, 0)) + v
+                                     for k, v in res.nonfinite.items()})
+    written: list[str] = []
+    if store.finish_part(part) and stats_by:
+        from .stats.live import write_build_stats
+
+        written = write_build_stats(store, stats_by)
+        store.update_meta(stats_by=sorted(set(store.meta.get("stats_by", [])) | set(written)))
+        missed = [b for b in stats_by if b not in written]
+        if missed:
+            note(f"note: build-time statistics by {missed} were not written (an earlier part keeps neither them nor "
+                 "activations, or the disk refused them); `vstore rank` computes them where activations are kept")
+    elif stats_by:
+        note(f"note: part {part} is complete; the build-time statistics are written by the shard that completes "
+             "the store")
+    if res.overflow:
+        note(f"warning: {sum(res.overflow.values())} activation value(s) beyond ±65504 became ±inf in float16 "
+             f"(per layer: {res.overflow}); store bfloat16 or float32 instead")
+    if res.nonfinite:
+        note(f"warning: the model produced {sum(res.nonfinite.values())} NaN/Inf activation value(s) (per layer: "
+             f"{res.nonfinite}); they are stored as they are and left out of the statistics neuron by neuron")
+    return written
 
 
 def _stories_of(examples: Sequence[Example], data: Path, split: str | None, limit: int | None,
@@ -389,18 +541,24 @@ def _disk_full_is_clear(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _build_lock(out: Path) -> Iterator[None]:
-    """An advisory lock beside the store for the duration of a build: a second writer is refused."""
+def _build_lock(out: Path | str, shard: tuple[int, int] | None = None) -> Iterator[None]:
+    """An advisory lock beside the store for the duration of a build (of one shard): a second writer is
+    refused. A remote store (a URL) has no lock: one writer at a time is up to the user."""
     import fcntl
 
-    lock = out.with_name(f".{out.name}.lock")
+    if isinstance(out, str):
+        yield
+        return
+    tag = f".shard{shard[0]}" if shard is not None else ""
+    lock = out.with_name(f".{out.name}{tag}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StoreError(f"{out} is being written by another build (lock {lock}); wait for it to end") from None
+            what = f"shard {shard[0]}/{shard[1]} of {out}" if shard is not None else str(out)
+            raise StoreError(f"{what} is being written by another build (lock {lock}); wait for it to end") from None
         try:
             yield
         finally:

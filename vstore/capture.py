@@ -25,7 +25,8 @@ from .errors import disk_full
 from .progress import Task
 from .store import DTYPES, PartWriter
 
-__all__ = ["FLOAT16_MAX", "POOLINGS", "ExtraSite", "RowSink", "StreamResult", "WriterThread", "estimate_rows", "stream_part"]
+__all__ = ["FLOAT16_MAX", "POOLINGS", "ExtraSite", "RowSink", "StreamResult", "WriterThread", "estimate_rows", "pool_rows",
+           "stream_part"]
 
 POOLINGS = ("token", "mean", "last")
 FLOAT16_MAX = 65504.0
@@ -51,6 +52,27 @@ def estimate_rows(tok: Any, examples: Sequence[Example], pool: str, max_length: 
     return total
 
 
+def _bits(arr: np.ndarray) -> np.ndarray:
+    return arr.view(np.uint16) if arr.dtype == np.int16 else arr  # bfloat16 travels as its bits
+
+
+def pool_rows(acts: Any, ex_idx: np.ndarray) -> tuple[Any, Any, np.ndarray]:
+    """Mean and last row of each example of a batch's token rows ``(L, rows, N)`` (rows in example order),
+    as stored (the mean taken in float32 over the stored values); and the examples' batch indices."""
+    import torch
+
+    uniq, inverse = np.unique(ex_idx, return_inverse=True)
+    last = np.r_[np.flatnonzero(np.diff(ex_idx)), len(ex_idx) - 1] if len(ex_idx) else np.zeros(0, np.int64)
+    inv = torch.from_numpy(inverse.astype(np.int64)).to(acts.device)
+    view = acts.view(torch.bfloat16) if acts.dtype == torch.int16 else acts
+    total = torch.zeros((view.shape[0], len(uniq), view.shape[2]), dtype=torch.float32, device=acts.device)
+    total.index_add_(1, inv, view.to(torch.float32))
+    n = torch.bincount(inv, minlength=len(uniq)).clamp(min=1).to(torch.float32)
+    mean = (total / n[None, :, None]).to(view.dtype)
+    lastrows = acts[:, torch.from_numpy(last.astype(np.int64)).to(acts.device)]
+    return (mean.view(torch.int16) if acts.dtype == torch.int16 else mean), lastrows, uniq
+
+
 class WriterThread(threading.Thread):
     """Drains the queue of host batches into the part; the error it met is kept for the main thread."""
 
@@ -69,14 +91,12 @@ class WriterThread(threading.Thread):
                     ended = True
                     self.writer.flush()
                     return
-                host, example, position, token, done, event = item
+                host, example, position, token, done, event, payload, pooled = item
                 if event is not None:
                     event.synchronize()
-                arrs = {}
-                for site, h in host.items():
-                    arr = h.numpy()
-                    arrs[site] = arr.view(np.uint16) if arr.dtype == np.int16 else arr  # bfloat16 travels as bits
-                self.writer.add(arrs, example, position, token, done)
+                arr = {k: _bits(h.numpy()) for k, h in host.items()} if host is not None else None
+                pool = (_bits(pooled[0].numpy()), _bits(pooled[1].numpy()), pooled[2]) if pooled is not None else None
+                self.writer.add(arr, example, position, token, done, payload=payload, pooled=pool)
                 if time.monotonic() - last >= self.commit_every:  # bound the work a kill can lose
                     self.writer.flush()
                     last = time.monotonic()
@@ -160,13 +180,16 @@ ExtraSite = Callable[[int, Any], dict[int, Any]]
 def stream_part(
     lm: Any, examples: Sequence[Example], writer: PartWriter, *, layers: Sequence[int], site: str | Sequence[str],
     pool: str, dtype: str, batch_size: int, max_length: int, device: str, example_start: int, queue_depth: int,
-    commit_every: float, bar: Task, extra: Mapping[str, ExtraSite] | None = None,
+    commit_every: float, bar: Task, live: Any = None, extra: Mapping[str, ExtraSite] | None = None,
 ) -> StreamResult:
     """Run the model over the examples not yet committed in ``writer``'s part and append their rows.
 
     ``site`` is one capture site or several (captured in one forward, each into its array of the
     part); ``extra`` adds sites computed per batch by a callback (the attribution), stored float32.
-    Raises whatever the writer thread met (a full disk, say) once the forward loop has stopped.
+    ``live`` (a :class:`vstore.stats.live.LiveStats`) reduces every batch of the first site, as
+    stored, to its statistics on the device; a part that keeps no activations moves only those (and
+    its pooled rows) to the host. Raises whatever the writer thread met (a full disk, say) once the
+    forward loop has stopped.
     """
     import torch
 
@@ -183,7 +206,7 @@ def stream_part(
     sinks = {s: RowSink(layers, pool, getattr(torch, DTYPES[dtype].torch), check_overflow=dtype == "float16")
              for s in sites}
     sinks.update({s: RowSink(layers, pool, torch.float32, check_overflow=False) for s in extra})
-    widths = {s: writer.store.site_info(s)["n_neurons"] for s in sinks}
+    widths = {s: int(writer.store.site_info(s)["n_neurons"]) for s in sinks}
     try:
         with torch.inference_mode():
             for b0 in range((first // batch_size) * batch_size, len(examples), batch_size):
@@ -205,12 +228,24 @@ def stream_part(
                     if sink.overflow:
                         sink.overflow.clear()
                         writer.overflow = overflow
-                host = {s: _to_host(sink.out, on_cuda) for s, sink in sinks.items()}
+                outs = {s: sink.out.view(torch.int16) if sink.out.dtype == torch.bfloat16 else sink.out
+                        for s, sink in sinks.items()}
+                acts = outs[sites[0]]
+                example = (ex_idx + b0 + example_start).astype(np.int64)
+                payload = live.batch(acts, torch.from_numpy(example).to(device)) if live is not None else None
+                # device -> host: pinned, non-blocking on CUDA (the writer waits on the event);
+                # the queue bound (queue_depth) keeps at most that many batches in flight
+                host = {s: _to_host(o, on_cuda) for s, o in outs.items()} if writer.keep == "all" else None
+                pooled = None
+                if writer.keep == "pooled":
+                    mean, last, uniq = pool_rows(acts, ex_idx)
+                    pooled = (_to_host(mean, on_cuda), _to_host(last, on_cuda),
+                              (uniq + b0 + example_start).astype(np.int64))
                 event = None
                 if on_cuda:
                     event = torch.cuda.Event()
                     event.record()
-                q.put((host, (ex_idx + b0 + example_start).astype(np.int64), pos, tokn, b0 + len(batch), event))
+                q.put((host, example, pos, tokn, b0 + len(batch), event, payload, pooled))
                 tokens_seen += int(valid.sum())
                 bar.advance(len(batch) - skip)
                 rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
@@ -244,13 +279,11 @@ def _capture(model: Any, sites: Sequence[str], sinks: Mapping[str, RowSink], lay
         run_until_stop(model, **inputs)
 
 
-def _to_host(out: Any, on_cuda: bool) -> Any:
-    """device -> host: pinned, non-blocking on CUDA (the writer waits on the event); bfloat16 as int16 bits."""
+def _to_host(t: Any, on_cuda: bool) -> Any:
     import torch
 
-    acts = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
-    host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=on_cuda)
-    host.copy_(acts, non_blocking=on_cuda)
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=on_cuda)
+    host.copy_(t, non_blocking=on_cuda)
     return host
 
 

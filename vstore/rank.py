@@ -212,7 +212,7 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
     return {
         "format": dict(FORMAT),
         "model": dict(st.meta["model"]),
-        "store": {"path": str(Path(st.path).resolve()), "committed": st.committed_key, "site": st.site,
+        "store": {"path": st.location, "committed": st.committed_key, "site": st.site,
                   "dtype": st.dtype, "pooling": st.meta.get("pooling"), **_site_extra(st)},
         "method": req.method.name,
         "params": {**req.params(), **extra_params, **ranked.params},
@@ -260,7 +260,7 @@ def _rank_grouping(st: Store, req: RankRequest, grouping: Grouping, opts: _PassO
     elif req.method.needs == "histogram":
         res = grouping_auroc(st, grouping, backend=opts.backend, use_cache=opts.use_cache, progress=opts.progress,
                              threads=opts.threads, verify=opts.verify, memory=opts.auroc_memory,
-                             skip_damaged=opts.skip_damaged)
+                             skip_damaged=opts.skip_damaged, dask=opts.dask)
         skipped, auroc_nonfinite = res.skipped, res.nonfinite
         sc = score("auroc", auroc=res)
         if res.exact:
@@ -398,7 +398,8 @@ def rank_store(
     if req.method.needs == "moments":
         if split_half:
             halves = split_grouping_stats(st, grouping, seed=seed, backend=backend, use_cache=use_cache,
-                                          progress=progress, threads=threads, verify=verify, skip_damaged=skip_damaged)
+                                          progress=progress, threads=threads, verify=verify, skip_damaged=skip_damaged,
+                                          dask=dask)
             stats = halves[0].copy()
             stats.merge(halves[1])
             stats.key, stats.spec = grouping.key(st), grouping.spec(st)

@@ -8,7 +8,7 @@ import json
 from rich.markup import escape
 from rich.table import Table
 
-from ..build import POOLINGS, build_store
+from ..build import KEEPS, POOLINGS, build_store
 from ..data import parse_labels
 from ..models import ALIASES, DEFAULT_MODEL, SITES, cache_dir, cached_models
 from ..store import DTYPES, Store
@@ -23,7 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=(
             "Stream the FFN activations of a model over a dataset into a chunked Zarr v3 store.\n"
             "Without --model/--data it uses the packaged Gemma 3 270M and the bundled benchmark.\n"
-            "An incomplete store at --out is resumed automatically."
+            "An incomplete store at --out is resumed automatically.\n\n"
+            "Scale out (docs/store-format.md):\n"
+            "  --stats-by COLUMN   accumulate the statistics of that grouping while building (repeatable),\n"
+            "                      written to the statistics cache: `vstore rank --by COLUMN` reads no activation\n"
+            "  --keep stats        write the examples, row table and statistics only (no activations);\n"
+            "  --keep pooled       ... plus a mean and a last row per example\n"
+            "  --shard I/N         build the I-th of N contiguous ranges of the examples as part I; run the\n"
+            "                      N shards concurrently; each resumes alone; `vstore info` shows their state\n"
+            "  --out may be an fsspec URL zarr can open (memory://, s3://bucket/path, file://...)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--limit", type=int, default=None, help="use only the first N items")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="set a label on every item (repeatable)")
     p.add_argument("--compressor", default="none", help="none (default) or zstd-N (e.g. zstd-1 for sparse sites)")
+    p.add_argument("--stats-by", action="append", default=[], metavar="COLUMN",
+                   help="accumulate the statistics by this label column during the build (repeatable)")
+    p.add_argument("--keep", choices=KEEPS, default="all",
+                   help="all: token activations (default); pooled: mean/last rows per example + statistics; "
+                        "stats: statistics only (needs --stats-by)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="build shard I of N (0-based) of one store")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="add the data as a new part of a complete store")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
@@ -87,14 +101,24 @@ def cmd_build(a: argparse.Namespace) -> int:
         layers=a.layers, site=a.site, batch_size=a.batch_size, max_length=a.max_length, limit=a.limit,
         device=a.device, labels=parse_labels(a.label), append=a.append, overwrite=a.overwrite, resume=a.resume,
         compressor=a.compressor, commit_every=a.commit_every, trust_remote_code=a.trust_remote_code,
-        progress=make_progress(not a.no_progress), on_note=say, attribution=a.attribution,
+        progress=make_progress(not a.no_progress), on_note=say, stats_by=a.stats_by, keep=a.keep, shard=a.shard,
+        attribution=a.attribution,
     )
+    if a.shard and not res.examples and not res.rows and res.resumed_from:
+        console_err.print(f"[green]shard {a.shard}[/] of {res.path} is already complete "
+                          f"(store {'complete' if res.complete else 'waiting for other shards'})", highlight=False)
+        return 0
     what = f"resumed at example {res.resumed_from}; " if res.resumed_from else ""
     console_err.print(
         f"[green]built[/] {res.path} part {res.part}: {what}{res.examples} examples, {res.rows:,} rows, "
         f"{res.tokens:,} tokens, {human_bytes(res.bytes_written)} in {res.seconds:.1f} s",
         highlight=False,
     )
+    if res.stats_written:
+        console_err.print(f"statistics by {', '.join(res.stats_written)} cached in the store", highlight=False)
+    if a.shard and not res.complete:
+        console_err.print("the store completes when every shard has finished (`vstore info` shows them)",
+                          highlight=False)
     return 0
 
 
@@ -113,8 +137,12 @@ def cmd_info(a: argparse.Namespace) -> int:
         t.add_row("sites", ", ".join(f"{e['name']} ({e['n_neurons']} x {e['dtype']})" for e in info["sites"]))
     t.add_row("layers", ",".join(map(str, info["layers"])))
     t.add_row("examples / rows", f"{info['examples']:,} / {info['rows']:,} ({human_bytes(info['activation_bytes'])})")
+    if info["keep"] != "all" or info["stats_by"]:
+        t.add_row("keep / build-time statistics", f"{info['keep']} / {', '.join(info['stats_by']) or '-'}")
     for p in info["parts"]:
-        t.add_row(f"part {p['name']}", f"{p['state']}: {p['committed_examples']}/{p['n_examples']} examples, {p['committed_rows']:,} rows")
+        label = f"shard {p['shard'][0]}/{p['shard'][1]}" if p.get("shard") else f"part {p['name']}"
+        t.add_row(label, f"{p['state']}: {p['committed_examples']}/{p['n_examples']} examples, {p['committed_rows']:,} rows"
+                  + (f" (part {p['name']})" if p.get("shard") else ""))
     for col, cats in info["label_columns"].items():
         t.add_row(f"label {col}", ", ".join(cats))
     if info["overflow"]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +24,8 @@ from .moments import targets
 from .passes import activation_bytes, cached_pass, open_store, plan_workers
 from .reading import Prefetch, tasks_for
 
-__all__ = ["DEFAULT_HIST_BYTES", "HIST_BINS", "AurocResult", "auroc_from_histograms", "compute_auroc", "grouping_auroc"]
+__all__ = ["DEFAULT_HIST_BYTES", "HIST_BINS", "AurocResult", "auroc_from_histograms", "block_auroc", "compute_auroc",
+           "grouping_auroc"]
 
 HIST_BINS = kernels.HISTOGRAM_BINS
 DEFAULT_HIST_BYTES = 256 << 20
@@ -114,22 +116,25 @@ def compute_auroc(
     verify: bool = True,
     memory: int = DEFAULT_HIST_BYTES,
     skip_damaged: bool = False,
+    dask: str | None = None,
 ) -> AurocResult:
     """Exact Mann-Whitney AUROC of every target (group vs rest, or the two sides of a contrast).
 
     Each pass histograms a block of neurons of one layer (``memory`` bytes of uint32 counts at most:
     ``groups x neurons x 65,536 x 4``), so a layer takes ``ceil(N / block)`` passes over its chunks.
-    The store (or path) and the other parameters are those of :func:`vstore.stats.compute_stats`.
+    The store (or path) and the other parameters are those of :func:`vstore.stats.compute_stats`
+    (``dask``: one task per layer and block of neurons on the cluster).
     """
     st = open_store(store, write=use_cache)
     grouping = make_grouping(st, by, where=where, contrast=contrast, example_mask=example_mask)
     return grouping_auroc(st, grouping, backend=backend, use_cache=use_cache, progress=progress, threads=threads,
-                          verify=verify, memory=memory, skip_damaged=skip_damaged)
+                          verify=verify, memory=memory, skip_damaged=skip_damaged, dask=dask)
 
 
 def grouping_auroc(
     st: Store, grouping: Grouping, *, backend: str = "auto", use_cache: bool = True, progress: Progress | None = None,
     threads: int | None = None, verify: bool = True, memory: int = DEFAULT_HIST_BYTES, skip_damaged: bool = False,
+    dask: str | None = None,
 ) -> AurocResult:
     """:func:`compute_auroc` of a grouping already made."""
     tg = targets(grouping.base, grouping.sides)
@@ -140,7 +145,7 @@ def grouping_auroc(
     def compute() -> list[dict[str, np.ndarray]]:
         return [_histogram_passes(st, grouping.codes, len(grouping.names), tg, counters, backend=backend,
                                   threads=threads, progress=progress, verify=verify, memory=memory,
-                                  skipped=skipped if skip_damaged else None)]
+                                  skipped=skipped if skip_damaged else None, dask=dask)]
 
     arrays, hit = cached_pass(st, [grouping], "auroc", compute, use_cache=use_cache, suffix=".auroc",
                               cacheable=lambda: not skipped)
@@ -156,49 +161,78 @@ def grouping_auroc(
 def _histogram_passes(
     st: Store, codes: np.ndarray, n_groups: int, tg: list[tuple[str, list[int], list[int] | None]],
     counters: dict[str, int], *, backend: str, threads: int | None, progress: Progress | None, verify: bool,
-    memory: int, skipped: set[tuple[str, int, int, int]] | None = None,
+    memory: int, skipped: set[tuple[str, int, int, int]] | None = None, dask: str | None = None,
 ) -> dict[str, np.ndarray]:
     """AUROC, error bound, rows per target and NaN/Inf values per layer, one histogram pass per block of
-    neurons of each layer (a value missing from its neuron's histogram was non-finite)."""
+    neurons of each layer (a value missing from its neuron's histogram was non-finite). With ``dask``,
+    each (layer, block of neurons) is one task on the cluster; the histograms are integer counts, so the
+    result is the same bits whatever runs it."""
     L, N, G = len(st.layers), st.n_neurons, n_groups
     block = max(1, min(N, int(memory) // max(1, G * HIST_BINS * 4)))
     auc = np.full((L, len(tg), N), np.nan)
     err = np.zeros((L, len(tg), N))
     ranges = st.chunk_ranges()
-    target_rows = np.zeros(len(tg), dtype=np.int64)
     group_rows = np.zeros(G, dtype=np.int64)  # rows per group (the same in every layer)
     nonfinite = np.zeros(L, dtype=np.int64)
-    _, per_call = plan_workers(1, backend, threads)
     pairs = [(p, n) for _, p, n in tg]
     exact = st.dtype in ("float16", "bfloat16")
+    jobs = [(li, n0, min(block, N - n0)) for li in range(L) for n0 in range(0, N, block)]
     total = activation_bytes(st, ranges) * L * ((N + block - 1) // block)
     with task(progress, "auroc", total, unit="bytes") as bar:
-        hist = np.zeros((G, block, HIST_BINS), dtype=np.uint32)
-        for li in range(L):
-            for n0 in range(0, N, block):
-                m = min(block, N - n0)
-                h = hist[:, :m] if m == block else np.zeros((G, m, HIST_BINS), dtype=np.uint32)
-                h[...] = 0
-                counters["passes"] += 1
-                for t, blk in Prefetch(st, tasks_for(st, codes, ranges, [li]), verify=verify,
-                                       skip_damaged=skipped is not None):
-                    if blk is None:
-                        assert skipped is not None
-                        skipped.add((t.part, t.layer, t.r0, t.r1))
-                        continue
-                    kernels.accumulate_histogram(blk, t.groups, h, dtype=st.dtype, neuron_start=n0,
-                                                 backend=backend, threads=per_call)
-                    if li == 0 and n0 == 0:
-                        group_rows += np.bincount(t.groups[t.groups >= 0], minlength=G)
-                    counters["chunks"] += 1
-                    counters["bytes"] += blk.nbytes
-                    bar.advance(blk.nbytes)
-                a, w = auroc_from_histograms(h, pairs)
-                auc[li, :, n0 : n0 + m] = a
-                nonfinite[li] += int((group_rows[:, None] - h.sum(axis=-1, dtype=np.int64)).sum())
-                if li == 0 and n0 == 0:  # rows per target
-                    target_rows = np.array([group_rows[p].sum() + (group_rows[n].sum() if n else 0)
-                                            for _, p, n in tg], dtype=np.int64)
-                if not exact:
-                    err[li, :, n0 : n0 + m] = w
+        if dask:
+            from .dask import auroc_on_dask
+
+            results = auroc_on_dask(dask, st, codes, G, pairs, jobs, backend=backend, threads=threads, verify=verify,
+                                    on_done=lambda r: bar.advance(r["bytes"]))
+        else:
+            hist = np.zeros((G, block, HIST_BINS), dtype=np.uint32)
+            results = (block_auroc(st, codes, G, pairs, j, ranges, backend=backend, threads=threads, verify=verify,
+                                   skip_damaged=skipped is not None, hist=hist, on_block=bar.advance) for j in jobs)
+        for (li, n0, m), r in zip(jobs, results, strict=True):
+            counters["passes"] += 1
+            counters["chunks"] += r["chunks"]
+            counters["bytes"] += r["bytes"]
+            if skipped is not None:
+                skipped.update(r["skipped"])
+            if li == 0 and n0 == 0:
+                group_rows = r["group_rows"]
+            auc[li, :, n0 : n0 + m] = r["auc"]
+            nonfinite[li] += int((group_rows[:, None] - r["hist_rows"]).sum())
+            if not exact:
+                err[li, :, n0 : n0 + m] = r["ties"]
+    target_rows = np.array([group_rows[p].sum() + (group_rows[n].sum() if n else 0) for _, p, n in tg], dtype=np.int64)
     return {"auroc": auc, "error": err, "rows": target_rows, "nonfinite": nonfinite}
+
+
+def block_auroc(
+    st: Store, codes: np.ndarray, n_groups: int, pairs: Sequence[tuple[list[int], list[int] | None]],
+    job: tuple[int, int, int], ranges: Sequence[tuple[str, int, int]], *, backend: str, threads: int | None,
+    verify: bool, skip_damaged: bool = False, hist: np.ndarray | None = None, on_block: Any = None,
+) -> dict[str, Any]:
+    """One histogram pass: neurons ``n0:n0+m`` of layer position ``li`` (``job``) over ``ranges``.
+
+    Returns the AUROC and tie weight of every pair ``(T, m)``, the rows per group, the histogram's rows
+    per (group, neuron) (the rest were non-finite), and what was read and skipped.
+    """
+    li, n0, m = job
+    G = n_groups
+    _, per_call = plan_workers(1, backend, threads)
+    h = hist if hist is not None and hist.shape[1] == m else np.zeros((G, m, HIST_BINS), dtype=np.uint32)
+    h[...] = 0
+    group_rows = np.zeros(G, dtype=np.int64)
+    out: dict[str, Any] = {"chunks": 0, "bytes": 0, "skipped": []}
+    for t, blk in Prefetch(st, tasks_for(st, codes, ranges, [li]), verify=verify, skip_damaged=skip_damaged):
+        if blk is None:
+            out["skipped"].append((t.part, t.layer, t.r0, t.r1))
+            continue
+        kernels.accumulate_histogram(blk, t.groups, h, dtype=st.dtype, neuron_start=n0, backend=backend,
+                                     threads=per_call)
+        group_rows += np.bincount(t.groups[t.groups >= 0], minlength=G)
+        out["chunks"] += 1
+        out["bytes"] += blk.nbytes
+        if on_block is not None:
+            on_block(blk.nbytes)
+    out["auc"], out["ties"] = auroc_from_histograms(h, pairs)
+    out["group_rows"] = group_rows
+    out["hist_rows"] = h.sum(axis=-1, dtype=np.int64)
+    return out

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import kernels
-from ..errors import UsageError
+from ..errors import StoreError, UsageError
 from ..progress import Progress, task
 from ..store import Store, read_cached, store_digest, write_cached
 from .grouping import Grouping, make_grouping
@@ -158,11 +158,29 @@ def cached_pass(
         hits = [read_cached(store, k, s, kind, digest=digest) for k, s in zip(keys, specs, strict=True)]
         if all(h is not None for h in hits):
             return [h for h in hits if h is not None], True
+    if not store.keeps_activations:
+        raise _no_activations(store, groupings, kind)
     arrays = compute()
     if use_cache and store.mode == "r+" and cacheable():
         for g, k, s, a in zip(groupings, keys, specs, arrays, strict=True):
             write_cached(store, k, a, cache_attrs(g, s, kind, store), digest=digest)
     return arrays, False
+
+
+def _no_activations(store: Store, groupings: Sequence[Grouping], kind: str) -> StoreError:
+    """Why a pass cannot run on a store built ``--keep stats|pooled``, and what it can rank instead."""
+    keep = store.meta.get("keep") or next((store.part_entry(p.name).get("keep") for p in store.parts
+                                           if not store.has_acts(p.name)), "stats")
+    what = "AUROC histograms" if kind == "auroc" else "moments"
+    want = ", ".join(f"by={g.by}" + (f" where={g.where}" if g.where else "") + (" (a split half)" if g.mask_digest
+                     else "") + (f" contrast={g.contrast}" if g.contrast else "") for g in groupings)
+    cached = sorted(set(store.meta.get("stats_by", [])))
+    have = f"its build-time statistics cover --by {', --by '.join(cached)} (no filter, contrast or split)" \
+        if cached else "it holds no build-time statistics"
+    return StoreError(f"{store.path} was built with --keep {keep}: it holds no token activations, and the {what} "
+                      f"of {want} are not in its statistics cache; {have}. Methods and groupings beyond those "
+                      "(auroc, --split-half, --where, --contrast, other columns) need a store built with "
+                      "--keep all" + (" or --stats-by for that column" if kind == "moments" else ""))
 
 
 def labelled(arrays: Mapping[str, np.ndarray], grouping: Grouping, store: Store, from_cache: bool) -> GroupStats:
@@ -205,6 +223,7 @@ def grouping_stats(
 def split_grouping_stats(
     st: Store, grouping: Grouping, *, seed: int = 0, backend: str = "auto", use_cache: bool = True,
     progress: Progress | None = None, threads: int | None = None, verify: bool = True, skip_damaged: bool = False,
+    dask: str | None = None,
 ) -> tuple[GroupStats, GroupStats]:
     """:func:`compute_split_stats` of a grouping already made."""
     halves = [grouping.with_mask(st, m) for m in split_halves(st, seed=seed, by=grouping.by)]
@@ -215,8 +234,13 @@ def split_grouping_stats(
         c0, c1 = halves[0].codes, halves[1].codes
         both = np.where(c0 >= 0, c0 * 2, np.where(c1 >= 0, c1 * 2 + 1, -1)).astype(np.int32)
         names = [f"{g}#{h}" for g in halves[0].names for h in (0, 1)]
-        read.append(reduce_moments(st, both, names, backend=backend, threads=threads, progress=progress,
-                                   verify=verify, skip_damaged=skip_damaged))
+        if dask:
+            from .dask import reduce_on_dask
+
+            read.append(reduce_on_dask(dask, st, both, names, backend=backend, threads=threads))
+        else:
+            read.append(reduce_moments(st, both, names, backend=backend, threads=threads, progress=progress,
+                                       verify=verify, skip_damaged=skip_damaged))
         return [{k: np.ascontiguousarray(v[:, h::2]) for k, v in read[0].arrays().items()} for h in (0, 1)]
 
     arrays, hit = cached_pass(st, halves, "moments", compute, use_cache=use_cache,
@@ -287,6 +311,7 @@ def compute_split_stats(
     progress: Progress | None = None,
     threads: int | None = None,
     verify: bool = True,
+    dask: str | None = None,
 ) -> tuple[GroupStats, GroupStats]:
     """Statistics of the two halves of :func:`vstore.stats.halves.split_halves`, in one pass (each cached).
 
@@ -296,4 +321,4 @@ def compute_split_stats(
     st = open_store(store, write=use_cache)
     grouping = make_grouping(st, by, where=where, contrast=contrast)
     return split_grouping_stats(st, grouping, seed=seed, backend=backend, use_cache=use_cache, progress=progress,
-                                threads=threads, verify=verify)
+                                threads=threads, verify=verify, dask=dask)

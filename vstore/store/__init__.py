@@ -28,7 +28,8 @@ from ._format import (
     codecs_for,
     dtype_spec,
 )
-from ._store import PartInfo, Store, is_store
+from ._meta import meta_lock
+from ._store import PartInfo, Store, is_store, is_url
 from ._writer import PartWriter
 
 __all__ = [
@@ -52,6 +53,8 @@ __all__ = [
     "direct_chunk_layout",
     "dtype_spec",
     "is_store",
+    "is_url",
+    "meta_lock",
     "read_cached",
     "store_digest",
     "write_cached",

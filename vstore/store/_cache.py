@@ -31,7 +31,7 @@ _STALE_SECONDS = 24 * 3600
 
 def store_digest(store: Store) -> str | None:
     """The digest of the stored checksums of every committed activation chunk (see :func:`chunks_digest`)."""
-    return chunks_digest([(store.acts(p.name), p.committed_rows) for p in store.parts])
+    return chunks_digest([(store.acts(p.name), p.committed_rows) for p in store.parts if store.has_acts(p.name)])
 
 
 _NOW = "now"  # digest argument default: compute the store's digest for this one call
@@ -73,6 +73,8 @@ def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: d
     """
     if store.mode != "r+":
         raise StoreError(f"{store.path} is open read-only; open it with mode 'r+' to cache statistics")
+    if store.local is None:
+        return _write_remote(store, key, arrays, attrs, digest=store_digest(store) if digest == _NOW else digest)
     base = store.path / "stats"
     if base.is_symlink() or (base.exists() and not base.resolve().is_relative_to(store.path.resolve())):
         raise StoreError(f"{base} leads outside the store; vstore writes statistics only inside it")
@@ -91,6 +93,29 @@ def write_cached(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: d
         _drop_stale(base, key, attrs)
         return True
     except OSError:  # a full or read-only disk: rank without caching
+        return False
+
+
+def _write_remote(store: Store, key: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any], *,
+                  digest: str | None) -> bool:
+    """An entry of a remote store: arrays first, then the attribute that marks it complete (an object
+    store has no rename; a reader ignores an entry without it)."""
+    try:
+        root: Any = store.group
+        stats = root.require_group("stats")
+        if key in set(stats.group_keys()):
+            del stats[key]
+        g = stats.create_group(key)
+        for name, arr in arrays.items():
+            a = np.ascontiguousarray(arr)
+            z = g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=tuple(max(1, d) for d in a.shape),
+                               fill_value=0)
+            if a.size:
+                z[...] = a
+        g.attrs.update({CACHE_ATTR: {**attrs, "complete": True, "chunks_digest": digest,
+                                     "created": time.strftime("%Y-%m-%dT%H:%M:%S")}})
+        return True
+    except OSError:
         return False
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,25 +32,41 @@ import zarr
 
 from .._faults import fault_point
 from ..errors import StoreError, StoreExistsError, StoreNotFoundError
-from . import _format
+from . import _writes
 from ._format import (
-    DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
     ITEMSIZE,
     check_attributes,
     check_format_version,
-    codecs_for,
     site_entries,
     site_path,
 )
+from ._meta import meta_lock, read_meta_file
 
 __all__ = ["PartInfo", "Store", "is_store"]
 
 
+def is_url(path: str | Path) -> bool:
+    """Whether ``path`` is an fsspec URL of a non-local file system (``memory://``, ``s3://``, ...)."""
+    text = str(path)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(path: str | Path) -> Path:
+    """A local store path, ``file://`` URLs included."""
+    text = str(path)
+    return Path(text[len("file://"):]) if text.startswith("file://") else Path(path)
+
+
 def is_store(path: str | Path) -> bool:
     """Whether ``path`` holds a vstore store (a Zarr group with ``vstore`` attributes)."""
-    meta = Path(path) / "zarr.json"
+    if is_url(path):
+        try:
+            return FORMAT_NAME in zarr.open_group(str(path), mode="r").attrs
+        except Exception:  # nothing there, or not a group
+            return False
+    meta = local_path(path) / "zarr.json"
     if not meta.exists():
         return False
     try:
@@ -92,8 +108,13 @@ class Store:
     def __init__(self, path: str | Path, mode: str = "r", site: str | None = None) -> None:
         if mode not in ("r", "r+"):
             raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
-        self.path = Path(path)
-        if not is_store(self.path):
+        #: the store's URL for a remote store (zarr reads it through fsspec), else None
+        self.url: str | None = str(path) if is_url(path) else None
+        self.path = Path(str(path)) if self.url else local_path(path)
+        if self.url is not None:
+            if not is_store(self.url):
+                raise StoreNotFoundError(f"no vstore store at {self.url}")
+        elif not is_store(self.path):
             meta_file = self.path / "zarr.json"
             if meta_file.exists():
                 try:
@@ -103,7 +124,7 @@ class Store:
                 raise StoreError(f"{self.path} is a Zarr group but not a vstore store (no 'vstore' attributes)")
             raise StoreNotFoundError(f"no vstore store at {self.path}")
         self.mode = mode
-        self.group = zarr.open_group(str(self.path), mode="r" if mode == "r" else "r+")
+        self.group = zarr.open_group(self.location, mode="r" if mode == "r" else "r+")
         self.meta: dict[str, Any] = dict(self.group.attrs[FORMAT_NAME])  # type: ignore[arg-type]
         check_format_version(self.meta.get("format_version"), str(self.path))
         check_attributes(self.meta, f"{self.path}: attributes.vstore")
@@ -136,8 +157,20 @@ class Store:
         other.site = self._resolve_site(site)
         return other
 
+    @property
+    def location(self) -> str:
+        """The URL of a remote store, or the absolute path of a local one (what other processes open)."""
+        return self.url if self.url is not None else str(self.path.resolve())
+
+    @property
+    def local(self) -> Path | None:
+        """The store folder on a local file system (None: a remote store)."""
+        return None if self.url is not None else self.path
+
     def _check_inside(self) -> None:
         """Refuse a store whose folders lead outside it (a symbolic link): nothing is read or written there."""
+        if self.url is not None:
+            return
         root = self.path.resolve()
         parts = self.path / "parts"
         folders = [self.path / "examples", parts, self.path / "stats"]
@@ -153,7 +186,16 @@ class Store:
     def create(cls, path: str | Path, meta: Mapping[str, Any], *, overwrite: bool = False) -> Store:
         """Create an empty store with the given ``vstore`` attributes (state ``building``)."""
 
-        p = Path(path)
+        if is_url(path):
+            if is_store(path) and not overwrite:
+                raise StoreExistsError(f"{path} exists; pass overwrite to replace it")
+            full_r = {"format_version": FORMAT_VERSION, "state": "building", "parts": [], "n_examples": 0, **meta}
+            gr = zarr.open_group(str(path), mode="w")
+            gr.create_group("examples")
+            gr.create_group("parts")
+            gr.attrs.update({FORMAT_NAME: full_r})
+            return cls(path, mode="r+")
+        p = local_path(path)
         if p.exists() and any(p.iterdir()):
             if not overwrite:
                 raise StoreExistsError(f"{p} exists; pass overwrite to replace it")
@@ -194,6 +236,23 @@ class Store:
         fault_point("before-attrs")
         self.group.attrs.update({FORMAT_NAME: self.meta})
         fault_point("after-attrs")
+
+    def _update(self, change: Callable[[dict[str, Any]], None]) -> None:
+        """Apply ``change`` to the attributes as they are on disk now and save them, under the store's lock
+        (shards of one build update the same attributes concurrently)."""
+        self.check_writable()
+        with meta_lock(self.local):
+            fresh = read_meta_file(self.local, FORMAT_NAME)
+            if fresh is not None:
+                self.meta = fresh
+            change(self.meta)
+            self._save_meta()
+
+    def reload(self) -> None:
+        """Re-read the attributes from disk (another process may have committed)."""
+        fresh = read_meta_file(self.local, FORMAT_NAME)
+        if fresh is not None:
+            self.meta = fresh
 
     def part_info(self, name: str) -> PartInfo:
         """The committed description of one part (``StoreError`` when there is no such part)."""
@@ -248,6 +307,9 @@ class Store:
 
     def acts(self, part: str, site: str | None = None) -> Any:
         """The raw array of a part at the selected site, or ``site`` (storage dtype; bfloat16 is uint16 bits)."""
+        if not self.has_acts(part):
+            keep = self.part_entry(part).get("keep")
+            raise StoreError(f"{self.path}: part {part} holds no token activations (built with --keep {keep})")
         info = self.site_info(site)
         path = f"parts/{part}/{info['path']}"
         arr = self.array(path)
@@ -276,6 +338,8 @@ class Store:
         """Every committed chunk row range of every part: ``(part, first row, end row)``."""
         out: list[tuple[str, int, int]] = []
         for p in self.parts:
+            if not self.has_acts(p.name):
+                continue
             step = int(self.acts(p.name).chunks[1])
             out.extend((p.name, r0, min(p.committed_rows, r0 + step)) for r0 in range(0, p.committed_rows, step))
         return out
@@ -306,7 +370,7 @@ class Store:
     def info(self) -> dict[str, Any]:
         """A JSON-able summary of the store."""
         sites = [self.site_info(n) for n in self.sites]
-        nbytes = sum(p.committed_rows for p in self.parts) * len(self.layers) * sum(
+        nbytes = sum(p.committed_rows for p in self.parts if self.has_acts(p.name)) * len(self.layers) * sum(
             int(e["n_neurons"]) * ITEMSIZE[str(e["dtype"])] for e in sites)
         return {
             "path": str(self.path),
@@ -319,7 +383,10 @@ class Store:
             "dtype": self.dtype,
             "pooling": self.meta.get("pooling"),
             "compressor": self.meta.get("compressor", "none"),
-            "parts": [p.__dict__ for p in self.parts],
+            "parts": [{**p.__dict__, "keep": self.part_entry(p.name).get("keep", "all"),
+                       "shard": self.part_entry(p.name).get("shard")} for p in self.parts],
+            "keep": self.meta.get("keep", "all"),
+            "stats_by": self.meta.get("stats_by", []),
             "examples": self.n_examples,
             "rows": self.n_rows,
             "activation_bytes": nbytes,
@@ -336,116 +403,59 @@ class Store:
             return []
         return sorted(k for k in self.subgroup("stats").group_keys() if not k.startswith("."))
 
-    # -- examples (written when a part starts) -------------------------------------------------------
+    def part_entry(self, name: str) -> dict[str, Any]:
+        """The raw attribute entry of one part."""
+        for p in self.meta["parts"]:
+            if p["name"] == name:
+                return dict(p)
+        raise StoreError(f"{self.path}: no part {name!r}")
+
+    def has_acts(self, part: str) -> bool:
+        """Whether a part holds token activations (``acts``); ``--keep stats|pooled`` parts do not."""
+        return str(self.part_entry(part).get("keep", "all")) == "all"
+
+    @property
+    def keeps_activations(self) -> bool:
+        """Whether every part holds token activations (a statistics pass can read the store)."""
+        return all(self.has_acts(p.name) for p in self.parts)
+
+    # -- writing (see _writes) -------------------------------------------------------------------------
     def add_examples(self, ids: Sequence[str], texts: Sequence[str], labels: Sequence[Mapping[str, str]]) -> int:
         """Append examples (ids, texts, label columns); returns the global index of the first one.
 
         The examples count in the attributes is only advanced by :meth:`start_part`, so a crash
         between the two leaves arrays that are trimmed back on the next call.
         """
-        self.check_writable()
-        start = int(self.meta["n_examples"])
-        n = len(ids)
-        ex = self.subgroup("examples")
-        for name, values in (("id", ids), ("text", texts)):
-            if name not in ex:
-                ex.create_array(name, shape=(0,), chunks=(_format.EXAMPLES_CHUNK,), dtype=str, dimension_names=("example",))
-            arr = self.array(f"examples/{name}")
-            arr.resize((start + n,))
-            if n:
-                arr[start : start + n] = np.asarray(list(values), dtype=object).astype(str)
-        columns = sorted({k for lab in labels for k in lab} | set(self.label_columns()))
-        for col in columns:
-            if col not in ex:
-                ex.create_array(
-                    col, shape=(0,), chunks=(_format.EXAMPLES_CHUNK,), dtype="int32", fill_value=-1,
-                    dimension_names=("example",), attributes={"categories": []},
-                )
-            arr = self.array(f"examples/{col}")
-            cats = [str(c) for c in arr.attrs.get("categories", [])]  # type: ignore[union-attr]
-            index = {c: i for i, c in enumerate(cats)}
-            codes = np.full(n, -1, dtype=np.int32)
-            for i, lab in enumerate(labels):
-                v = lab.get(col)
-                if v is None:
-                    continue
-                if v not in index:
-                    index[v] = len(cats)
-                    cats.append(v)
-                codes[i] = index[v]
-            if arr.shape[0] < start:  # a column new in this part: earlier examples are missing
-                arr.resize((start,))
-                arr[:] = -1
-            arr.resize((start + n,))
-            if n:
-                arr[start : start + n] = codes
-            arr.attrs.update({"categories": cats})
-        return start
+        return _writes.add_examples(self, ids, texts, labels)
 
-    def start_part(self, n_examples: int, example_start: int, extra: Mapping[str, Any], *, compressor: str) -> str:
-        """Create ``parts/NNNN`` for ``n_examples`` examples starting at ``example_start``."""
-        self.check_writable()
-        name = f"{len(self.meta['parts']):04d}"
-        base = f"parts/{name}"
-        if base in self.group:  # left over by a crash before the counters were written
-            del self.group[base]
-        L = len(self.layers)
-        for site in self.sites:  # one array per site: the first at acts, the others under sites/
-            e = self.site_info(site)
-            N, chunk, dt = int(e["n_neurons"]), int(e["chunk_rows"]), str(e["dtype"])
-            self.group.create_array(
-                f"{base}/{e['path']}", shape=(L, 0, N), chunks=(1, chunk, N), dtype=DTYPES[dt].storage,
-                fill_value=0, compressors=codecs_for(compressor), config={"write_empty_chunks": True},
-                dimension_names=("layer", "row", "neuron"), attributes={"logical_dtype": dt, **({"site": site} if "sites" in self.meta else {})},
-            )
-        for col, dt in (("example", "int64"), ("position", "int32"), ("token", "int32")):
-            self.group.create_array(
-                f"{base}/rows/{col}", shape=(0,), chunks=(_format.ROWS_CHUNK,), dtype=dt, fill_value=-1,
-                compressors=codecs_for("none"), dimension_names=("row",),
-            )
-        self.meta["parts"].append(
-            {
-                "name": name, "state": "building", "example_start": example_start, "n_examples": n_examples,
-                "committed_examples": 0, "committed_rows": 0, **extra,
-            }
-        )
-        self.meta["n_examples"] = example_start + n_examples
-        self.meta["state"] = "building"
-        self._save_meta()
-        return name
+    def start_part(self, n_examples: int, example_start: int, extra: Mapping[str, Any], *, compressor: str,
+                   keep: str = "all") -> str:
+        """Create ``parts/NNNN`` for ``n_examples`` examples starting at ``example_start``.
+
+        ``keep`` is ``all`` (an ``acts`` array), ``pooled`` (``pooled/{mean,last}`` arrays instead)
+        or ``stats`` (the row table only; the statistics go to the part's ``live/`` entries).
+        """
+        return _writes.start_parts(self, [(n_examples, example_start, dict(extra))], compressor=compressor,
+                                   keep=keep)[0]
+
+    def start_parts(self, specs: Sequence[tuple[int, int, Mapping[str, Any]]], *, compressor: str,
+                    keep: str = "all") -> list[str]:
+        """Create one part per ``(n_examples, example_start, extra)``, in order (the shards of a build)."""
+        return _writes.start_parts(self, specs, compressor=compressor, keep=keep)
 
     def trim_examples(self) -> None:
         """Cut example arrays back to the count in the attributes (after a crash mid-append)."""
-        self.check_writable()
-        n = int(self.meta["n_examples"])
-        for key in self.subgroup("examples").array_keys():
-            arr = self.array(f"examples/{key}")
-            if arr.shape[0] != n:
-                arr.resize((n,))
+        _writes.trim_examples(self)
 
-    def commit(self, part: str, examples: int, rows: int, *, overflow: Mapping[str, int] | None = None) -> None:
-        """Advance a part's committed counters (after its rows are written)."""
-        self.check_writable()
-        for p in self.meta["parts"]:
-            if p["name"] == part:
-                p["committed_examples"] = int(examples)
-                p["committed_rows"] = int(rows)
-        if overflow:
-            self.meta["overflow"] = {k: int(v) for k, v in overflow.items()}
-        self._save_meta()
+    def commit(self, part: str, examples: int, rows: int, *, overflow: Mapping[str, int] | None = None,
+               **fields: Any) -> None:
+        """Advance a part's committed counters (after its rows are written); ``fields`` go to its entry."""
+        _writes.commit(self, part, examples, rows, overflow=overflow, **fields)
 
-    def finish_part(self, part: str) -> None:
-        """Mark a part, and the store, complete."""
-        self.check_writable()
-        for p in self.meta["parts"]:
-            if p["name"] == part:
-                p["state"] = "complete"
-        if all(p["state"] == "complete" for p in self.meta["parts"]):
-            self.meta["state"] = "complete"
-        self._save_meta()
+    def finish_part(self, part: str) -> bool:
+        """Mark a part complete, and the store when every part is; returns whether the store is complete."""
+        return _writes.finish_part(self, part)
 
     def update_meta(self, **fields: Any) -> None:
         """Set top-level ``vstore`` attributes."""
-        self.check_writable()
-        self.meta.update(fields)
-        self._save_meta()
+        self._update(lambda meta: meta.update(fields))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -22,30 +22,50 @@ class PartWriter:
     row-range of every layer. A full buffer is written as whole chunks (straight to the chunk
     files, checksum included, when the store is local and uncompressed; through zarr otherwise);
     :meth:`flush` also writes a partial one. After each write the part's counters advance to the
-    last example whose rows are all written. A store of several sites gets one array and one buffer
-    per site (:attr:`Store.sites`), all with the same row chunking; the rows of every site are
-    written before the counters advance.
+    last example whose rows are all written.
+
+    A part built ``--keep stats`` has no ``acts``: only the row table is written (and, through
+    ``on_commit``, the statistics); ``--keep pooled`` adds one mean and one last row per example.
+    ``on_commit(payloads, examples)`` receives, before the counters advance, the payloads given to
+    :meth:`add` of the examples about to be committed (the build's statistics of those batches).
+
+    A store of several sites (:attr:`Store.sites`) gets one array and one buffer per site, all with
+    the same row chunking; every site's rows are written before the counters advance.
     """
 
-    def __init__(self, store: Store, part: str) -> None:
+    def __init__(self, store: Store, part: str, *,
+                 on_commit: Callable[[list[Any], int], None] | None = None) -> None:
         self.store = store
         self.part = part
         store.check_writable()
         info = store.part_info(part)
+        entry = store.part_entry(part)
+        self.keep = str(entry.get("keep", "all"))
+        self.on_commit = on_commit
         self.sites = store.sites
-        self.arrays = {s: store.acts(part, s) for s in self.sites}
-        self.acts = self.arrays[self.sites[0]]
+        self.arrays: dict[str, Any] = {s: store.acts(part, s) for s in self.sites} if self.keep == "all" else {}
+        self.acts: Any = self.arrays.get(self.sites[0])
         chunks = {int(a.chunks[1]) for a in self.arrays.values()}
-        if len(chunks) != 1:
+        if len(chunks) > 1:
             raise StoreError(f"{store.path}: part {part}: the sites' arrays have different row chunks {sorted(chunks)}")
         self.rows = {c: store.array(f"parts/{part}/rows/{c}") for c in ("example", "position", "token")}
-        self.chunk = chunks.pop()
+        self.chunk = chunks.pop() if chunks else int(store.meta["chunk_rows"])
         self.written = info.committed_rows
         self.committed_examples = info.committed_examples
         self.example_start = info.example_start
-        self.overflow: dict[str, int] = dict(store.meta.get("overflow", {}))
-        self._boundaries: list[tuple[int, int]] = []  # (row end, examples done) not yet committed
+        self.overflow: dict[str, int] = dict(entry.get("overflow", {}) if "shard" in entry
+                                             else store.meta.get("overflow", {}))
+        self._boundaries: list[tuple[int, int, Any, int]] = []  # (row end, examples done, payload, pooled rows)
         self.bytes_written = 0
+        self.pooled: dict[str, Any] = {}
+        self.pooled_rows = int(entry.get("pooled_rows", 0))
+        if self.keep == "pooled":
+            self.pooled = {k: store.array(f"parts/{part}/pooled/{k}") for k in ("mean", "last")}
+            self.pooled["example"] = store.array(f"parts/{part}/rows/pooled/example")
+            for arr in self.pooled.values():  # drop pooled rows written after the last commit
+                if arr.shape[-2 if arr.ndim == 3 else 0] != self.pooled_rows:
+                    arr.resize((*arr.shape[:-2], self.pooled_rows, arr.shape[-1]) if arr.ndim == 3
+                               else (self.pooled_rows,))
         # None (tests set it) writes every site through zarr
         self._direct: dict[str, Any] | None = {s: direct_chunk_layout(a) for s, a in self.arrays.items()}
         # drop anything written after the last commit (a killed build)
@@ -56,27 +76,33 @@ class PartWriter:
             if arr.shape[0] != self.written:
                 arr.resize((self.written,))
         self._bufs = {s: np.zeros((a.shape[0], self.chunk, a.shape[2]), dtype=a.dtype) for s, a in self.arrays.items()}
-        self._buf = self._bufs[self.sites[0]]
+        self._buf = self._bufs.get(self.sites[0], np.zeros((0, self.chunk, 0), dtype=np.float32))
         self._rows_buf = {c: np.full(self.chunk, -1, dtype=a.dtype) for c, a in self.rows.items()}
         self._base = self.written - self.written % self.chunk  # first row of the buffer
         self._fill = self.written - self._base  # rows in the buffer
+        self._pooled_end = self.pooled_rows
         if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
             for s, a in self.arrays.items():
                 self._bufs[s][:, : self._fill] = a[:, self._base : self.written]
 
-    def add(self, acts: np.ndarray | Mapping[str, np.ndarray], example: np.ndarray, position: np.ndarray,
-            token: np.ndarray, examples_done: int) -> None:
-        """Queue rows (``acts`` shaped (layers, rows, neurons), or one such array per site);
-        ``examples_done`` of the part are then complete.
+    def add(self, acts: np.ndarray | Mapping[str, np.ndarray] | None, example: np.ndarray, position: np.ndarray,
+            token: np.ndarray, examples_done: int, *, payload: Any = None,
+            pooled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """Queue rows (``acts`` shaped (layers, rows, neurons), or one such array per site; None for a
+        part without ``acts``); ``examples_done`` of the part are then complete.
 
         Every call must end at an example boundary: the rows of an example arrive in one call.
+        ``pooled`` is ``(mean, last, example)`` of these examples (``--keep pooled``).
         """
-        per_site = dict(acts) if isinstance(acts, Mapping) else {self.sites[0]: acts}
-        if set(per_site) != set(self.sites):
+        per_site = {} if acts is None or not self.arrays else (
+            dict(acts) if isinstance(acts, Mapping) else {self.sites[0]: acts})
+        if per_site and set(per_site) != set(self.sites):
             raise StoreError(f"{self.store.path}: part {self.part} holds sites {self.sites}, got rows of "
                              f"{sorted(per_site)}")
         n, i = example.shape[0], 0
         cols = {"example": example, "position": position, "token": token}
+        if pooled is not None and self.pooled:
+            self._add_pooled(*pooled)
         while i < n:
             take = min(n - i, self.chunk - self._fill)
             for s, a in per_site.items():
@@ -87,7 +113,19 @@ class PartWriter:
             i += take
             if self._fill == self.chunk:
                 self._write()
-        self._boundaries.append((self._base + self._fill, examples_done))
+        self._boundaries.append((self._base + self._fill, examples_done, payload, self._pooled_end))
+
+    def _add_pooled(self, mean: np.ndarray, last: np.ndarray, example: np.ndarray) -> None:
+        """Pooled rows go through zarr at once (they are few); they count once their examples commit."""
+        start = max(self.pooled_rows, self._pooled_end)
+        end = start + example.shape[0]
+        for key, values in (("mean", mean), ("last", last)):
+            arr = self.pooled[key]
+            arr.resize((arr.shape[0], end, arr.shape[2]))
+            arr[:, start:end] = values
+        self.pooled["example"].resize((end,))
+        self.pooled["example"][start:end] = example
+        self._pooled_end = end
 
     def flush(self) -> None:
         """Write every queued row (a partial chunk too) and commit."""
@@ -123,8 +161,14 @@ class PartWriter:
 
     def _commit(self) -> None:
         done = None
+        payloads = []
         while self._boundaries and self._boundaries[0][0] <= self.written:
             done = self._boundaries.pop(0)
+            payloads.append(done[2])
         if done is not None and done[1] != self.committed_examples:
+            if self.on_commit is not None:  # the statistics of these examples first, then the counters
+                self.on_commit(payloads, done[1])
             self.committed_examples = done[1]
-            self.store.commit(self.part, done[1], done[0], overflow=self.overflow)
+            extra = {"pooled_rows": done[3]} if self.pooled else {}
+            self.pooled_rows = done[3] if self.pooled else 0
+            self.store.commit(self.part, done[1], done[0], overflow=self.overflow, **extra)
