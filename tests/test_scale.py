@@ -95,7 +95,7 @@ def test_keep_stats_ranks_the_same_and_names_what_needs_activations(tiny_model, 
         b = rank_store(lean, "value", method, top_k=7)
         assert _neurons(a) == _neurons(b) and b.from_cache
     for kwargs in ({"method": "auroc"}, {"split_half": True}, {"by": "lang"}):
-        with pytest.raises(StoreError, match="--keep stats: it holds no token activations.*--keep all"):
+        with pytest.raises(StoreError, match=r"--keep stats: it holds no token activations.*--keep all"):
             rank_store(lean, **{"by": "value", "method": "welch-t", **kwargs}, top_k=3)
     with pytest.raises(UsageError, match="stats_by"):
         build_store(tmp_path / "x", model=str(tiny_model), data=stories, keep="stats", progress=False)

@@ -20,7 +20,7 @@ import zarr
 from .atomic import PARTIAL_SUFFIX
 from .errors import StoreError
 from .progress import Progress, task
-from .store import FORMAT_NAME, ChunkReader, Store, check_format_version, chunk_file, store_digest
+from .store import DTYPES, FORMAT_NAME, ChunkReader, Store, check_format_version, chunk_file, store_digest
 from .store._cache import CACHE_ATTR
 
 __all__ = ["Damage", "VerifyReport", "verify_store"]
@@ -79,6 +79,8 @@ def _root_meta(path: Path) -> dict[str, Any]:
 
 
 def _check_part(st: Store, part: Any, report: VerifyReport, bar: Any) -> None:
+    if not st.has_acts(part.name):  # --keep stats|pooled: no token activations to check
+        return
     for site in st.sites:  # every site's array: acts, and sites/<name> beside it
         if not _check_site(st, site, part, report, bar):
             return
@@ -189,8 +191,8 @@ def verify_store(path: str | Path, *, fix_partial: bool = False, progress: Progr
     try:
         st = Store(p, mode="r")
         parts = st.parts
-        total = sum(x.committed_rows for x in parts) * len(st.layers) * sum(
-            st.with_site(s).n_neurons * st.acts(parts[0].name, s).dtype.itemsize for s in st.sites) if parts else 0
+        total = sum(x.committed_rows for x in parts if st.has_acts(x.name)) * len(st.layers) * sum(
+            st.with_site(s).n_neurons * np.dtype(DTYPES[st.with_site(s).dtype].storage).itemsize for s in st.sites)
     except (StoreError, KeyError, TypeError, ValueError, IndexError) as e:
         report.damage.append(Damage("zarr.json", f"attributes.vstore cannot be used ({type(e).__name__}: {e})"))
         return report

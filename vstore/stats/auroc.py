@@ -8,7 +8,7 @@ float16 precision and the result reports its error bound.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,6 +179,7 @@ def _histogram_passes(
     jobs = [(li, n0, min(block, N - n0)) for li in range(L) for n0 in range(0, N, block)]
     total = activation_bytes(st, ranges) * L * ((N + block - 1) // block)
     with task(progress, "auroc", total, unit="bytes") as bar:
+        results: Iterable[dict[str, Any]]
         if dask:
             from .dask import auroc_on_dask
 

@@ -124,7 +124,7 @@ class Store:
                 raise StoreError(f"{self.path} is a Zarr group but not a vstore store (no 'vstore' attributes)")
             raise StoreNotFoundError(f"no vstore store at {self.path}")
         self.mode = mode
-        self.group = zarr.open_group(self.location, mode="r" if mode == "r" else "r+")
+        self.group = zarr.open_group(self.url or str(self.path), mode="r" if mode == "r" else "r+")
         self.meta: dict[str, Any] = dict(self.group.attrs[FORMAT_NAME])  # type: ignore[arg-type]
         check_format_version(self.meta.get("format_version"), str(self.path))
         check_attributes(self.meta, f"{self.path}: attributes.vstore")
