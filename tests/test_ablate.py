@@ -22,7 +22,8 @@ from conftest_ablate import (
     write_neuron_set,
 )
 
-import vstore.ablate as ablate_mod
+import vstore.ablate
+import vstore.ablation_run as ablate_mod
 from vstore.ablate import parse_mode, run_ablation
 from vstore.cli import main
 from vstore.data import Story, join_text, load_stories
@@ -253,7 +254,8 @@ def test_value_consistency_is_deterministic(work: Path, lm: LoadedModel, nfile: 
 
 def test_result_json_shape(work: Path, lm: LoadedModel, nfile: Path) -> None:
     out = work / "shape.json"
-    res = run_ablation(lm, nfile, work / "eval.jsonl", out, controls=1, progress=False, overwrite=True)
+    res = run_ablation(lm, nfile, work / "eval.jsonl", out, controls=1, controls_on="all", progress=False,
+                       overwrite=True)
     on_disk = json.loads(out.read_text(encoding="utf-8"))
     assert _strip_seconds(on_disk) == _strip_seconds(res)
     assert res["complete"] is True and res["format"] == {"name": "vstore-ablation", "version": 1}
@@ -279,6 +281,8 @@ def test_result_json_shape(work: Path, lm: LoadedModel, nfile: Path) -> None:
     row = next(r for r in t["breakdown"] if r["value"] == "justice" and r["lang"] == "*")
     assert cv["matrix"][0][cv["values"].index("justice")] == pytest.approx(row["delta"])
     assert res["ablations"][0]["vs_controls"]["n"] == 1
+    assert res["ablations"][0]["vs_controls"]["items_on"] == "all"
+    assert {a["items_on"] for a in res["ablations"]} == {"all"}
 
 
 def test_controls_have_the_same_per_layer_counts(work: Path, lm: LoadedModel, nfile: Path) -> None:
@@ -345,7 +349,7 @@ def test_mode_mean_from_store(work: Path, lm: LoadedModel, nfile: Path) -> None:
     store = work / "store"
     if not store.exists():
         build_store(store, model=str(work / "model"), data=str(act), dtype="float32", progress=False)
-    means = ablate_mod._means_from_store(store, lm.identity, "act", [0, 1, 2])
+    means = vstore.ablate._means_from_store(store, lm.identity, "act", [0, 1, 2])
     st = Store(store)
     for pos, layer in enumerate(st.layers):
         acts = np.concatenate([np.asarray(st.acts(p.name)[pos]) for p in st.parts])

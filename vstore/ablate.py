@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +24,16 @@ import numpy as np
 
 from . import ablation_result as ar
 from ._version import __version__
-from .ablation_result import RESULT_FORMAT, EvalItems, LayerNeurons
+from .ablation_result import RESULT_FORMAT, EvalItems
+from .ablation_run import ITEMS_ON, SetRunner, SetSpec, run_order
 from .atomic import write_json_atomic
 from .data import file_sha256, load_examples, load_stories
 from .errors import DataError, OutputError, StoreError, UsageError
-from .evaluate import SCORERS, score_items, text_nll
+from .evaluate import PROMPTS, SCORERS, require_chat_template
 from .inference import json_safe
 from .models import LoadedModel, ModelIdentity
 from .neuronset import NeuronSet
-from .progress import Note, Progress, Task, note_to_stderr, task
+from .progress import Note, Progress, note_to_stderr, task
 from .select import control_set
 
 __all__ = ["METRICS", "MODES", "RESULT_FORMAT", "load_eval_items", "parse_mode", "run_ablation"]
@@ -123,62 +122,15 @@ def _load_previous(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> d
     return prev
 
 
-@dataclass(frozen=True)
-class _Run:
-    """One validated ablation run: what to measure, on what, and how."""
-
-    lm: LoadedModel
-    ns: NeuronSet
-    items: EvalItems
-    plan: list[tuple[str, str, int | None, LayerNeurons]]  # (group, kind, control seed, neurons)
-    metric: str
-    scorer: str
-    mode: str
-    factor: float
-    means: dict[int, Any] | None
-    batch_size: int
-
-    def evaluate(self, bar: Task) -> tuple[np.ndarray, ...]:
-        if self.metric == "vc":
-            sc = score_items(self.lm.model, self.lm.tokenizer, self.items.stories or [], self.scorer,
-                             batch_size=self.batch_size, progress=bar.advance)
-            return sc.aligned_won, sc.aligned, sc.violating
-        return text_nll(self.lm.model, self.lm.tokenizer, self.items.texts or [], batch_size=self.batch_size,
-                        progress=bar.advance)
-
-    def measure(self, name: str, kind: str, seed: int | None, sel: LayerNeurons, base: dict[str, Any],
-                bar: Task) -> dict[str, Any]:
-        """One ablated set, measured and compared with the baseline."""
-        from .hooks import Edit
-
-        t0 = time.perf_counter()
-        with Edit(self.lm.model, dict(sel), mode=self.mode, means=self.means, factor=self.factor, site=self.ns.site):  # type: ignore[arg-type]
-            res = self.evaluate(bar)
-        entry: dict[str, Any] = {"group": name, "kind": kind, "seed": seed, "n_neurons": sum(len(v) for v in sel.values()),
-                                 "layers": {str(lay): len(idx) for lay, idx in sel.items()}}
-        key = ar.set_key(name, kind, seed)
-        if self.metric == "vc":
-            won, aligned, violating = res
-            base_won = np.asarray([it["aligned_won"] for it in base["items"]], dtype=bool)
-            o = (cmp := ar.compare_vc(self.items, base_won, won, key))["overall"]
-            entry.update({"value_consistency": o["value_consistency"], "delta": o["delta"],
-                          "relative_change": o["relative_change"], "ci95": o["ci95"], "p_value": o["p_value"],
-                          "breakdown": cmp["breakdown"], "items": ar.vc_items(self.items, won, aligned, violating)})
-        else:
-            nll, _ = res
-            base_nll = np.asarray([it["nll_sum"] for it in base["items"]], dtype=np.float64)
-            count = np.asarray([it["n_tokens"] for it in base["items"]], dtype=np.int64)
-            o = (cmp := ar.compare_nll(self.items, base_nll, nll, count, key))["overall"]
-            entry.update({"nll": o["nll"], "delta": o["delta"], "relative_change": o["relative_change"],
-                          "ci95": o["ci95"], "p_value": o["p_value"], "breakdown": cmp["breakdown"],
-                          "items": ar.nll_items(self.items, nll, count)})
-        entry["seconds"] = time.perf_counter() - t0
-        entry["neurons"] = ar.neuron_list(sel)
-        return entry
-
-
 def _check_arguments(metric: str, scorer: str, controls: int, seed: int, batch_size: int, limit: int | None,
-                     mode: str, store: str | Path | None) -> tuple[str, float]:
+                     mode: str, store: str | Path | None, prompt: str = "raw", controls_on: str = "own",
+                     targets_on: str = "all", side_effect: str | None = None) -> tuple[str, float]:
+    for name, val, allowed in (("prompt", prompt, PROMPTS), ("controls_on", controls_on, ITEMS_ON),
+                               ("targets_on", targets_on, ITEMS_ON), ("side_effect", side_effect, (None, "nll"))):
+        if val not in allowed:
+            raise UsageError(f"{name} must be one of {list(allowed)}, got {val!r}", name)
+    if prompt == "chat" and scorer != "choice":
+        raise UsageError("prompt chat applies to the choice scorer only (ll scores plain text)", "prompt", "scorer")
     if metric not in METRICS:
         raise UsageError(f"unknown metric {metric!r}; use one of {list(METRICS)}", "metric")
     if metric == "vc" and scorer not in SCORERS:
@@ -197,18 +149,18 @@ def _check_arguments(metric: str, scorer: str, controls: int, seed: int, batch_s
     return mode_name, factor
 
 
-def _header(run: _Run, model: Any, neurons: Any, data: Any, fingerprint: dict[str, Any], notes: list[str],
-            args: dict[str, Any]) -> dict[str, Any]:
+def _header(run: SetRunner, ns: NeuronSet, plan: list[SetSpec], model: Any, neurons: Any, data: Any,
+            fingerprint: dict[str, Any], notes: list[str], args: dict[str, Any]) -> dict[str, Any]:
     items = run.items
     return {
         "format": dict(RESULT_FORMAT),
         "metric": run.metric,
         "run": {"model": str(model) if not isinstance(model, LoadedModel) else str(run.lm.path), "neurons": str(neurons),
-                "data": str(data), "groups": [p[0] for p in run.plan if p[1] == "target"], **args},
+                "data": str(data), "groups": [p.group for p in plan if p.kind == "target"], **args},
         "fingerprint": fingerprint,
         "model": run.lm.identity.to_json(),
-        "neurons": {"path": str(neurons), "sha256": run.ns.sha256, "method": run.ns.method, "site": run.ns.site,
-                    "model": run.ns.model},
+        "neurons": {"path": str(neurons), "sha256": ns.sha256, "method": ns.method, "site": ns.site,
+                    "model": ns.model},
         "data": {"path": str(data), "sha256": fingerprint["data_sha256"], "n_items": len(items.ids),
                  "values": sorted(set(items.values)), "langs": sorted(set(items.langs))},
         "notes": notes,
@@ -240,6 +192,13 @@ def run_ablation(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     on_note: Note | None = None,
+    prompt: str = "raw",
+    controls_on: str = "own",
+    targets_on: str = "all",
+    side_effect: str | None = None,
+    general_text: str | Mapping[str, str | Path] | None = None,
+    prefix_mb: float = 1024.0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Measure value consistency (or per-token NLL) unablated and under each ablated neuron set.
 
@@ -290,6 +249,24 @@ def run_ablation(
     on_note
         Receives notes for the user (e.g. a neuron set ranked on other weights of the same shape);
         default: :func:`vstore.progress.note_to_stderr`.
+    prompt
+        ``raw`` (default) or ``chat``: the ``choice`` question in the tokenizer's chat template.
+    controls_on
+        ``own`` (default): a group's random controls are measured on the group's own items (the
+        items of the values it is named after), which is all their comparison with the target
+        needs; ``all``: on every item (the controls' full cross-value matrix).
+    targets_on
+        ``all`` (default; the cross-value matrix needs every value's items) or ``own``.
+    side_effect
+        ``nll``: also the per-token NLL on general texts under each set (``general_text``).
+    general_text
+        ``"default"`` (the packaged texts of :func:`vstore.generaltext.general_texts`) or
+        language -> ``.txt`` file (one text per line); needed with ``side_effect="nll"``.
+    prefix_mb
+        Memory for the hidden states below the lowest edited layer shared between sets (0: none).
+    threads
+        Torch threads (None: :func:`vstore.lm.choose_threads`, the cores this process may use
+        less those other processes keep busy).
 
     Returns
     -------
@@ -307,15 +284,21 @@ def run_ablation(
     StoreError
         ``mode="mean"`` with a store that does not fit.
     """
+    from .lm import set_threads
     from .models import load_model, site_width
 
     note = on_note or note_to_stderr
-    mode_name, factor = _check_arguments(metric, scorer, controls, seed, batch_size, limit, mode, store)
+    mode_name, factor = _check_arguments(metric, scorer, controls, seed, batch_size, limit, mode, store, prompt,
+                                         controls_on, targets_on, side_effect)
+    set_threads(threads)
     ns = NeuronSet.load(neurons).require_model()
     sets = ns.select(groups)
     items = load_eval_items(data, split, metric, limit)
+    general, general_meta = _general(side_effect, general_text)
     lm = model if isinstance(model, LoadedModel) else load_model(
         str(model), device=device, trust_remote_code=trust_remote_code, progress=note)
+    if prompt == "chat":
+        require_chat_template(lm.tokenizer)
     notes = ns.check_model(lm.identity)
     if groups is None and ns.empty_groups():
         notes.append(f"skipped the empty group(s) {', '.join(ns.empty_groups())} of the neuron set")
@@ -323,58 +306,96 @@ def run_ablation(
         note(f"note: {n}")
     layers_needed = sorted({lay for _, sel in sets for lay in sel})
     means = _means_from_store(store, lm.identity, ns.site, layers_needed) if mode_name == "mean" else None  # type: ignore[arg-type]
-    plan: list[tuple[str, str, int | None, LayerNeurons]] = []
+    plan: list[SetSpec] = []
     for name, sel in sets:
-        plan.append((name, "target", None, sel))
-        plan += [(name, "control", seed + i, control_set(sel, site_width(lm.model, ns.site), seed + i, name))
+        plan.append(SetSpec(name, "target", None, sel, targets_on))
+        plan += [SetSpec(name, "control", seed + i, control_set(sel, site_width(lm.model, ns.site), seed + i, name),
+                         controls_on)
                  for i in range(controls)]
-    run = _Run(lm, ns, items, plan, metric, scorer, mode_name, factor, means, batch_size)
+    run = SetRunner(lm, ns.site, items, metric, scorer, prompt, mode_name, factor, means, batch_size, general, prefix_mb)
     fingerprint = {
         "model": {k: v for k, v in lm.identity.to_json().items() if k != "source"},
         "neurons_sha256": ns.sha256, "data_sha256": file_sha256(data), "split": split, "limit": limit,
         "metric": metric, "scorer": scorer if metric == "vc" else None, "mode": mode, "site": ns.site,
         "store": str(Path(store).resolve()) if store is not None else None,
     }
+    # added later: present only when not the default, so results of earlier versions still resume
+    if prompt != "raw":
+        fingerprint["prompt"] = prompt
+    if general_meta is not None:
+        fingerprint["general_text_sha256"] = general_meta["sha256"]
     args = {"split": split, "mode": mode, "scorer": scorer, "controls": controls, "seed": seed,
             "store": str(store) if store is not None else None, "batch_size": batch_size, "device": device,
-            "limit": limit}
+            "limit": limit, "prompt": prompt, "controls_on": controls_on, "targets_on": targets_on,
+            "side_effect": side_effect}
     out_path = Path(out) if out is not None else None
     prev = _load_previous(out_path, fingerprint, overwrite) if out_path is not None else None
-    result = _header(run, model, neurons, data, fingerprint, notes, args)
-    _measure_all(run, result, prev, out_path, progress)
+    result = _header(run, ns, plan, model, neurons, data, fingerprint, notes, args)
+    if general_meta is not None:
+        result["general_text"] = general_meta
+    _measure_all(run, plan, result, prev, out_path, progress)
     return json_safe(result)  # type: ignore[no-any-return]
 
 
-def _measure_all(run: _Run, result: dict[str, Any], prev: dict[str, Any] | None, out: Path | None,
-                 progress: Progress | None) -> None:
-    """The baseline, then every set of the plan not finished in ``prev``, saving after each."""
+def _general(side_effect: str | None, general_text: str | Mapping[str, str | Path] | None
+             ) -> tuple[EvalItems | None, dict[str, Any] | None]:
+    """The general texts of the NLL side effect, and what the result says about them."""
+    from .generaltext import general_items
+
+    if side_effect is None:
+        if general_text is not None:
+            raise UsageError("general_text is used only with side_effect 'nll'", "general_text", "side_effect")
+        return None, None
+    if general_text is None:
+        raise UsageError("side_effect 'nll' needs general_text ('default', or language -> text file)", "general_text")
+    return general_items(general_text)
+
+
+def _reusable(old: dict[str, Any] | None, spec: SetSpec, n_items: int, side: bool) -> bool:
+    if old is None or old.get("neurons") != ar.neuron_list(spec.neurons) or (side and not old.get("side_effect")):
+        return False
+    # results written before items_on measured every set on all items
+    return bool(old.get("items_on", "all") == spec.on and (spec.on == "own" or len(old.get("items", [])) == n_items))
+
+
+def _measure_all(run: SetRunner, plan: list[SetSpec], result: dict[str, Any], prev: dict[str, Any] | None,
+                 out: Path | None, progress: Progress | None) -> None:
+    """The baseline, then every set of the plan not finished in ``prev`` (lowest edited layer first,
+    so the unablated prefix is shared), saving after each; ``ablations`` stays in plan order."""
+    from .ablation_run import own_items
+
     items, values, langs = run.items, result["data"]["values"], result["data"]["langs"]
     done = {ar.set_key(a["group"], a["kind"], a.get("seed")): a for a in (prev or {}).get("ablations", [])}
+    finished: dict[int, dict[str, Any]] = {}
 
     def save() -> None:
+        result["ablations"] = [finished[i] for i in sorted(finished)]
         ar.summaries(result, run.metric, values, langs)
         if out is not None:
             write_json_atomic(out, json_safe(result))
 
-    todo = sum(1 for p in run.plan if ar.set_key(p[0], p[1], p[2]) not in done)
-    with task(progress, "ablate", len(items.ids) * (1 + todo), unit="items") as bar:
-        if prev and prev.get("baseline") and len(prev["baseline"].get("items", [])) == len(items.ids):
-            result["baseline"] = prev["baseline"]
+    todo = [i for i, sp in enumerate(plan) if not _reusable(done.get(sp.key), sp, len(items.ids), run.general is not None)]
+    n_eval = sum(len(items.ids) if plan[i].on == "all" else len(own_items(items, plan[i].group)) for i in todo)
+    low = min((plan[i].lowest_layer for i in todo if plan[i].lowest_layer > 0), default=None)
+    with task(progress, "ablate", len(items.ids) + n_eval, unit="items") as bar:
+        pb = (prev or {}).get("baseline")
+        if pb and len(pb.get("items", [])) == len(items.ids) and (run.general is None or pb.get("side_effect")):
+            result["baseline"] = ar.refresh_baseline(pb, items, run.metric)
             bar.advance(len(items.ids))
+            n_base = 0
         else:
             bar.describe("baseline")
-            t0 = time.perf_counter()
-            res = run.evaluate(bar)
-            result["baseline"] = ar.baseline_vc(items, *res) if run.metric == "vc" else ar.baseline_nll(items, *res)
-            result["baseline"]["seconds"] = time.perf_counter() - t0
+            result["baseline"] = run.baseline(bar, low)
+            n_base = len(items.ids)
+        for i, sp in enumerate(plan):
+            if i not in todo:
+                finished[i] = done[sp.key]
         save()
-        for name, kind, sd, sel in run.plan:
-            old = done.get(ar.set_key(name, kind, sd))
-            if old is not None and old.get("neurons") == ar.neuron_list(sel):
-                result["ablations"].append(old)
-                continue
-            bar.describe(f"{name} ({kind}{'' if sd is None else f' seed {sd}'})")
-            result["ablations"].append(run.measure(name, kind, sd, sel, result["baseline"], bar))
+        for i in run_order([plan[j] for j in todo]):
+            sp = plan[todo[i]]
+            bar.describe(f"{sp.group} ({sp.kind}{'' if sp.seed is None else f' seed {sp.seed}'})")
+            finished[todo[i]] = run.measure(sp, result["baseline"], bar)
             save()
+        result["cost"] = {"item_passes": n_base + n_eval, "prefix_replays": run.replayed}
         result["complete"] = True
         save()

@@ -15,10 +15,21 @@ import numpy as np
 
 from .data import Story
 from .evaluate import value_consistency
-from .inference import bootstrap_interval, clean, mcnemar_exact, relative, rng_for, sign_test, vs_controls
+from .inference import (
+    binomial_vs_chance,
+    bootstrap_interval,
+    clean,
+    mcnemar_exact,
+    relative,
+    rng_for,
+    sign_test,
+    vs_controls,
+    wilson_interval,
+)
 
-__all__ = ["ALL", "RESULT_FORMAT", "EvalItems", "baseline_nll", "baseline_vc", "cells", "compare_nll", "compare_vc",
-           "neuron_list", "nll_items", "set_key", "summaries", "vc_items"]
+__all__ = ["ALL", "RESULT_FORMAT", "EvalItems", "baseline_nll", "baseline_vc", "cells", "chance_summary", "compare_nll",
+           "compare_vc", "neuron_list", "nll_items", "refresh_baseline", "set_key", "side_effect", "summaries",
+           "vc_items"]
 
 RESULT_FORMAT = {"name": "vstore-ablation", "version": 1}
 ALL = "*"  # the value/lang of an aggregated breakdown row
@@ -72,11 +83,43 @@ def nll_items(items: EvalItems, nll: np.ndarray, count: np.ndarray) -> list[dict
     ]
 
 
+def _chance(won: np.ndarray) -> dict[str, Any]:
+    k, n = int(np.count_nonzero(won)), len(won)
+    lo, hi = wilson_interval(k, n)
+    p = binomial_vs_chance(k, n)
+    return {"ci95": [lo, hi], "p_chance": p, "above_chance": bool(n and k / n > 0.5 and p < 0.05)}
+
+
 def baseline_vc(items: EvalItems, won: np.ndarray, aligned: np.ndarray, violating: np.ndarray) -> dict[str, Any]:
-    rows = [{"value": val, "lang": lg, "n": len(idx), "value_consistency": value_consistency(won[idx])}
-            for val, lg, idx in cells(items)]
-    return {"value_consistency": value_consistency(won), "n_items": len(won), "breakdown": rows,
-            "items": vc_items(items, won, aligned, violating)}
+    won = np.asarray(won, dtype=bool)
+    rows = [{"value": val, "lang": lg, "n": len(idx), "value_consistency": value_consistency(won[idx]),
+             **_chance(won[idx])} for val, lg, idx in cells(items)]
+    out = {"value_consistency": value_consistency(won), "n_items": len(won), "breakdown": rows,
+           "items": vc_items(items, won, aligned, violating)}
+    out["chance"] = chance_summary(rows)
+    return out
+
+
+def refresh_baseline(base: dict[str, Any], items: EvalItems, metric: str) -> dict[str, Any]:
+    """A baseline read from an earlier result, with the fields added since recomputed from its items."""
+    if metric != "vc" or "chance" in base:
+        return base
+    it = base["items"]
+    won = np.asarray([x["aligned_won"] for x in it], dtype=bool)
+    new = baseline_vc(items, won, np.asarray([x["score_aligned"] for x in it]), np.asarray([x["score_violating"] for x in it]))
+    return {**base, "breakdown": new["breakdown"], "chance": new["chance"]}
+
+
+def chance_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per language (and ``*``) the baseline against chance, and the value x language cells not above it."""
+    by_lang = {r["lang"]: {k: r[k] for k in ("n", "value_consistency", "ci95", "p_chance", "above_chance")}
+               for r in rows if r["value"] == ALL}
+    if not by_lang:  # a single value: its per-language rows are the language rows
+        by_lang = {r["lang"]: {k: r[k] for k in ("n", "value_consistency", "ci95", "p_chance", "above_chance")}
+                   for r in rows}
+    return {"level": 0.5, "test": "exact two-sided binomial; interval: Wilson 95%", "by_lang": by_lang,
+            "not_above_chance": [f"{r['value']}/{r['lang']}" for r in rows
+                                 if r["value"] != ALL and r["lang"] != ALL and not r["above_chance"]]}
 
 
 def baseline_nll(items: EvalItems, nll: np.ndarray, count: np.ndarray) -> dict[str, Any]:
@@ -90,17 +133,37 @@ def baseline_nll(items: EvalItems, nll: np.ndarray, count: np.ndarray) -> dict[s
             "items": nll_items(items, nll, count)}
 
 
-def compare_vc(items: EvalItems, base: np.ndarray, won: np.ndarray, key: str) -> dict[str, Any]:
+def compare_vc(items: EvalItems, base: np.ndarray, won: np.ndarray, key: str,
+               margins: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """Per cell: VC ablated vs baseline; with ``margins`` (baseline, ablated aligned - violating score
+    per item) also the mean change of the margin and its paired bootstrap interval."""
     rows = []
     for val, lg, idx in cells(items):
         b, a = base[idx], won[idx]
         vb, va = value_consistency(b), value_consistency(a)
         lo, hi = bootstrap_interval(b.astype(float), a.astype(float), rng_for(key, val, lg))
         p, nb, nc = mcnemar_exact(b, a)
-        rows.append({"value": val, "lang": lg, "n": len(idx), "baseline": vb, "value_consistency": va,
-                     "delta": va - vb, "relative_change": relative(va - vb, vb), "ci95": [lo, hi],
-                     "p_value": p, "won_to_lost": nb, "lost_to_won": nc})
+        row = {"value": val, "lang": lg, "n": len(idx), "baseline": vb, "value_consistency": va,
+               "delta": va - vb, "relative_change": relative(va - vb, vb), "ci95": [lo, hi],
+               "p_value": p, "won_to_lost": nb, "lost_to_won": nc}
+        if margins is not None:
+            mb, ma = margins[0][idx], margins[1][idx]
+            row["margin_delta"] = float(np.mean(ma - mb)) if len(idx) else float("nan")
+            row["margin_ci95"] = list(bootstrap_interval(mb, ma, rng_for(key, val, lg, "margin")))
+        rows.append(row)
     return {"breakdown": rows, "overall": rows[-1]}
+
+
+def side_effect(general: EvalItems, base: dict[str, Any], nll: np.ndarray, key: str) -> dict[str, Any]:
+    """The NLL side effect of one set on the general texts: per-token NLL overall and per language,
+    its change against the unablated ``base`` (``baseline.side_effect``), bootstrap interval, sign test."""
+    b = np.asarray([it["nll_sum"] for it in base["items"]], dtype=np.float64)
+    count = np.asarray([it["n_tokens"] for it in base["items"]], dtype=np.int64)
+    cmp = compare_nll(general, b, nll, count, f"{key}|side")
+    o = cmp["overall"]
+    return {"metric": "nll", "nll": o["nll"], "delta": o["delta"], "ci95": o["ci95"], "p_value": o["p_value"],
+            "by_lang": {r["lang"]: {k: r[k] for k in ("n", "nll", "delta", "ci95", "p_value")}
+                        for r in cmp["breakdown"] if r["value"] in (ALL, "")}}
 
 
 def compare_nll(items: EvalItems, base: np.ndarray, nll: np.ndarray, count: np.ndarray, key: str) -> dict[str, Any]:
@@ -135,10 +198,13 @@ def summaries(result: dict[str, Any], metric: str, values: list[str], langs: lis
     for t in targets:
         ctl = [a for a in result["ablations"] if a["kind"] == "control" and a["group"] == t["group"]]
         if ctl:
-            t["vs_controls"] = vs_controls(t["delta"], [a["delta"] for a in ctl], [a[field] for a in ctl], field=field,
-                                           lower_is_effect=metric == "vc")
+            t["vs_controls"] = _vs_controls(t, ctl, result["baseline"], metric, field)
         else:
             t.pop("vs_controls", None)
+        if t.get("side_effect") and metric == "vc":
+            own = _own_delta(t)
+            d = t["side_effect"]["delta"]
+            t["side_effect"]["value_change_per_nll"] = own / d if own is not None and d else None
 
     def cell(a: dict[str, Any], val: str, lg: str) -> float | None:
         for r in a["breakdown"]:
@@ -158,3 +224,48 @@ def summaries(result: dict[str, Any], metric: str, values: list[str], langs: lis
             "matrix": [[cell(t, ALL, lg) if len(values) > 1 else cell(t, values[0], lg) for lg in langs]
                        for t in targets],
         }
+
+
+def _on_items(entry: dict[str, Any], base: dict[str, Any], ids: set[str], metric: str) -> tuple[float, float | None]:
+    """(delta, margin delta) of ``entry`` restricted to the items ``ids`` (its own items must include them)."""
+    b = {it["id"]: it for it in base["items"]}
+    mine = [it for it in entry["items"] if it["id"] in ids]
+    if metric == "vc":
+        d = float(np.mean([it["aligned_won"] for it in mine]) - np.mean([b[it["id"]]["aligned_won"] for it in mine]))
+        m = float(np.mean([(it["score_aligned"] - it["score_violating"])
+                           - (b[it["id"]]["score_aligned"] - b[it["id"]]["score_violating"]) for it in mine]))
+        return d, m
+    tok = sum(it["n_tokens"] for it in mine)
+    return (sum(it["nll_sum"] - b[it["id"]]["nll_sum"] for it in mine) / tok if tok else float("nan")), None
+
+
+def _vs_controls(t: dict[str, Any], ctl: list[dict[str, Any]], base: dict[str, Any], metric: str,
+                 field: str) -> dict[str, Any]:
+    """The target beside its controls, on the items the controls were measured on (all, or the group's own)."""
+    ids = {it["id"] for it in ctl[0]["items"]}
+    same = all({it["id"] for it in c["items"]} == ids for c in ctl)
+    whole = ids == {it["id"] for it in t["items"]}
+    if whole or not same:
+        delta, margin = t["delta"], t.get("margin_delta")
+    else:
+        delta, margin = _on_items(t, base, ids, metric)
+    out = vs_controls(delta, [a["delta"] for a in ctl], [a[field] for a in ctl], field=field,
+                      lower_is_effect=metric == "vc")
+    out["items_on"] = "all" if whole else ctl[0].get("items_on", "own")
+    out["n_items"] = len(ids)
+    out["target_delta"] = delta
+    if margin is not None and all(c.get("margin_delta") is not None for c in ctl):
+        out["target_margin_delta"] = margin
+        out["mean_margin_delta"] = float(np.mean([c["margin_delta"] for c in ctl]))
+    sides = [c["side_effect"]["delta"] for c in ctl if c.get("side_effect")]
+    if t.get("side_effect") and sides:
+        out["mean_nll_delta"] = float(np.mean(sides))
+    return out
+
+
+def _own_delta(t: dict[str, Any]) -> float | None:
+    """The change of the target group's own value (all languages), or the overall change when the
+    group is no value of the items."""
+    rows = [r for r in t["breakdown"] if r["value"] == t["group"]]
+    row = next((r for r in rows if r["lang"] == ALL), rows[0] if len(rows) == 1 else None)
+    return clean(row["delta"]) if row is not None else clean(t["delta"])

@@ -1,7 +1,8 @@
 """Attribution of the value choice to every captured neuron: ``-act x d(margin)/d(act)``.
 
 The *margin* of an item is the aligned minus the violating score under a scorer of
-:mod:`vstore.evaluate` (``ll`` or ``choice``), computed here with gradients. Its attribution to a
+:mod:`vstore.evaluate` (``ll`` or ``choice``, raw prompts), with its autograd graph:
+:func:`vstore.margin.margin_tensor`. Its attribution to a
 neuron at one token is ``-a * dm/da``: the first-order estimate of the change of the margin when
 that activation is set to zero ("attribution patching"). One forward and one backward per batch.
 
@@ -14,7 +15,7 @@ at that token in all of them. Actions and option lists are what is scored, and c
 
 :class:`Attributor` maps the story tokens onto the rows of a build (by position, as far as the
 build's tokenization of the example agrees with the story's): every other row — action and
-rationale tokens, or a story cut by ``max_length`` — holds 0, which for a rationale token is
+rationale tokens, or a story the ``ll`` scorer cut at the left (past 1,024 tokens) — holds 0, which for a rationale token is
 exact (the margin never reads it).
 """
 
@@ -22,13 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from .data import Story
-from .errors import DataError, UsageError
-from .evaluate import SCORERS, _letter_ids, _ll_item, choice_prompt
+from .errors import DataError, UsageError, VstoreError
+from .evaluate import SCORERS, _ll_item, choice_ids
 from .hooks import Capture
-from .lm import CausalLM, Encoder, common_prefix, fit_length, right_padded
+from .lm import Encoder, common_prefix, fit_length
+from .margin import margin_tensor
 
 __all__ = ["Attributor", "BatchAttribution", "attribute_batch", "check_stories", "measure_zeroing"]
 
@@ -64,28 +67,32 @@ def check_stories(stories: Sequence[Story]) -> None:
                                 "against the violating action, so every item needs both")
 
 
-def _ll_sequences(enc: Encoder, stories: Sequence[Story], max_length: int) -> tuple[list[list[int]], list[int],
-                                                                                     list[tuple[int, int]]]:
-    """Per item two sequences (context + aligned, context + violating); the story length; action spans."""
-    seqs, story_len, spans = [], [], []
+def _layout(enc: Encoder, model: Any, stories: Sequence[Story], scorer: str) -> tuple[list[list[int]], list[int], bool]:
+    """The sequences :func:`vstore.margin.margin_tensor` runs (two per item, item-major), the story
+    tokens each item's two share, and whether they are left-padded (``choice``) or right-padded (``ll``)."""
+    seqs, story_len = [], []
     for s in stories:
-        it = _ll_item(enc, s, max_length)
-        c = len(it.context)
-        story_len.append(c)
-        for a in it.actions:
-            seqs.append(it.context + a)
-            spans.append((c, c + len(a)))
-    return seqs, story_len, spans
+        if scorer == "ll":
+            it = _ll_item(enc, s, fit_length(model, 1024))
+            seqs += [it.context + a for a in it.actions]
+            story_len.append(len(it.context))
+        else:
+            story = enc(s.story.strip())
+            pair = [choice_ids(enc, enc.tok, s, a, b, "raw") for a, b in ((s.aligned, s.violating),
+                                                                          (s.violating, s.aligned))]
+            seqs += pair
+            story_len.append(min(common_prefix(story, p) for p in pair))
+    return seqs, story_len, scorer == "choice"
 
 
 def _choice_sequences(enc: Encoder, stories: Sequence[Story], max_length: int) -> tuple[list[list[int]], list[int]]:
-    """Per item two prompts (aligned shown as A, then as B); the story tokens they share."""
+    """Per item the two prompts :func:`vstore.evaluate.score_choice` runs (cut as it cuts them); their story tokens."""
     seqs, story_len = [], []
     for s in stories:
         story = enc(s.story.strip())
         pair = []
         for first, second in ((s.aligned, s.violating), (s.violating, s.aligned)):
-            ids = enc(choice_prompt(s, first, second))
+            ids = choice_ids(enc, enc.tok, s, first, second, "raw")
             if len(ids) > max_length:
                 keep = len(enc.lead)
                 ids = ids[:keep] + ids[len(ids) - (max_length - keep):]
@@ -95,37 +102,13 @@ def _choice_sequences(enc: Encoder, stories: Sequence[Story], max_length: int) -
     return seqs, story_len
 
 
-def _ll_margins(lm: CausalLM, hidden: Any, seqs: list[list[int]], spans: list[tuple[int, int]]) -> Any:
-    import torch
-
-    states, targets, owner = [], [], []
-    for r, (c0, c1) in enumerate(spans):
-        states.append(hidden[r, c0 - 1 : c1 - 1])  # the state before each action token predicts it
-        targets.extend(seqs[r][c0:c1])
-        owner.extend([r] * (c1 - c0))
-    lp = lm.token_log_probs(torch.cat(states), torch.as_tensor(targets, device=hidden.device))
-    idx = torch.as_tensor(owner, device=hidden.device)
-    sums = torch.zeros(len(spans), dtype=lp.dtype, device=hidden.device).index_add(0, idx, lp)
-    means = sums / torch.as_tensor([c1 - c0 for c0, c1 in spans], dtype=lp.dtype, device=hidden.device)
-    return means[0::2] - means[1::2]
-
-
-def _choice_margins(lm: CausalLM, hidden: Any, seqs: list[list[int]], letters: dict[str, list[int]]) -> Any:
-    import torch
-
-    last = torch.as_tensor([len(s) - 1 for s in seqs], device=hidden.device)
-    lp = lm.log_probs(hidden[torch.arange(len(seqs), device=hidden.device), last])
-    a = torch.logsumexp(lp[:, letters["A"]], dim=-1)
-    b = torch.logsumexp(lp[:, letters["B"]], dim=-1)
-    # order AB: aligned is A; order BA: aligned is B; the margin is the mean over both orders
-    return ((a[0::2] - b[0::2]) + (b[1::2] - a[1::2])) / 2
-
-
 def attribute_batch(
     model: Any, tokenizer: Any, stories: Sequence[Story], scorer: str, *, site: str = "act",
-    layers: Sequence[int] | None = None, max_length: int = 1024,
+    layers: Sequence[int] | None = None,
 ) -> BatchAttribution:
     """Margins and the attribution ``-act * d(margin)/d(act)`` of every neuron at the story tokens of a batch.
+
+    The margin is :func:`vstore.margin.margin_tensor` (the scorers' margin with its graph; raw prompts).
 
     Parameters
     ----------
@@ -139,42 +122,38 @@ def attribute_batch(
         The capture site attributed (``act``, ``down_in`` or ``resid``).
     layers
         Model layer indices (default all).
-    max_length
-        Longest sequence in tokens (cut as the scorers cut).
     """
     import torch
 
     if scorer not in SCORERS:
         raise UsageError(f"scorer: expected one of {', '.join(SCORERS)}, got {scorer!r}", "scorer")
     check_stories(stories)
-    lm, enc = CausalLM(model), Encoder(tokenizer)
-    max_length = fit_length(model, max_length)
-    if scorer == "ll":
-        seqs, story_len, spans = _ll_sequences(enc, stories, max_length)
-    else:
-        seqs, story_len = _choice_sequences(enc, stories, max_length)
-        letters = {x: _letter_ids(tokenizer, x) for x in "AB"}
+    seqs, story_len, left = _layout(Encoder(tokenizer), model, stories, scorer)
     acts: dict[int, Any] = {}
     with torch.inference_mode(False), torch.enable_grad():  # the build streams in inference mode
-        ids, mask = right_padded(seqs, enc.pad)
-        ids, mask = ids.to(lm.device), mask.to(lm.device)
-        pos = torch.arange(ids.shape[1], device=lm.device)[None].expand_as(ids)
         with Capture(model, site, list(layers) if layers is not None else None, keep_graph=True,
                      on_output=lambda layer, t: acts.__setitem__(layer, t)):
-            hidden, _ = lm.forward(ids, mask, pos)
-        margins = _ll_margins(lm, hidden, seqs, spans) if scorer == "ll" else _choice_margins(lm, hidden, seqs, letters)
+            margins = margin_tensor(SimpleNamespace(model=model, tokenizer=tokenizer), stories, scorer)
         order = sorted(acts)
+        width = max(len(q) for q in seqs)
+        for k in order:
+            if tuple(acts[k].shape[:2]) != (len(seqs), width):
+                raise VstoreError(f"attribution: margin_tensor ran a batch of shape {tuple(acts[k].shape[:2])}, "
+                                  f"expected {(len(seqs), width)} (its sequence layout changed)")
         grads = torch.autograd.grad(margins.sum(), [acts[k] for k in order], allow_unused=True)
     T = max(story_len)
+    offsets = [width - len(q) if left else 0 for q in seqs]  # where each sequence's first token sits
     attr, act = {}, {}
     for k, g in zip(order, grads, strict=True):
         a = acts[k].detach()
         contrib = -(a * g) if g is not None else torch.zeros_like(a)
-        contrib = contrib[:, :T].float()
-        per_item = contrib[0::2] + contrib[1::2]  # the item's two sequences share the story
-        keep = torch.arange(T, device=a.device)[None, :] < torch.as_tensor(story_len, device=a.device)[:, None]
-        attr[k] = per_item * keep[..., None]
-        act[k] = a[0::2, :T].float() * keep[..., None]
+        per, val = (torch.zeros((len(stories), T, a.shape[-1]), dtype=torch.float32, device=a.device)
+                    for _ in range(2))
+        for i, c in enumerate(story_len):
+            for r in (2 * i, 2 * i + 1):  # the item's two sequences share its story: their copies add up
+                per[i, :c] += contrib[r, offsets[r] : offsets[r] + c].float()
+            val[i, :c] = a[2 * i, offsets[2 * i] : offsets[2 * i] + c].float()
+        attr[k], act[k] = per, val
     tokens = [seqs[2 * i][:c] for i, c in enumerate(story_len)]
     return BatchAttribution(margins.detach().float(), tokens, attr, act)
 
@@ -195,17 +174,15 @@ class Attributor:
         The capture site attributed (the store's first site).
     layers
         The captured model layers.
-    max_length
-        The build's longest sequence.
     """
 
     def __init__(self, model: Any, tokenizer: Any, stories: Sequence[Story], scorer: str, *, site: str,
-                 layers: Sequence[int], max_length: int) -> None:
+                 layers: Sequence[int]) -> None:
         if scorer not in SCORERS:
             raise UsageError(f"attribution: expected one of {', '.join(SCORERS)}, got {scorer!r}", "attribution")
         check_stories(stories)
         self.model, self.tokenizer, self.stories = model, tokenizer, list(stories)
-        self.scorer, self.site, self.layers, self.max_length = scorer, site, list(layers), max_length
+        self.scorer, self.site, self.layers = scorer, site, list(layers)
         self.cut = 0  # examples none of whose story tokens matched the build's tokens (a story cut at the left)
 
     def __call__(self, b0: int, input_ids: Any) -> dict[int, Any]:
@@ -213,8 +190,7 @@ class Attributor:
         import torch
 
         batch = self.stories[b0 : b0 + int(input_ids.shape[0])]
-        res = attribute_batch(self.model, self.tokenizer, batch, self.scorer, site=self.site, layers=self.layers,
-                              max_length=self.max_length)
+        res = attribute_batch(self.model, self.tokenizer, batch, self.scorer, site=self.site, layers=self.layers)
         B, T = input_ids.shape
         ids = input_ids.tolist()
         out = {}

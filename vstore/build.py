@@ -443,7 +443,7 @@ def build_store(
 
             local = example_start - int(store.meta["parts"][0]["example_start"]) if shard_t else 0
             extra[ATTRIBUTION_SITE] = Attributor(lm.model, lm.tokenizer, stories[local : local + len(todo)],
-                                                 attribution, site=sites[0], layers=plan.layers, max_length=fit)
+                                                 attribution, site=sites[0], layers=plan.layers)
         with task(progress, "build", len(todo), unit="examples", done=resumed_from) as bar:
             res = stream_part(lm, todo, writer, layers=plan.layers, site=sites, pool=pool, dtype=dtype,
                               batch_size=batch_size, max_length=fit, device=device, example_start=example_start,

@@ -15,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "N_BOOT",
+    "binomial_vs_chance",
     "bootstrap_interval",
     "clean",
     "detectable_drop",
@@ -25,6 +26,7 @@ __all__ = [
     "rng_for",
     "sign_test",
     "vs_controls",
+    "wilson_interval",
 ]
 
 #: Bootstrap resamples of :func:`bootstrap_interval`.
@@ -103,6 +105,24 @@ def sign_test(before: np.ndarray, after: np.ndarray) -> float:
     d = np.asarray(after, dtype=np.float64) - np.asarray(before, dtype=np.float64)
     up, down = int((d > 0).sum()), int((d < 0).sum())
     return 1.0 if up + down == 0 else min(float(binomtest(up, up + down, 0.5).pvalue), 1.0)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score 95% interval of a proportion ``k / n`` (NaN, NaN for ``n = 0``)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def binomial_vs_chance(k: int, n: int, chance: float = 0.5) -> float:
+    """Exact two-sided binomial p-value of ``k`` successes in ``n`` against ``chance`` (1 for ``n = 0``)."""
+    from scipy.stats import binomtest
+
+    return 1.0 if n <= 0 else min(float(binomtest(k, n, chance).pvalue), 1.0)
 
 
 def rng_for(*keys: Any) -> np.random.Generator:
