@@ -125,21 +125,22 @@ def test_killed_multi_site_build_resumes_identical(tiny_model, tmp_path):
     data = tmp_path / "many.jsonl"
     tiny_models.make_stories(data, per_value=4)
     args = [sys.executable, "-m", "vstore", "build", "--model", str(tiny_model), "--data", str(data),
-            "--dtype", "float32", "--site", "act,down_in,resid", "--batch-size", "1", "--commit-every", "0",
-            "--no-progress"]
+            "--dtype", "float32", "--site", "act,down_in,resid", "--attribution", "ll", "--batch-size", "1",
+            "--commit-every", "0", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*args, "--out", str(tmp_path / "ref")], check=True, env=env, capture_output=True)
     out = tmp_path / "k"
-    # stop between the chunk files of two sites (3 sites x 2 layers per write), then later in another write
-    for n in (5, 16):
+    # stop between the chunk files of two sites (4 sites x 2 layers per write), then inside a later write
+    for n in (5, 21):
         r = subprocess.run([*args, "--out", str(out)], env={**env, "VSTORE_FAULT": f"after-layer:{n}"},
                            capture_output=True)
         assert r.returncode == 99
     res = subprocess.run([*args, "--out", str(out)], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "resumed at example" in res.stderr
-    for site in ("act", "down_in", "resid"):
+    for site in ("act", "down_in", "resid", "attr"):
         np.testing.assert_array_equal(_site(out, site), _site(tmp_path / "ref", site))
+    assert np.abs(_site(out, "attr")).max() > 0
     a, b = Store(out), Store(tmp_path / "ref")
     assert np.array_equal(a.rows("0000", "example"), b.rows("0000", "example"))
 
