@@ -119,6 +119,22 @@ def test_keep_pooled_rows_are_mean_and_last_of_the_token_rows(tiny_model, storie
         assert np.array_equal(last[:, i], acts[:, rows[-1]])
     assert _neurons(rank_store(pooled, "value", "welch-t", top_k=4)) == _neurons(rank_store(full, "value", "welch-t",
                                                                                             top_k=4))
+    # the pooled rows rank like a --pool mean / --pool last build of the same batches
+    means, lasts = tmp_path / "means", tmp_path / "lasts"
+    for out, pool in ((means, "mean"), (lasts, "last")):
+        build_store(out, model=str(tiny_model), data=stories, dtype="float32", progress=False, batch_size=4, pool=pool)
+    view = Store(pooled, view="mean")
+    assert view.n_rows == len(pex) and view.committed_key.endswith(";rows=mean")
+    a, b = compute_stats(view, "value", use_cache=False), compute_stats(means, "value", use_cache=False)
+    assert np.array_equal(a.count, b.count)
+    np.testing.assert_allclose(a.sum, b.sum, rtol=1e-5, atol=1e-5)
+    r = rank_store(pooled, "value", "auroc", rows="last", top_k=4)
+    assert _neurons(r) == _neurons(rank_store(lasts, "value", "auroc", top_k=4))
+    assert r.data["store"]["pooling"] == "last"
+    with pytest.raises(StoreError, match="--rows mean"):
+        rank_store(pooled, "value", "auroc", top_k=4)
+    with pytest.raises(StoreError, match="--keep pooled"):
+        Store(full, view="mean")
 
 
 def _build_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

@@ -9,7 +9,6 @@ it stopped and ends identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 import time
@@ -23,8 +22,9 @@ from .capture import POOLINGS, estimate_rows, stream_part
 from .data import Example, file_sha256, load_examples
 from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError, disk_full
 from .lm import fit_length
-from .models import DEFAULT_MODEL, SITES, LoadedModel, ModelIdentity, load_model, site_width
+from .models import DEFAULT_MODEL, SITES, LoadedModel, load_model, site_width
 from .progress import Note, Progress, note_to_stderr, task
+from .shards import KEEPS, build_lock, check_same, check_scale, open_shard, parse_shard
 from .store import (
     DTYPES,
     ITEMSIZE,
@@ -35,7 +35,6 @@ from .store import (
     dtype_spec,
     is_store,
     is_url,
-    meta_lock,
 )
 
 __all__ = ["ATTRIBUTION_SITE", "KEEPS", "POOLINGS", "BuildResult", "build_store", "parse_layers", "parse_shard",
@@ -43,9 +42,6 @@ __all__ = ["ATTRIBUTION_SITE", "KEEPS", "POOLINGS", "BuildResult", "build_store"
 
 #: The site an attribution build adds (``--attribution``), stored float32.
 ATTRIBUTION_SITE = "attr"
-
-#: What a build keeps: token activations (``all``), pooled rows and statistics, or statistics only.
-KEEPS = ("all", "pooled", "stats")
 
 ROW_TABLE_BYTES = 16  # rows/example (int64) + rows/position + rows/token (int32) per row
 
@@ -66,19 +62,6 @@ class BuildResult:
     nonfinite: dict[str, int] = field(default_factory=dict)
     stats_written: list[str] = field(default_factory=list)
     complete: bool = True
-
-
-def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
-    """``"I/N"`` (or ``(I, N)``) as ``(I, N)`` with ``0 <= I < N`` (None: not sharded)."""
-    if spec is None:
-        return None
-    try:
-        i, n = (int(x) for x in spec.split("/")) if isinstance(spec, str) else (int(spec[0]), int(spec[1]))
-    except (ValueError, TypeError, IndexError):
-        raise UsageError(f"shard: expected I/N (e.g. 0/4), got {spec!r}", "shard") from None
-    if not 0 <= i < n:
-        raise UsageError(f"shard: expected 0 <= I < N, got {i}/{n}", "shard")
-    return i, n
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
@@ -182,23 +165,6 @@ def _check_arguments(pool: str, dtype: str, site: str | Sequence[str], batch_siz
         raise UsageError("append and overwrite cannot be combined", "append", "overwrite")
 
 
-def _check_scale(keep: str, stats_by: Sequence[str], pool: str, shard: tuple[int, int] | None, append: bool,
-                 overwrite: bool, out: str | Path) -> None:
-    if keep not in KEEPS:
-        raise UsageError(f"keep must be one of {list(KEEPS)}, got {keep!r}", "keep")
-    if keep == "stats" and not stats_by:
-        raise UsageError("keep stats writes no activations: name the groupings to keep with stats_by "
-                         "(--stats-by COLUMN)", "keep", "stats_by")
-    if keep == "pooled" and pool != "token":
-        raise UsageError("keep pooled pools the token rows itself: use it with pool token", "keep", "pool")
-    if shard is not None and (append or overwrite):
-        raise UsageError("shard builds one new store (its shards resume alone): no append or overwrite",
-                         "shard", "append", "overwrite")
-    if shard is not None and "://" in str(out) and not str(out).startswith("file://"):
-        raise UsageError("shard needs a store on a local or shared POSIX file system (the shards lock its "
-                         "attributes)", "shard", "out")
-
-
 def _existing(out: Path | str, *, append: bool, overwrite: bool, resume: bool) -> Store | None:
     """The store at ``out`` to resume or append to (None: create one), or a refusal; before any model load."""
     if isinstance(out, Path) and out.exists() and not out.is_dir():
@@ -218,19 +184,6 @@ def _existing(out: Path | str, *, append: bool, overwrite: bool, resume: bool) -
             raise StoreError(f"resume: {out} is already complete")
         raise StoreExistsError(f"{out} is a complete store; pass overwrite to rebuild it or append to add data")
     return existing
-
-
-def _check_same(store: Store, meta: dict[str, Any], ident: ModelIdentity) -> None:
-    have = store.meta
-    problems = [f"{key}: store has {have.get(key)!r}, this build {meta[key]!r}"
-                for key in ("site", "dtype", "pooling", "layers", "sites") if have.get(key) != meta.get(key)]
-    if have.get("keep", "all") != meta.get("keep", "all"):
-        problems.append(f"keep: store has {have.get('keep', 'all')!r}, this build {meta.get('keep', 'all')!r}")
-    hm = have.get("model", {})
-    problems += [f"model {key}: store has {hm.get(key)!r}, this build {getattr(ident, key)!r}"
-                 for key in ("architecture", "n_layers", "n_neurons", "sha256") if hm.get(key) != getattr(ident, key)]
-    if problems:
-        raise StoreError(f"{store.path}: this build does not match the store: " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -255,7 +208,7 @@ def _open_part(out: Path | str, existing: Store | None, plan: _Plan, lm: LoadedM
         overwrite = True
     if existing is not None and not append:  # resume
         last = existing.meta["parts"][-1] if existing.meta["parts"] else None
-        _check_same(existing, plan.meta, ident)
+        check_same(existing, plan.meta, ident)
         ds, want = (last or {}).get("dataset", {}), plan.part_extra["dataset"]
         if last is None or last.get("build") != plan.part_extra["build"] or ds.get("sha256") != want["sha256"] \
                 or ds.get("examples") != len(examples):
@@ -268,7 +221,7 @@ def _open_part(out: Path | str, existing: Store | None, plan: _Plan, lm: LoadedM
         _check_disk(out, rows_est, len(plan.layers) if plan.meta["keep"] == "all" else 0, ident.n_neurons,
                     plan.meta["dtype"], int(plan.meta["chunk_rows"]), plan.meta.get("sites", ()))
     if existing is not None:  # append
-        _check_same(existing, plan.meta, ident)
+        check_same(existing, plan.meta, ident)
         store = existing
     else:
         store = Store.create(out, plan.meta, overwrite=overwrite)
@@ -276,36 +229,6 @@ def _open_part(out: Path | str, existing: Store | None, plan: _Plan, lm: LoadedM
     start = store.add_examples([e.id for e in examples], [e.text for e in examples], [e.labels for e in examples])
     part = store.start_part(len(examples), start, plan.part_extra, compressor=compressor, keep=plan.meta["keep"])
     return store, part, start, examples
-
-
-def _open_shard(out: Path, plan: _Plan, lm: LoadedModel, shard: tuple[int, int], *,
-                compressor: str) -> tuple[Store, str, int, list[Example]]:
-    """Shard ``I`` of ``N``: the first shard to come creates the store, every example and all N parts (so
-    the parts lie in file order whichever shard starts first); each then writes its own part."""
-    i, n = shard
-    examples = plan.examples
-    out.mkdir(parents=True, exist_ok=True)
-    with meta_lock(out.resolve().parent):  # one shard creates the store; the others wait for it
-        if not is_store(out):
-            if any(out.iterdir()):
-                raise StoreExistsError(f"{out} exists and is not a vstore store; choose another out")
-            store = Store.create(out, {**plan.meta, "shards": n})
-            start = store.add_examples([e.id for e in examples], [e.text for e in examples],
-                                       [e.labels for e in examples])
-            bounds = [len(examples) * k // n for k in range(n + 1)]
-            store.start_parts([(bounds[k + 1] - bounds[k], start + bounds[k], {**plan.part_extra, "shard": [k, n]})
-                               for k in range(n)], compressor=compressor, keep=plan.meta["keep"])
-        store = Store(out, mode="r+")
-    if store.meta.get("shards") != n:
-        raise StoreError(f"{out} is not a build of {n} shards (it has {store.meta.get('shards') or 'no'} shards); "
-                         "use its own I/N, another out, or remove it")
-    _check_same(store, plan.meta, lm.identity)
-    entry = store.meta["parts"][i]
-    ds = entry.get("dataset", {})
-    if entry.get("build") != plan.part_extra["build"] or ds.get("sha256") != plan.part_extra["dataset"]["sha256"]:
-        raise StoreError(f"{out}: shard {i}/{n} was started with other data or arguments; rerun it with the same ones")
-    local = int(entry["example_start"]) - int(store.meta["parts"][0]["example_start"])
-    return store, entry["name"], int(entry["example_start"]), examples[local : local + int(entry["n_examples"])]
 
 
 def build_store(
@@ -407,12 +330,12 @@ def build_store(
     stats_by = list(dict.fromkeys(stats_by))
     _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite, attribution,
                      keep)
-    _check_scale(keep, stats_by, pool, shard_t, append, overwrite, out_s)
+    check_scale(keep, stats_by, pool, shard_t, append, overwrite, out_s)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
     stories = _stories_of(examples, data_path, split, limit, texts) if attribution is not None else []
     target: Any = out_s if is_url(out_s) else out
-    with _build_lock(target, shard_t), _disk_full_is_clear(out):  # one writer per store (or shard) at a time
+    with build_lock(target, shard_t), _disk_full_is_clear(out):  # one writer per store (or shard) at a time
         existing = None if shard_t else _existing(target, append=append, overwrite=overwrite, resume=resume)
         lm = model if isinstance(model, LoadedModel) else load_model(
             model, device=device, trust_remote_code=trust_remote_code, progress=note)
@@ -421,7 +344,7 @@ def build_store(
                      max_length=max_length, device=device, stats_by=stats_by, keep=keep, attribution=attribution)
         fit = fit_length(lm.model, max_length)  # never past the model's position limit (GPT-2: 1024)
         if shard_t is not None:
-            store, part, example_start, todo = _open_shard(out, plan, lm, shard_t, compressor=compressor)
+            store, part, example_start, todo = open_shard(out, plan, lm, shard_t, compressor=compressor)
         else:
             store, part, example_start, todo = _open_part(target, existing, plan, lm, append=append,
                                                           overwrite=overwrite, compressor=compressor, pool=pool,
@@ -538,30 +461,3 @@ def _disk_full_is_clear(out: Path) -> Iterator[None]:
         if err is None:
             raise
         raise err from e
-
-
-@contextlib.contextmanager
-def _build_lock(out: Path | str, shard: tuple[int, int] | None = None) -> Iterator[None]:
-    """An advisory lock beside the store for the duration of a build (of one shard): a second writer is
-    refused. A remote store (a URL) has no lock: one writer at a time is up to the user."""
-    import fcntl
-
-    if isinstance(out, str):
-        yield
-        return
-    tag = f".shard{shard[0]}" if shard is not None else ""
-    lock = out.with_name(f".{out.name}{tag}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            what = f"shard {shard[0]}/{shard[1]} of {out}" if shard is not None else str(out)
-            raise StoreError(f"{what} is being written by another build (lock {lock}); wait for it to end") from None
-        try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
-    finally:
-        os.close(fd)

@@ -213,7 +213,8 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
         "format": dict(FORMAT),
         "model": dict(st.meta["model"]),
         "store": {"path": st.location, "committed": st.committed_key, "site": st.site,
-                  "dtype": st.dtype, "pooling": st.meta.get("pooling"), **_site_extra(st)},
+                  "dtype": st.dtype, "pooling": st.meta.get("pooling") if st.view == "token" else st.view,
+                  **_site_extra(st)},
         "method": req.method.name,
         "params": {**req.params(), **extra_params, **ranked.params},
         "by": grouping.by,
@@ -280,13 +281,13 @@ def _rank_grouping(st: Store, req: RankRequest, grouping: Grouping, opts: _PassO
                       nbytes, skipped=skipped)
 
 
-def _open(store: str | Path, write: bool) -> Store:
+def _open(store: str | Path, write: bool, view: str = "token") -> Store:
     if write:
         try:
-            return Store(store, mode="r+")
+            return Store(store, mode="r+", view=view)
         except PermissionError:  # a read-only store: rank without caching
             pass
-    return Store(store, mode="r")
+    return Store(store, mode="r", view=view)
 
 
 def rank_store(
@@ -315,6 +316,7 @@ def rank_store(
     auroc_memory: int = 256 << 20,
     verify: bool = True,
     skip_damaged: bool = False,
+    rows: str = "token",
     site: str | None = None,
 ) -> RankResult:
     """Rank the neurons of a store with one method and write a neuron set.
@@ -363,6 +365,9 @@ def rank_store(
     skip_damaged
         Leave out chunks that cannot be read (missing, truncated, bad checksum) instead of failing;
         the rows left out are in ``RankResult.skipped`` and the JSON's ``params.skipped_damaged``.
+    rows
+        ``token`` (default), or ``mean`` / ``last``: rank the pooled rows of a store built with
+        ``keep="pooled"`` (one row per example; the neuron set records them as its ``pooling``).
     site
         The store's site to rank (``act``, ``down_in``, ``resid``, ``attr``; default: the store's
         first site, or ``attr`` for the ``attribution`` method). Recorded as ``store.site``.
@@ -382,7 +387,9 @@ def rank_store(
     sel = Selection(top_k=top_k, per_layer_k=per_layer_k, top_rate=top_rate, threshold=threshold, by_abs=by_abs)
     req = _request(method, sel, contrast=con, neurons=neurons, split_half=split_half, filter_rate=filter_rate,
                    bar_ratio=bar_ratio, seed=seed, backend=backend)
-    st = _open(store, write=use_cache and req.method.needs != "none")
+    if rows not in ("token", "mean", "last"):
+        raise UsageError(f"rows must be token, mean or last, got {rows!r}", "rows")
+    st = _open(store, write=use_cache and req.method.needs != "none", view=rows)
     st = st.with_site(_site_for(st, req.method, site))
     if st.n_rows == 0 and req.method.needs != "none":
         raise VstoreError(f"{st.path}: the store has no committed rows to rank")

@@ -76,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--threads", type=int, default=None, help="kernel threads (default: all cores)")
     p.add_argument("--dask", default=None, metavar="ADDRESS|local:N",
                    help="reduce chunk ranges on a Dask cluster (scheduler address, or N local worker processes)")
+    p.add_argument("--rows", default="token", choices=("token", "mean", "last"),
+                   help="token rows (default), or the mean/last rows of a store built --keep pooled")
     p.add_argument("--auroc-memory", default="256MB", metavar="SIZE",
                    help="auroc: histogram memory per pass (default 256MB; more memory, fewer passes)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
@@ -107,7 +109,7 @@ def cmd_rank(a: argparse.Namespace) -> int:
         top_rate=a.top_rate, threshold=a.threshold, by_abs=a.abs, filter_rate=a.filter_rate, bar_ratio=a.bar_ratio,
         backend=a.backend, split_half=a.split_half, seed=a.seed, neurons=a.neurons, use_cache=not a.no_cache,
         progress=make_progress(not a.no_progress), threads=a.threads, dask=a.dask, auroc_memory=_size(a.auroc_memory),
-        verify=not a.no_verify, skip_damaged=a.skip_damaged, site=a.site,
+        verify=not a.no_verify, skip_damaged=a.skip_damaged, rows=a.rows, site=a.site,
     )
     console.print(summary_table(ns))
     source = "statistics from the cache" if ns.from_cache else f"read {human_bytes(ns.bytes_read)}"

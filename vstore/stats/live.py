@@ -32,6 +32,57 @@ __all__ = ["LiveStats", "accumulate_torch", "write_build_stats"]
 LIVE_ATTR = "vstore_live"
 
 
+def _cuda_kernel() -> Any:
+    """The optional ``vstore.cuda_stats`` module when it is built and a GPU is usable, else None."""
+    try:
+        import importlib
+
+        mod: Any = importlib.import_module("vstore.cuda_stats")  # optional, built with the CUDA kernel
+        return mod if mod.available() else None
+    except ImportError:
+        return None
+
+
+def _columns(x: Any) -> tuple[Any, bool]:
+    """``[x, x^2, x > 0 (, NaN/Inf)]`` stacked ``(k, rows, N)`` in float64, NaN/Inf as 0 (and whether any was
+    met)."""
+    import torch
+
+    R, N = x.shape
+    out = torch.empty((4, R, N), dtype=torch.float64, device=x.device)
+    v = out[0]
+    v.copy_(x)  # the stored values, exactly, in float64 (half-precision math is slow on CPUs)
+    any_nonfinite = not bool(torch.isfinite(v.sum()))  # one reduction: NaN/Inf propagate, float64 cannot overflow
+    if any_nonfinite:
+        finite = torch.isfinite(v)
+        out[3].copy_(~finite)
+        v.masked_fill_(~finite, 0.0)
+    torch.mul(v, v, out=out[1])
+    torch.gt(v, 0, out=out[2])
+    return (out if any_nonfinite else out[:3]), any_nonfinite
+
+
+def _add_columns(cols: Any, nonfinite_col: bool, groups: Any, count: Any, sum_: Any, sumsq: Any, npos: Any,
+                 nonfinite: Any) -> None:
+    """Add the rows of ``cols`` (see :func:`_columns`) to their groups' accumulators (one ``index_add``)."""
+    import torch
+
+    keep = groups >= 0
+    if not bool(keep.all()):
+        cols, groups = cols[:, keep], groups[keep]
+    if groups.numel() == 0:
+        return
+    g = groups.to(torch.int64)
+    part = torch.zeros((cols.shape[0], count.shape[0], cols.shape[2]), dtype=torch.float64, device=cols.device)
+    part.index_add_(1, g, cols)
+    count += torch.bincount(g, minlength=count.shape[0])
+    sum_ += part[0]
+    sumsq += part[1]
+    npos += part[2].to(torch.int64)  # counts in float64: exact below 2**53 rows
+    if nonfinite_col:
+        nonfinite += part[3].to(torch.int64)
+
+
 def accumulate_torch(x: Any, groups: Any, count: Any, sum_: Any, sumsq: Any, npos: Any, nonfinite: Any) -> None:
     """Add the per-group moments of rows ``x`` ``(rows, N)`` (any float dtype) to torch accumulators.
 
@@ -41,31 +92,15 @@ def accumulate_torch(x: Any, groups: Any, count: Any, sum_: Any, sumsq: Any, npo
     """
     import torch
 
-    if x.is_cuda:
-        try:
-            import importlib
-
-            cuda_stats: Any = importlib.import_module("vstore.cuda_stats")  # optional, built with the CUDA kernel
-            if cuda_stats.available():
-                cuda_stats.update_moments(x.contiguous(), groups.to(torch.int32).contiguous(), count, sum_, sumsq,
-                                          npos, nonfinite)
-                return
-        except ImportError:
-            pass
-    keep = groups >= 0
-    if not bool(keep.all()):
-        x, groups = x[keep], groups[keep]
-    if groups.numel() == 0:
+    kernel = _cuda_kernel() if x.is_cuda else None
+    if kernel is not None:
+        kernel.update_moments(x.contiguous(), groups.to(torch.int32).contiguous(), count, sum_, sumsq, npos,
+                              nonfinite)
         return
-    g = groups.to(torch.int64)
-    xd = x.to(torch.float64)
-    finite = torch.isfinite(xd)
-    v = torch.where(finite, xd, torch.zeros((), dtype=torch.float64, device=xd.device))
-    count.index_add_(0, g, torch.ones_like(g))
-    sum_.index_add_(0, g, v)
-    sumsq.index_add_(0, g, v * v)
-    npos.index_add_(0, g, (v > 0).to(torch.int64))
-    nonfinite.index_add_(0, g, (~finite).to(torch.int64))
+    if x.shape[0] == 0:
+        return
+    cols, nf = _columns(x)
+    _add_columns(cols, nf, groups, count, sum_, sumsq, npos, nonfinite)
 
 
 def _safe(by: str) -> str:
@@ -137,24 +172,37 @@ class LiveStats:
         import torch
 
         on_cuda = str(self.device).startswith("cuda")
-        out: dict[str, dict[str, Any]] = {}
         view = acts.view(torch.bfloat16) if acts.dtype == torch.int16 else acts
+        kernel = _cuda_kernel() if view.is_cuda else None
+        dev: dict[str, dict[str, Any]] = {}
+        rows = {}
         for b, g in self.groupings.items():
-            G = len(g.names)
-            dev = {"count": torch.zeros((self.L, G), dtype=torch.int64, device=acts.device),
-                   "sum": torch.zeros((self.L, G, self.N), dtype=torch.float64, device=acts.device),
-                   "sumsq": torch.zeros((self.L, G, self.N), dtype=torch.float64, device=acts.device),
-                   "npos": torch.zeros((self.L, G, self.N), dtype=torch.int64, device=acts.device),
-                   "nonfinite": torch.zeros((self.L, G, self.N), dtype=torch.int64, device=acts.device)}
-            rows = self.codes[b][example]
-            for li in range(self.L):
-                accumulate_torch(view[li], rows, *(dev[k][li] for k in FIELDS))
-            host = {}
-            for k, t in dev.items():
-                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=on_cuda)
-                h.copy_(t, non_blocking=on_cuda)
-                host[k] = h
-            out[b] = host
+            G, shape = len(g.names), (self.L, len(g.names), self.N)
+            dev[b] = {"count": torch.zeros((self.L, G), dtype=torch.int64, device=acts.device),
+                      "sum": torch.zeros(shape, dtype=torch.float64, device=acts.device),
+                      "sumsq": torch.zeros(shape, dtype=torch.float64, device=acts.device),
+                      "npos": torch.zeros(shape, dtype=torch.int64, device=acts.device),
+                      "nonfinite": torch.zeros(shape, dtype=torch.int64, device=acts.device)}
+            rows[b] = self.codes[b][example]
+        for li in range(self.L):
+            if kernel is not None:
+                for b in self.groupings:
+                    accumulate_torch(view[li], rows[b], *(dev[b][k][li] for k in FIELDS))
+                continue
+            if view.shape[1] == 0:
+                continue
+            cols, nf = _columns(view[li])  # once per layer, whatever the number of groupings
+            for b in self.groupings:
+                _add_columns(cols, nf, rows[b], *(dev[b][k][li] for k in FIELDS))
+        if not on_cuda:
+            return dev
+        out: dict[str, dict[str, Any]] = {}
+        for b, arrays in dev.items():
+            out[b] = {}
+            for k, t in arrays.items():
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h.copy_(t, non_blocking=True)
+                out[b][k] = h
         return out
 
     def on_commit(self, payloads: list[Any], examples: int) -> None:

@@ -180,7 +180,8 @@ def _no_activations(store: Store, groupings: Sequence[Grouping], kind: str) -> S
     return StoreError(f"{store.path} was built with --keep {keep}: it holds no token activations, and the {what} "
                       f"of {want} are not in its statistics cache; {have}. Methods and groupings beyond those "
                       "(auroc, --split-half, --where, --contrast, other columns) need a store built with "
-                      "--keep all" + (" or --stats-by for that column" if kind == "moments" else ""))
+                      "--keep all" + (" or --stats-by for that column" if kind == "moments" else "")
+                      + (" (or rank its pooled rows: --rows mean|last)" if keep == "pooled" else ""))
 
 
 def labelled(arrays: Mapping[str, np.ndarray], grouping: Grouping, store: Store, from_cache: bool) -> GroupStats:

@@ -44,7 +44,10 @@ from ._format import (
 )
 from ._meta import meta_lock, read_meta_file
 
-__all__ = ["PartInfo", "Store", "is_store"]
+__all__ = ["VIEWS", "PartInfo", "Store", "is_store", "is_url"]
+
+#: The rows a :class:`Store` can be read as: token rows, or a ``--keep pooled`` store's pooled rows.
+VIEWS = ("token", "mean", "last")
 
 
 def is_url(path: str | Path) -> bool:
@@ -103,11 +106,18 @@ class Store:
     site
         The site that :meth:`acts`, :attr:`n_neurons`, :attr:`dtype` and every reader see (default:
         the store's first site); :meth:`with_site` gives the same store seen at another site.
+    view
+        Which rows the reading side sees: ``token`` (the ``acts`` of every part, default), or ``mean``
+        / ``last``: the pooled rows of a store built ``--keep pooled`` (``pooled/<view>``, the first
+        site only).
     """
 
-    def __init__(self, path: str | Path, mode: str = "r", site: str | None = None) -> None:
+    def __init__(self, path: str | Path, mode: str = "r", site: str | None = None, *, view: str = "token") -> None:
         if mode not in ("r", "r+"):
             raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
+        if view not in VIEWS:
+            raise StoreError(f"view must be one of {', '.join(VIEWS)}, got {view!r}")
+        self.view = view
         #: the store's URL for a remote store (zarr reads it through fsspec), else None
         self.url: str | None = str(path) if is_url(path) else None
         self.path = Path(str(path)) if self.url else local_path(path)
@@ -129,6 +139,9 @@ class Store:
         check_format_version(self.meta.get("format_version"), str(self.path))
         check_attributes(self.meta, f"{self.path}: attributes.vstore")
         self._check_inside()
+        if view != "token" and not any(p.get("keep") == "pooled" for p in self.meta["parts"]):
+            raise StoreError(f"{self.path}: rows {view!r} are the pooled rows of a store built with --keep pooled; "
+                             "this store has none")
         self.site = self._resolve_site(site)
 
     def _resolve_site(self, site: str | None) -> str:
@@ -137,6 +150,8 @@ class Store:
             return names[0]
         if site not in names:
             raise StoreError(f"{self.path}: no site {site!r}; the store holds {', '.join(names)}")
+        if site != names[0] and getattr(self, "view", "token") != "token":
+            raise StoreError(f"{self.path}: the pooled rows ({self.view}) are of the first site {names[0]!r} only")
         return site
 
     @property
@@ -210,7 +225,11 @@ class Store:
         return cls(p, mode="r+")
 
     def array(self, path: str) -> zarr.Array:
-        """The zarr array at ``path`` inside the store (``StoreError`` when it is missing or a group)."""
+        """The zarr array at ``path`` inside the store (``StoreError`` when it is missing or a group).
+
+        In a pooled view, a part's ``rows/example`` is that of its pooled rows."""
+        if self.view != "token" and path.startswith("parts/") and path.endswith("/rows/example"):
+            path = path.replace("/rows/example", "/rows/pooled/example")
         try:
             node = self.group.get(path)
         except Exception as e:  # zarr raises JSON, key and value errors on damaged array metadata
@@ -286,7 +305,8 @@ class Store:
         return [
             PartInfo(
                 p["name"], p["state"], int(p["example_start"]), int(p["n_examples"]),
-                int(p["committed_examples"]), int(p["committed_rows"]),
+                int(p["committed_examples"]),
+                int(p["committed_rows"] if self.view == "token" else p.get("pooled_rows", 0)),
             )
             for p in self.meta["parts"]
         ]
@@ -303,7 +323,8 @@ class Store:
     @property
     def committed_key(self) -> str:
         """A string that changes whenever rows are committed (for stats caching)."""
-        return ";".join(f"{p.name}:{p.committed_rows}" for p in self.parts)
+        key = ";".join(f"{p.name}:{p.committed_rows}" for p in self.parts)
+        return key if self.view == "token" else f"{key};rows={self.view}"
 
     def acts(self, part: str, site: str | None = None) -> Any:
         """The raw array of a part at the selected site, or ``site`` (storage dtype; bfloat16 is uint16 bits)."""
@@ -311,7 +332,7 @@ class Store:
             keep = self.part_entry(part).get("keep")
             raise StoreError(f"{self.path}: part {part} holds no token activations (built with --keep {keep})")
         info = self.site_info(site)
-        path = f"parts/{part}/{info['path']}"
+        path = f"parts/{part}/{info['path']}" if self.view == "token" else f"parts/{part}/pooled/{self.view}"
         arr = self.array(path)
         if arr.ndim != 3 or arr.shape[0] != len(self.layers) or arr.shape[2] != int(info["n_neurons"]):
             raise StoreError(f"{self.path}/{path}: shape {arr.shape} does not match the attributes "
@@ -412,7 +433,7 @@ class Store:
 
     def has_acts(self, part: str) -> bool:
         """Whether a part holds token activations (``acts``); ``--keep stats|pooled`` parts do not."""
-        return str(self.part_entry(part).get("keep", "all")) == "all"
+        return str(self.part_entry(part).get("keep", "all")) == ("all" if self.view == "token" else "pooled")
 
     @property
     def keeps_activations(self) -> bool:

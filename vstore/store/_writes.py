@@ -18,7 +18,10 @@ from ._format import DTYPES, codecs_for
 if TYPE_CHECKING:
     from ._store import Store
 
-__all__ = ["add_examples", "commit", "finish_part", "start_parts", "trim_examples"]
+__all__ = ["POOLED_CHUNK", "add_examples", "commit", "finish_part", "start_parts", "trim_examples"]
+
+#: Rows per chunk of the ``pooled/*`` arrays (one row per example).
+POOLED_CHUNK = 256
 
 
 def add_examples(self: Store, ids: Sequence[str], texts: Sequence[str], labels: Sequence[Mapping[str, str]]) -> int:
@@ -94,7 +97,8 @@ def _create_part_arrays(self: Store, name: str, compressor: str, keep: str) -> N
     L, N = len(self.layers), self.n_neurons
     chunk = int(self.meta["chunk_rows"])
     heads = {"all": ["acts"], "pooled": ["pooled/mean", "pooled/last"], "stats": []}[keep]
-    arrays: list[tuple[str, int, int, str, dict[str, str]]] = [(h, N, chunk, self.dtype, {}) for h in heads]
+    arrays: list[tuple[str, int, int, str, dict[str, str]]] = [
+        (h, N, chunk if h == "acts" else min(chunk, POOLED_CHUNK), self.dtype, {}) for h in heads]  # pooled: small
     if keep == "all" and "sites" in self.meta:  # one array per site: the first at acts, the others under sites/
         arrays = [(str(e["path"]), int(e["n_neurons"]), int(e["chunk_rows"]), str(e["dtype"]), {"site": s})
                   for s in self.sites for e in [self.site_info(s)]]
