@@ -22,9 +22,10 @@ from .capture import POOLINGS, estimate_rows, stream_part
 from .data import Example, file_sha256, load_examples
 from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError, disk_full
 from .lm import fit_length
-from .models import DEFAULT_MODEL, SITES, LoadedModel, load_model, site_width
+from .models import DEFAULT_MODEL, LoadedModel, load_model, site_width
 from .progress import Note, Progress, note_to_stderr, task
 from .shards import KEEPS, build_lock, check_same, check_scale, open_shard, parse_shard
+from .sites import ATTRIBUTION_SITE, parse_sites, site_entries_for, stories_of
 from .store import (
     DTYPES,
     ITEMSIZE,
@@ -40,8 +41,6 @@ from .store import (
 __all__ = ["ATTRIBUTION_SITE", "KEEPS", "POOLINGS", "BuildResult", "build_store", "parse_layers", "parse_shard",
            "parse_sites"]
 
-#: The site an attribution build adds (``--attribution``), stored float32.
-ATTRIBUTION_SITE = "attr"
 
 ROW_TABLE_BYTES = 16  # rows/example (int64) + rows/position + rows/token (int32) per row
 
@@ -97,28 +96,6 @@ def _versions() -> dict[str, str]:
         "vstore": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
         "zarr": zarr.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0],
     }
-
-
-def parse_sites(site: str | Sequence[str]) -> list[str]:
-    """``act``, ``act,down_in,resid`` or a list of sites: the capture sites, in the order given, each once."""
-    names = [x.strip() for x in site.split(",")] if isinstance(site, str) else [str(x).strip() for x in site]
-    bad = [x for x in names if x not in SITES]
-    if not names or bad:
-        raise UsageError(f"site: expected one or more of {', '.join(SITES)} (comma-separated), got {site!r}", "site")
-    if len(set(names)) != len(names):
-        raise UsageError(f"site: {site!r} names a site twice", "site")
-    return names
-
-
-def _site_entries(lm: LoadedModel, sites: list[str], dtype: str, attribution: str | None) -> list[dict[str, Any]]:
-    """The ``sites`` attribute: every capture site in ``dtype``, then ``attr`` (float32), one row chunking."""
-    chunk = chunk_rows_for(site_width(lm.model, sites[0]), dtype)
-    out: list[dict[str, Any]] = [{"name": s, "n_neurons": site_width(lm.model, s), "dtype": dtype, "chunk_rows": chunk}
-                                 for s in sites]
-    if attribution is not None:
-        out.append({"name": ATTRIBUTION_SITE, "n_neurons": out[0]["n_neurons"], "dtype": "float32",
-                    "chunk_rows": chunk, "of": sites[0], "scorer": attribution})
-    return out
 
 
 def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str, chunk_rows: int,
@@ -333,7 +310,7 @@ def build_store(
     check_scale(keep, stats_by, pool, shard_t, append, overwrite, out_s)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
-    stories = _stories_of(examples, data_path, split, limit, texts) if attribution is not None else []
+    stories = stories_of(examples, data_path, split, limit, texts) if attribution is not None else []
     target: Any = out_s if is_url(out_s) else out
     with build_lock(target, shard_t), _disk_full_is_clear(out):  # one writer per store (or shard) at a time
         existing = None if shard_t else _existing(target, append=append, overwrite=overwrite, resume=resume)
@@ -396,7 +373,7 @@ def _plan(lm: LoadedModel, examples: list[Example], data_path: Path, *, layers: 
             "chunk_rows": chunk_rows_for(site_width(lm.model, sites[0]), dtype), "versions": _versions()}
     # one MLP-wide site stays a version-1 store exactly as before; anything else lists its sites
     if len(sites) > 1 or attribution is not None or site_width(lm.model, sites[0]) != ident.n_neurons:
-        meta["sites"] = _site_entries(lm, sites, dtype, attribution)
+        meta["sites"] = site_entries_for(lm.model, sites, dtype, attribution)
     build = {"batch_size": batch_size, "max_length": max_length, "device": device, "pool": pool}
     if stats_by or keep != "all":
         build.update({"stats_by": stats_by, "keep": keep})
@@ -430,25 +407,6 @@ def _finish(store: Store, part: str, n_examples: int, writer: PartWriter, res: A
         note(f"warning: the model produced {sum(res.nonfinite.values())} NaN/Inf activation value(s) (per layer: "
              f"{res.nonfinite}); they are stored as they are and left out of the statistics neuron by neuron")
     return written
-
-
-def _stories_of(examples: Sequence[Example], data: Path, split: str | None, limit: int | None,
-                texts: Sequence[str] | None) -> list[Any]:
-    """The story item of each example (attribution scores its two actions), in example order."""
-    from .data import load_stories
-
-    if data.suffix == ".txt":
-        raise UsageError(f"attribution: {data} is plain text; it needs a story file whose items have both actions "
-                         "(aligned and violating)", "attribution", "data")
-    items = [s for s in load_stories(data) if split is None or s.split == split]
-    by_id = {s.id: s for s in (items[:limit] if limit else items)}
-    out = []
-    for e in examples:
-        sid = e.id.rsplit(":", 1)[0] if texts else e.id
-        if sid not in by_id:
-            raise StoreError(f"attribution: example {e.id!r} has no story item in {data}")
-        out.append(by_id[sid])
-    return out
 
 
 @contextlib.contextmanager

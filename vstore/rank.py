@@ -23,6 +23,7 @@ from .methods import Method, get_method, score
 from .neuronset import FORMAT, LayerNeurons, NeuronSet, jaccard
 from .scoring import Scores
 from .select import Item, Selection, control_set, lape_select, select_neurons
+from .sites import site_extra, site_for
 from .stats import Grouping, GroupStats, grouping_auroc, grouping_stats, make_grouping, split_grouping_stats
 from .stats.grouping import normalise_contrast, normalise_where
 from .store import Store
@@ -214,7 +215,7 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
         "model": dict(st.meta["model"]),
         "store": {"path": st.location, "committed": st.committed_key, "site": st.site,
                   "dtype": st.dtype, "pooling": st.meta.get("pooling") if st.view == "token" else st.view,
-                  **_site_extra(st)},
+                  **site_extra(st)},
         "method": req.method.name,
         "params": {**req.params(), **extra_params, **ranked.params},
         "by": grouping.by,
@@ -228,14 +229,6 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "vstore_version": __version__,
     }
-
-
-def _site_extra(st: Store) -> dict[str, Any]:
-    """What the neuron set records of an ``attr`` site: the site attributed and the scorer."""
-    info = st.site_info()
-    if info["name"] != "attr":
-        return {}
-    return {"attribution": {"of": info.get("of"), "scorer": info.get("scorer")}}
 
 
 @dataclass(frozen=True)
@@ -390,7 +383,7 @@ def rank_store(
     if rows not in ("token", "mean", "last"):
         raise UsageError(f"rows must be token, mean or last, got {rows!r}", "rows")
     st = _open(store, write=use_cache and req.method.needs != "none", view=rows)
-    st = st.with_site(_site_for(st, req.method, site))
+    st = st.with_site(site_for(st, req.method.name, req.method.site, site))
     if st.n_rows == 0 and req.method.needs != "none":
         raise VstoreError(f"{st.path}: the store has no committed rows to rank")
     grouping = make_grouping(st, by, where=normalise_where(where), contrast=con)
@@ -422,18 +415,6 @@ def rank_store(
         _write(result, Path(out))
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _site_for(st: Store, method: Method, site: str | None) -> str | None:
-    """The site to rank: as asked, else the method's own (``attribution``: ``attr``), else the first."""
-    if site is not None and method.site is not None and site != method.site:
-        raise UsageError(f"site: method {method.name} ranks site {method.site!r}, not {site!r}", "site", "method")
-    want = site if site is not None else method.site
-    if want is not None and want not in st.sites:
-        hint = " (build it with --attribution choice|ll)" if want == "attr" else ""
-        raise UsageError(f"site: the store {st.path} holds no site {want!r}; its sites: {', '.join(st.sites)}{hint}",
-                         "site")
-    return want
 
 
 def _rank_halves(st: Store, req: RankRequest, grouping: Grouping, opts: _PassOptions,

@@ -19,7 +19,6 @@ after them, at example boundaries. Readers trust only the counters.
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,10 +38,9 @@ from ._format import (
     ITEMSIZE,
     check_attributes,
     check_format_version,
-    site_entries,
-    site_path,
 )
 from ._meta import meta_lock, read_meta_file
+from ._sites import SiteView
 
 __all__ = ["VIEWS", "PartInfo", "Store", "is_store", "is_url"]
 
@@ -94,7 +92,7 @@ class PartInfo:
         return self.state == "complete"
 
 
-class Store:
+class Store(SiteView):
     """A vstore store opened for reading (and, by the build, for writing).
 
     Parameters
@@ -143,34 +141,6 @@ class Store:
             raise StoreError(f"{self.path}: rows {view!r} are the pooled rows of a store built with --keep pooled; "
                              "this store has none")
         self.site = self._resolve_site(site)
-
-    def _resolve_site(self, site: str | None) -> str:
-        names = self.sites
-        if site is None:
-            return names[0]
-        if site not in names:
-            raise StoreError(f"{self.path}: no site {site!r}; the store holds {', '.join(names)}")
-        if site != names[0] and getattr(self, "view", "token") != "token":
-            raise StoreError(f"{self.path}: the pooled rows ({self.view}) are of the first site {names[0]!r} only")
-        return site
-
-    @property
-    def sites(self) -> list[str]:
-        """The sites the store holds, the first (``parts/NNNN/acts``) first."""
-        return [str(e["name"]) for e in site_entries(self.meta)]
-
-    def site_info(self, site: str | None = None) -> dict[str, Any]:
-        """``name``, ``n_neurons``, ``dtype``, ``chunk_rows`` (and more, e.g. ``of`` for ``attr``) of a site."""
-        name = self._resolve_site(site if site is not None else self.site)
-        e = next(e for e in site_entries(self.meta) if e["name"] == name)
-        return {**e, "chunk_rows": int(e.get("chunk_rows") or self.meta.get("chunk_rows") or 1),
-                "path": site_path(self.meta, name)}
-
-    def with_site(self, site: str | None) -> Store:
-        """This store seen at another site (the same group and attributes; ``None``: the first site)."""
-        other = copy.copy(self)
-        other.site = self._resolve_site(site)
-        return other
 
     @property
     def location(self) -> str:
@@ -289,16 +259,6 @@ class Store:
     def layers(self) -> list[int]:
         """Model layer index of each position of the acts' first axis."""
         return [int(x) for x in self.meta["layers"]]
-
-    @property
-    def n_neurons(self) -> int:
-        """Values per row at the selected site (the MLP width for act/down_in, the hidden size for resid)."""
-        return int(self.site_info()["n_neurons"])
-
-    @property
-    def dtype(self) -> str:
-        """Logical dtype of the selected site's values (``float16``, ``bfloat16`` or ``float32``)."""
-        return str(self.site_info()["dtype"])
 
     @property
     def parts(self) -> list[PartInfo]:
