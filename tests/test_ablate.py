@@ -68,7 +68,7 @@ def evals(work: Path) -> list[Story]:
 
 def _strip_seconds(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {k: _strip_seconds(v) for k, v in obj.items() if k != "seconds"}
+        return {k: _strip_seconds(v) for k, v in obj.items() if k not in ("seconds", "cost")}  # what this run did
     if isinstance(obj, list):
         return [_strip_seconds(v) for v in obj]
     return obj

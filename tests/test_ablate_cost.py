@@ -195,3 +195,43 @@ def test_cli_flags(work: Path, nfile: Path, capsys: pytest.CaptureFixture[str]) 
     doc = json.loads(out.read_text(encoding="utf-8"))
     assert doc["run"]["controls_on"] == "all" and doc["cost"]["prefix_replays"] == 0
     assert "baseline vs chance" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("scorer", "metric"), [("ll", "vc"), ("choice", "vc"), ("ll", "nll")])
+def test_sets_per_forward_equal_one_set_at_a_time(work: Path, lm: LoadedModel, nfile: Path, scorer: str,
+                                                  metric: str) -> None:
+    (work / "zh.txt").write_text("今天天气很好。\n邻居请李娜帮忙。\n", encoding="utf-8")
+    (work / "en.txt").write_text("The weather is nice.\nA neighbour asks for help.\n", encoding="utf-8")
+    kw: dict[str, Any] = {"controls": 2, "progress": False, "scorer": scorer, "metric": metric,
+                          "side_effect": "nll", "general_text": {"zh": work / "zh.txt", "en": work / "en.txt"}}
+    one = run_ablation(lm, nfile, work / "eval.jsonl", None, **kw)
+    three = run_ablation(lm, nfile, work / "eval.jsonl", None, sets_per_forward=3, **kw)
+    assert three["run"]["sets_per_forward"] == 3
+    field = "score_aligned" if metric == "vc" else "nll_sum"
+    for a, b in zip(one["ablations"], three["ablations"], strict=True):
+        assert (a["group"], a["kind"], a["seed"], a["items_on"]) == (b["group"], b["kind"], b["seed"], b["items_on"])
+        np.testing.assert_allclose([it[field] for it in b["items"]], [it[field] for it in a["items"]], rtol=0, atol=1e-5)
+        assert b["side_effect"]["nll"] == pytest.approx(a["side_effect"]["nll"], abs=1e-5)
+        if metric == "vc":
+            assert b["margin_delta"] == pytest.approx(a["margin_delta"], abs=1e-5)
+    with pytest.raises(UsageError, match="sets_per_forward"):
+        run_ablation(lm, nfile, work / "eval.jsonl", None, sets_per_forward=0, progress=False)
+
+
+def test_multi_edit_blocks_equal_separate_edits(lm: LoadedModel) -> None:
+    from vstore.hooks import MultiEdit, _count_hooks
+
+    ev = load_stories(write_jsonl(Path(lm.path) / "e2.jsonl", stories()))
+    sets = [{1: [3, 4], 2: [5]}, {0: [7]}, {}]
+    want = []
+    for st in sets:
+        with Edit(lm.model, st, mode="scale", factor=0.5):
+            want.append(score_ll(lm.model, lm.tokenizer, ev))
+    before = _count_hooks(lm.model)
+    with MultiEdit(lm.model, sets, mode="scale", factor=0.5):
+        got = score_ll(lm.model, lm.tokenizer, ev, replicas=3)
+    assert _count_hooks(lm.model) == before
+    for k, w in enumerate(want):
+        np.testing.assert_allclose(got.aligned[k], w.aligned, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got.violating[k], w.violating, rtol=0, atol=1e-5)
+    assert np.abs(want[0].aligned - want[2].aligned).max() > 1e-6

@@ -25,7 +25,7 @@ import numpy as np
 from . import ablation_result as ar
 from ._version import __version__
 from .ablation_result import RESULT_FORMAT, EvalItems
-from .ablation_run import ITEMS_ON, SetRunner, SetSpec, run_order
+from .ablation_run import ITEMS_ON, SetRunner, SetSpec, chunks, run_order
 from .atomic import write_json_atomic
 from .data import file_sha256, load_examples, load_stories
 from .errors import DataError, OutputError, StoreError, UsageError
@@ -199,6 +199,7 @@ def run_ablation(
     general_text: str | Mapping[str, str | Path] | None = None,
     prefix_mb: float = 1024.0,
     threads: int | None = None,
+    sets_per_forward: int = 1,
 ) -> dict[str, Any]:
     """Measure value consistency (or per-token NLL) unablated and under each ablated neuron set.
 
@@ -267,6 +268,9 @@ def run_ablation(
     threads
         Torch threads (None: :func:`vstore.lm.choose_threads`, the cores this process may use
         less those other processes keep busy).
+    sets_per_forward
+        Measure up to this many sets (on the same items) in one batched forward, ``batch_size``
+        items each (pays on a GPU; results equal one set at a time up to float rounding).
 
     Returns
     -------
@@ -290,6 +294,8 @@ def run_ablation(
     note = on_note or note_to_stderr
     mode_name, factor = _check_arguments(metric, scorer, controls, seed, batch_size, limit, mode, store, prompt,
                                          controls_on, targets_on, side_effect)
+    if sets_per_forward < 1:
+        raise UsageError(f"sets_per_forward must be >= 1, got {sets_per_forward}", "sets_per_forward")
     set_threads(threads)
     ns = NeuronSet.load(neurons).require_model()
     sets = ns.select(groups)
@@ -312,7 +318,8 @@ def run_ablation(
         plan += [SetSpec(name, "control", seed + i, control_set(sel, site_width(lm.model, ns.site), seed + i, name),
                          controls_on)
                  for i in range(controls)]
-    run = SetRunner(lm, ns.site, items, metric, scorer, prompt, mode_name, factor, means, batch_size, general, prefix_mb)
+    run = SetRunner(lm, ns.site, items, metric, scorer, prompt, mode_name, factor, means, batch_size, general, prefix_mb,
+                    sets_per_forward)
     fingerprint = {
         "model": {k: v for k, v in lm.identity.to_json().items() if k != "source"},
         "neurons_sha256": ns.sha256, "data_sha256": file_sha256(data), "split": split, "limit": limit,
@@ -327,7 +334,7 @@ def run_ablation(
     args = {"split": split, "mode": mode, "scorer": scorer, "controls": controls, "seed": seed,
             "store": str(store) if store is not None else None, "batch_size": batch_size, "device": device,
             "limit": limit, "prompt": prompt, "controls_on": controls_on, "targets_on": targets_on,
-            "side_effect": side_effect}
+            "side_effect": side_effect, "sets_per_forward": sets_per_forward}
     out_path = Path(out) if out is not None else None
     prev = _load_previous(out_path, fingerprint, overwrite) if out_path is not None else None
     result = _header(run, ns, plan, model, neurons, data, fingerprint, notes, args)
@@ -391,10 +398,13 @@ def _measure_all(run: SetRunner, plan: list[SetSpec], result: dict[str, Any], pr
             if i not in todo:
                 finished[i] = done[sp.key]
         save()
-        for i in run_order([plan[j] for j in todo]):
-            sp = plan[todo[i]]
-            bar.describe(f"{sp.group} ({sp.kind}{'' if sp.seed is None else f' seed {sp.seed}'})")
-            finished[todo[i]] = run.measure(sp, result["baseline"], bar)
+        specs = [plan[j] for j in todo]
+        for chunk in chunks(specs, run_order(specs), run.sets_per_forward):
+            sp = specs[chunk[0]]
+            bar.describe(f"{sp.group} ({sp.kind}{'' if sp.seed is None else f' seed {sp.seed}'})"
+                         + (f" +{len(chunk) - 1}" if len(chunk) > 1 else ""))
+            for i, entry in zip(chunk, run.measure_many([specs[i] for i in chunk], result["baseline"], bar), strict=True):
+                finished[todo[i]] = entry
             save()
         result["cost"] = {"item_passes": n_base + n_eval, "prefix_replays": run.replayed}
         result["complete"] = True

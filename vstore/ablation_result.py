@@ -8,6 +8,7 @@ cross-value (or cross-language) matrix. The format is documented in ``docs/ablat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from .inference import (
 )
 
 __all__ = ["ALL", "RESULT_FORMAT", "EvalItems", "baseline_nll", "baseline_vc", "cells", "chance_summary", "compare_nll",
-           "compare_vc", "neuron_list", "nll_items", "refresh_baseline", "set_key", "side_effect", "summaries",
+           "compare_vc", "dose_summary", "neuron_list", "nll_items", "refresh_baseline", "set_key", "side_effect", "summaries",
            "vc_items"]
 
 RESULT_FORMAT = {"name": "vstore-ablation", "version": 1}
@@ -269,3 +270,44 @@ def _own_delta(t: dict[str, Any]) -> float | None:
     rows = [r for r in t["breakdown"] if r["value"] == t["group"]]
     row = next((r for r in rows if r["lang"] == ALL), rows[0] if len(rows) == 1 else None)
     return clean(row["delta"]) if row is not None else clean(t["delta"])
+
+
+def _mean(xs: Sequence[float | None]) -> float | None:
+    v = [x for x in xs if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def dose_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The dose-response reading of one ablation result (one size): own vs other values, vs controls.
+
+    Returns ``n_neurons_mean``; ``own_delta_mean`` (mean diagonal of the cross-value matrix: a
+    value's set on its own items), ``other_delta_mean`` (mean off-diagonal), ``own_minus_other``;
+    ``control_own_delta_mean`` (the controls on their group's items); the same for the margin
+    (``margin_own_mean``, ``control_margin_own_mean``) and the NLL side effect (``nll_delta_mean``,
+    ``control_nll_delta_mean``) when the result has them.
+    """
+    cv = result.get("cross_value") or {}
+    groups, values = cv.get("groups", []), cv.get("values", [])
+    mat = np.asarray([[np.nan if x is None else x for x in row] for row in cv.get("matrix", [])], dtype=np.float64)
+    own: list[float] = []
+    other: list[float] = []
+    for i, g in enumerate(groups):
+        for j, v in enumerate(values):
+            if mat.size and np.isfinite(mat[i, j]):
+                (own if g == v else other).append(float(mat[i, j]))
+    targets = [a for a in result["ablations"] if a["kind"] == "target"]
+    vs = [t.get("vs_controls") or {} for t in targets]
+    own_m = _mean(own)
+    other_m = _mean(other)
+    return {
+        "n_neurons_mean": _mean([t["n_neurons"] for t in targets]),
+        "own_delta_mean": own_m, "other_delta_mean": other_m,
+        "own_minus_other": None if own_m is None or other_m is None else own_m - other_m,
+        "control_own_delta_mean": _mean([v.get("mean_delta") for v in vs]),
+        "target_own_delta_mean": _mean([v.get("target_delta") for v in vs]),
+        "margin_own_mean": _mean([v.get("target_margin_delta") for v in vs]),
+        "control_margin_own_mean": _mean([v.get("mean_margin_delta") for v in vs]),
+        "nll_delta_mean": _mean([clean((t.get("side_effect") or {}).get("delta")) for t in targets]),
+        "control_nll_delta_mean": _mean([v.get("mean_nll_delta") for v in vs]),
+        "cross_value": cv,
+    }

@@ -24,7 +24,7 @@ from .lm import Prefix
 from .models import LoadedModel, decoder_layers
 from .progress import Task
 
-__all__ = ["ITEMS_ON", "SetRunner", "SetSpec", "own_items", "subset"]
+__all__ = ["ITEMS_ON", "SetRunner", "SetSpec", "chunks", "own_items", "run_order", "subset"]
 
 #: Which evaluation items a set is measured on: ``all``, or ``own`` (the items of the values the
 #: group is named after; all items when the name matches no value).
@@ -88,6 +88,8 @@ class SetRunner:
         General texts (an ``EvalItems`` of texts, language per text) for the NLL side effect, or None.
     prefix_mb
         Memory for the shared prefix (0: no sharing; every set runs the whole model).
+    sets_per_forward
+        Sets measured together in one batched forward (:meth:`measure_many`; pays on a GPU).
     """
 
     lm: LoadedModel
@@ -102,6 +104,7 @@ class SetRunner:
     batch_size: int = 8
     general: EvalItems | None = None
     prefix_mb: float = 1024.0
+    sets_per_forward: int = 1
     _level: int = 0
     _store: dict[Any, Any] = field(default_factory=dict)
     replayed: int = 0  # forwards that skipped the layers below the shared prefix (for tests and benchmarks)
@@ -124,38 +127,50 @@ class SetRunner:
             if p.level is not None and not p.full and p.recorded:
                 self._level, self._store = p.level, p.recorded
 
-    def _evaluate(self, items: EvalItems, prefix: Prefix | None, bar: Task) -> tuple[np.ndarray, ...]:
+    def _evaluate(self, items: EvalItems, prefix: Prefix | None, bar: Task, k: int) -> tuple[np.ndarray, ...]:
         m, tok = self.lm.model, self.lm.tokenizer
+        advance = bar.advance if k == 1 else (lambda n: bar.advance(n * k))
         if self.metric == "vc":
             sc = score_items(m, tok, items.stories or [], self.scorer, batch_size=self.batch_size,
-                             progress=bar.advance, prompt=self.prompt, prefix=prefix)
+                             progress=advance, prompt=self.prompt, prefix=prefix, replicas=k)
             return sc.aligned_won, sc.aligned, sc.violating
-        return text_nll(m, tok, items.texts or [], batch_size=self.batch_size, progress=bar.advance, prefix=prefix)
+        return text_nll(m, tok, items.texts or [], batch_size=self.batch_size, progress=advance, prefix=prefix,
+                        replicas=k)
 
-    def _side(self, prefix: Prefix | None) -> tuple[np.ndarray, np.ndarray] | None:
+    def _side(self, prefix: Prefix | None, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         if self.general is None:
             return None
         return text_nll(self.lm.model, self.lm.tokenizer, self.general.texts or [], batch_size=self.batch_size,
-                        prefix=prefix)
+                        prefix=prefix, replicas=k)
 
-    def run(self, neurons: LayerNeurons | None, idx: np.ndarray | None, bar: Task, *,
+    def run(self, neurons: LayerNeurons | Sequence[LayerNeurons] | None, idx: np.ndarray | None, bar: Task, *,
             lowest: int | None = None) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, np.ndarray] | None]:
         """Raw outputs on the items at ``idx`` (None: all) with ``neurons`` ablated (None: unablated).
 
-        ``lowest``: for the unablated pass, the level to record the prefix at (the lowest edited
-        layer of the sets to come).
+        ``neurons`` may be a list of K sets, measured in one batched forward (outputs then have a
+        leading axis of K). ``lowest``: for the unablated pass, the level to record the prefix at
+        (the lowest edited layer of the sets to come).
         """
-        from .hooks import Edit
+        from .hooks import Edit, MultiEdit
 
         items = self.items if idx is None else subset(self.items, idx)
-        low = lowest if neurons is None else min((la for la, v in neurons.items() if len(v)), default=0)
+        many = isinstance(neurons, list | tuple)
+        sets: list[LayerNeurons] = list(neurons) if many else ([neurons] if neurons is not None else [])  # type: ignore[arg-type,list-item]
+        low = lowest if neurons is None else min((la for st in sets for la, v in st.items() if len(v)), default=0)
         pfx = self._prefix(low or 0, record_ok=idx is None)
-        if neurons is None:
-            res, side = self._evaluate(items, pfx, bar), self._side(pfx)
-        else:
-            with Edit(self.lm.model, dict(neurons), mode=self.mode, means=self.means, factor=self.factor,  # type: ignore[arg-type]
-                      site=self.site):
-                res, side = self._evaluate(items, pfx, bar), self._side(pfx)
+        k = len(sets) if many else 1
+        edit: Any = None
+        if many:
+            edit = MultiEdit(self.lm.model, [dict(st) for st in sets], mode=self.mode, means=self.means,  # type: ignore[arg-type,misc]
+                             factor=self.factor, site=self.site)
+        elif neurons is not None:
+            edit = Edit(self.lm.model, dict(neurons), mode=self.mode, means=self.means, factor=self.factor,  # type: ignore[arg-type]
+                        site=self.site)
+        try:
+            res, side = self._evaluate(items, pfx, bar, k), self._side(pfx, k)
+        finally:
+            if edit is not None:
+                edit.remove()
         self._adopt(pfx)
         return res, side
 
@@ -171,13 +186,32 @@ class SetRunner:
         out["seconds"] = time.perf_counter() - t0
         return out
 
+    def _items_of(self, spec: SetSpec) -> np.ndarray | None:
+        idx = None if spec.on == "all" else own_items(self.items, spec.group)
+        return None if idx is None or len(idx) == len(self.items.ids) else idx
+
     def measure(self, spec: SetSpec, base: dict[str, Any], bar: Task) -> dict[str, Any]:
         """One ablated set, measured and compared with the baseline (one entry of ``ablations``)."""
+        return self.measure_many([spec], base, bar)[0]
+
+    def measure_many(self, specs: Sequence[SetSpec], base: dict[str, Any], bar: Task) -> list[dict[str, Any]]:
+        """Several sets measured on the same items in one batched forward (one entry each)."""
         t0 = time.perf_counter()
-        idx = None if spec.on == "all" else own_items(self.items, spec.group)
-        if idx is not None and len(idx) == len(self.items.ids):
-            idx = None
-        res, side = self.run(spec.neurons, idx, bar)
+        idx = self._items_of(specs[0])
+        if not all(_same_items(specs[0], sp) for sp in specs[1:]):
+            raise ValueError("sets measured together must be measured on the same items")
+        if len(specs) == 1:
+            res, side = self.run(specs[0].neurons, idx, bar)
+            per = [(res, side)]
+        else:
+            res, side = self.run([sp.neurons for sp in specs], idx, bar)
+            per = [(tuple(r[j] for r in res) if self.metric == "vc" else (res[0][j], res[1]),
+                    None if side is None else (side[0][j], side[1])) for j in range(len(specs))]
+        seconds = (time.perf_counter() - t0) / len(specs)
+        return [self._entry(sp, idx, r, sd, base, seconds) for sp, (r, sd) in zip(specs, per, strict=True)]
+
+    def _entry(self, spec: SetSpec, idx: np.ndarray | None, res: tuple[np.ndarray, ...],
+               side: tuple[np.ndarray, np.ndarray] | None, base: dict[str, Any], seconds: float) -> dict[str, Any]:
         pick = np.arange(len(self.items.ids)) if idx is None else idx
         items = self.items if idx is None else subset(self.items, idx)
         entry: dict[str, Any] = {"group": spec.group, "kind": spec.kind, "seed": spec.seed,
@@ -205,7 +239,7 @@ class SetRunner:
                           "items": ar.nll_items(items, nll, count)})
         if side is not None and self.general is not None and base.get("side_effect"):
             entry["side_effect"] = ar.side_effect(self.general, base["side_effect"], side[0], spec.key)
-        entry["seconds"] = time.perf_counter() - t0
+        entry["seconds"] = seconds
         entry["neurons"] = ar.neuron_list(spec.neurons)
         return entry
 
@@ -214,3 +248,18 @@ def run_order(specs: Sequence[SetSpec]) -> list[int]:
     """The order to measure sets in: all-item sets before subsets of the same lowest layer, ascending
     lowest edited layer, so the shared prefix only moves up (plan order breaks ties)."""
     return sorted(range(len(specs)), key=lambda i: (specs[i].lowest_layer, specs[i].on != "all", i))
+
+
+def chunks(specs: Sequence[SetSpec], order: Sequence[int], k: int) -> list[list[int]]:
+    """``order`` cut into runs of at most ``k`` consecutive sets measured on the same items."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < k and _same_items(specs[out[-1][0]], specs[i]):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _same_items(a: SetSpec, b: SetSpec) -> bool:
+    return a.on == b.on and (a.on == "all" or a.group == b.group)

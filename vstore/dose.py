@@ -16,59 +16,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .ablate import run_ablation
+from .ablation_result import dose_summary
 from .atomic import write_json_atomic
 from .errors import UsageError
-from .inference import clean, json_safe
+from .inference import json_safe
 from .models import LoadedModel, load_model
 from .progress import Note, Progress, note_to_stderr
 
 __all__ = ["DOSE_FORMAT", "dose_summary", "run_dose"]
 
 DOSE_FORMAT = {"name": "vstore-dose", "version": 1}
-
-
-def _mean(xs: Sequence[float | None]) -> float | None:
-    v = [x for x in xs if x is not None]
-    return float(np.mean(v)) if v else None
-
-
-def dose_summary(result: dict[str, Any]) -> dict[str, Any]:
-    """The dose-response reading of one ablation result (one size): own vs other values, vs controls.
-
-    Returns ``n_neurons_mean``; ``own_delta_mean`` (mean diagonal of the cross-value matrix: a
-    value's set on its own items), ``other_delta_mean`` (mean off-diagonal), ``own_minus_other``;
-    ``control_own_delta_mean`` (the controls on their group's items); the same for the margin
-    (``margin_own_mean``, ``control_margin_own_mean``) and the NLL side effect (``nll_delta_mean``,
-    ``control_nll_delta_mean``) when the result has them.
-    """
-    cv = result.get("cross_value") or {}
-    groups, values = cv.get("groups", []), cv.get("values", [])
-    mat = np.asarray([[np.nan if x is None else x for x in row] for row in cv.get("matrix", [])], dtype=np.float64)
-    own: list[float] = []
-    other: list[float] = []
-    for i, g in enumerate(groups):
-        for j, v in enumerate(values):
-            if mat.size and np.isfinite(mat[i, j]):
-                (own if g == v else other).append(float(mat[i, j]))
-    targets = [a for a in result["ablations"] if a["kind"] == "target"]
-    vs = [t.get("vs_controls") or {} for t in targets]
-    own_m = _mean(own)
-    other_m = _mean(other)
-    return {
-        "n_neurons_mean": _mean([t["n_neurons"] for t in targets]),
-        "own_delta_mean": own_m, "other_delta_mean": other_m,
-        "own_minus_other": None if own_m is None or other_m is None else own_m - other_m,
-        "control_own_delta_mean": _mean([v.get("mean_delta") for v in vs]),
-        "target_own_delta_mean": _mean([v.get("target_delta") for v in vs]),
-        "margin_own_mean": _mean([v.get("target_margin_delta") for v in vs]),
-        "control_margin_own_mean": _mean([v.get("mean_margin_delta") for v in vs]),
-        "nll_delta_mean": _mean([clean((t.get("side_effect") or {}).get("delta")) for t in targets]),
-        "control_nll_delta_mean": _mean([v.get("mean_nll_delta") for v in vs]),
-        "cross_value": cv,
-    }
 
 
 def run_dose(

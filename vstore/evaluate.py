@@ -122,6 +122,7 @@ def score_ll(
     max_length: int = 1024,
     progress: Advance | None = None,
     prefix: Prefix | None = None,
+    replicas: int = 1,
 ) -> ItemScores:
     """Length-normalised log-likelihood of the aligned and the violating action after each story.
 
@@ -141,6 +142,10 @@ def score_ll(
         Called with the number of items finished after each batch.
     prefix
         A :class:`vstore.lm.Prefix` that replays (or records) the unablated lower layers.
+    replicas
+        Run each batch this many times in one forward, as consecutive blocks of rows (for
+        :class:`vstore.hooks.MultiEdit`, one neuron set per block); the scores then have a leading
+        axis of that length.
 
     Returns
     -------
@@ -151,17 +156,17 @@ def score_ll(
 
     lm, enc = CausalLM(model, prefix), Encoder(tokenizer)
     items = [_ll_item(enc, s, fit_length(model, max_length)) for s in stories]
-    out = np.zeros((len(items), 2), dtype=np.float64)
+    out = np.zeros((replicas, len(items), 2), dtype=np.float64)
     order = sorted(range(len(items)), key=lambda i: (len(items[i].context), i))
     with torch.inference_mode():
         for batch in batches(order, batch_size):
-            ctx = [items[i].context for i in batch]
+            ctx = [items[i].context for i in batch] * replicas
             ids, mask, pos = left_padded(ctx, enc.pad, lm.device)
-            akeys = [("a", tuple(items[i].context), tuple(a)) for i in batch for a in items[i].actions]
+            akeys = [("a", tuple(items[i].context), tuple(a)) for i in batch for a in items[i].actions] * replicas
             hidden, cache = lm.forward(ids, mask, pos, use_cache=True, keys=[("s", tuple(c)) for c in ctx], then=akeys)
             last = hidden[:, -1]  # left padding: every row's last story token is at the end
             cache.batch_repeat_interleave(2)
-            acts = [a for i in batch for a in items[i].actions]
+            acts = [a for i in batch for a in items[i].actions] * replicas
             cids, cmask = right_padded(acts, enc.pad)
             cids, cmask = cids.to(lm.device), cmask.to(lm.device)
             lens = mask.sum(-1).repeat_interleave(2)
@@ -180,10 +185,11 @@ def score_ll(
             sums = np.zeros(len(acts), dtype=np.float64)
             np.add.at(sums, np.asarray(owner), lp.double().cpu().numpy())
             means = sums / np.asarray([len(a) for a in acts], dtype=np.float64)
-            out[batch] = means.reshape(len(batch), 2)
+            out[:, batch] = means.reshape(replicas, len(batch), 2)
             if progress is not None:
                 progress(len(batch))
-    return ItemScores(out[:, 0].copy(), out[:, 1].copy())
+    res = out[0] if replicas == 1 else out
+    return ItemScores(res[..., 0].copy(), res[..., 1].copy())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +253,7 @@ def score_choice(
     progress: Advance | None = None,
     prompt: str = "raw",
     prefix: Prefix | None = None,
+    replicas: int = 1,
 ) -> ItemScores:
     """Next-token preference for the aligned over the violating option, averaged over both orders.
 
@@ -270,6 +277,8 @@ def score_choice(
         ``raw`` (default, for base models) or ``chat`` (the tokenizer's chat template; instruct models).
     prefix
         A :class:`vstore.lm.Prefix` that replays (or records) the unablated lower layers.
+    replicas
+        As for :func:`score_ll`.
 
     Returns
     -------
@@ -299,45 +308,49 @@ def score_choice(
                 ids = ids[:keep] + ids[len(ids) - (max_length - keep) :]
             prompts.append(ids)
     n_o = len(orders)
-    lp_letter = np.zeros((len(prompts), 2), dtype=np.float64)  # log P(A), log P(B) per prompt
+    lp_letter = np.zeros((replicas, len(prompts), 2), dtype=np.float64)  # log P(A), log P(B) per prompt
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
     done = 0
     with torch.inference_mode():
         for batch in batches(order, batch_size):
-            ids, mask, pos = left_padded([prompts[i] for i in batch], enc.pad, lm.device)
-            hidden, _ = lm.forward(ids, mask, pos, keys=[("c", tuple(prompts[i])) for i in batch])
+            ids, mask, pos = left_padded([prompts[i] for i in batch] * replicas, enc.pad, lm.device)
+            hidden, _ = lm.forward(ids, mask, pos, keys=[("c", tuple(prompts[i])) for i in batch] * replicas)
             lp = lm.log_probs(hidden[:, -1]).double()
             for k, x in enumerate("AB"):
-                lp_letter[batch, k] = torch.logsumexp(lp[:, letters[x]], dim=-1).cpu().numpy()
+                lse = torch.logsumexp(lp[:, letters[x]], dim=-1).cpu().numpy()
+                lp_letter[:, batch, k] = lse.reshape(replicas, len(batch))
             if progress is not None:
                 finished = (done + len(batch)) // n_o - done // n_o
                 done += len(batch)
                 if finished:
                     progress(finished)
-    per_item = lp_letter.reshape(len(stories), n_o, 2)
-    aligned = np.zeros(len(stories), dtype=np.float64)
-    violating = np.zeros(len(stories), dtype=np.float64)
+    per_item = lp_letter.reshape(replicas, len(stories), n_o, 2)
+    aligned = np.zeros((replicas, len(stories)), dtype=np.float64)
+    violating = np.zeros((replicas, len(stories)), dtype=np.float64)
     # sum the presentations in a fixed (AB before BA) order: the result is the same for any `orders` order
     for j in sorted(range(n_o), key=lambda k: orders[k]):
         a_col = 0 if orders[j] == "AB" else 1
-        aligned += per_item[:, j, a_col]
-        violating += per_item[:, j, 1 - a_col]
+        aligned += per_item[:, :, j, a_col]
+        violating += per_item[:, :, j, 1 - a_col]
+    if replicas == 1:
+        aligned, violating = aligned[0], violating[0]
     return ItemScores(aligned / n_o, violating / n_o)
 
 
 def score_items(
     model: Any, tokenizer: Any, stories: Sequence[Story], scorer: str, *, batch_size: int = 8,
-    progress: Advance | None = None, prompt: str = "raw", prefix: Prefix | None = None,
+    progress: Advance | None = None, prompt: str = "raw", prefix: Prefix | None = None, replicas: int = 1,
 ) -> ItemScores:
     """Dispatch to :func:`score_ll` or :func:`score_choice` by name (``ll`` | ``choice``).
 
     ``prompt`` applies to ``choice`` only (``ll`` scores the story and action as plain text).
     """
     if scorer == "ll":
-        return score_ll(model, tokenizer, stories, batch_size=batch_size, progress=progress, prefix=prefix)
+        return score_ll(model, tokenizer, stories, batch_size=batch_size, progress=progress, prefix=prefix,
+                        replicas=replicas)
     if scorer == "choice":
         return score_choice(model, tokenizer, stories, batch_size=batch_size, progress=progress, prompt=prompt,
-                            prefix=prefix)
+                            prefix=prefix, replicas=replicas)
     raise UsageError(f"unknown scorer {scorer!r}; use one of {list(SCORERS)}", "scorer")
 
 
@@ -355,6 +368,7 @@ def text_nll(
     max_length: int = 1024,
     progress: Advance | None = None,
     prefix: Prefix | None = None,
+    replicas: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed negative log-likelihood and number of predicted tokens of each text.
 
@@ -364,13 +378,14 @@ def text_nll(
     Returns
     -------
     (nll_sum float64 (n,), n_tokens int64 (n,))
+        With ``replicas`` R > 1 (as for :func:`score_ll`), ``nll_sum`` is (R, n).
         Mean NLL per token of a set of texts is ``nll_sum.sum() / n_tokens.sum()``.
     """
     import torch
 
     lm, enc = CausalLM(model, prefix), Encoder(tokenizer)
     seqs = [enc(t)[: fit_length(model, max_length)] for t in texts]
-    nll = np.zeros(len(seqs), dtype=np.float64)
+    nll = np.zeros((replicas, len(seqs)), dtype=np.float64)
     count = np.asarray([max(len(s) - 1, 0) for s in seqs], dtype=np.int64)
     order = sorted((i for i in range(len(seqs)) if count[i] > 0), key=lambda i: (len(seqs[i]), i))
     skipped = len(seqs) - len(order)
@@ -378,18 +393,20 @@ def text_nll(
         progress(skipped)
     with torch.inference_mode():
         for batch in batches(order, batch_size):
-            ids, mask = right_padded([seqs[i] for i in batch], enc.pad)
+            ids, mask = right_padded([seqs[i] for i in batch] * replicas, enc.pad)
             ids, mask = ids.to(lm.device), mask.to(lm.device)
             pos = torch.arange(ids.shape[1], device=lm.device)[None].expand_as(ids)
-            hidden, _ = lm.forward(ids, mask, pos, keys=[("n", tuple(seqs[i])) for i in batch])
-            states, targets, owner = [], [], []
-            for r, i in enumerate(batch):
+            hidden, _ = lm.forward(ids, mask, pos, keys=[("n", tuple(seqs[i])) for i in batch] * replicas)
+            states, targets, owner, block = [], [], [], []
+            for r in range(ids.shape[0]):
+                i = batch[r % len(batch)]
                 n = len(seqs[i])
                 states.append(hidden[r, : n - 1])
                 targets.append(ids[r, 1:n])
                 owner.extend([i] * (n - 1))
+                block.extend([r // len(batch)] * (n - 1))
             lp = lm.token_log_probs(torch.cat(states), torch.cat(targets))
-            np.add.at(nll, np.asarray(owner), -lp.double().cpu().numpy())
+            np.add.at(nll, (np.asarray(block), np.asarray(owner)), -lp.double().cpu().numpy())
             if progress is not None:
                 progress(len(batch))
-    return nll, count
+    return (nll[0] if replicas == 1 else nll), count

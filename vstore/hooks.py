@@ -16,7 +16,7 @@ import torch
 from .errors import UsageError
 from .models import capture_modules
 
-__all__ = ["Capture", "Edit", "StopForward", "run_until_stop"]
+__all__ = ["Capture", "Edit", "MultiEdit", "StopForward", "run_until_stop"]
 
 
 class StopForward(Exception):
@@ -195,6 +195,67 @@ class Edit(_Hooks):
                 out[..., ix] = mean  # type: ignore[index,assignment]
             else:
                 out[..., ix] = out[..., ix] * factor
+            return out
+
+        return edit
+
+
+class MultiEdit(_Hooks):
+    """Several neuron sets at once: the batch is K consecutive blocks of rows, block k gets set k.
+
+    For several sets in one batched forward (the scorers' ``replicas=K``): every layer any set
+    edits gets one hook that edits each block's rows with its own set (``zero``, ``mean`` or
+    ``scale`` as :class:`Edit`). The batch size must be a multiple of K.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        sets: Sequence[dict[int, Sequence[int] | torch.Tensor]],
+        *,
+        mode: str = "zero",
+        means: dict[int, torch.Tensor] | None = None,
+        factor: float = 0.0,
+        site: str = "act",
+    ) -> None:
+        super().__init__()
+        if mode not in ("zero", "mean", "scale"):
+            raise UsageError(f"unknown ablation mode {mode!r}; use zero, mean or scale:F", "mode")
+        if mode == "mean" and means is None:
+            raise UsageError("mode 'mean' needs per-neuron means", "mode", "means")
+        if not sets:
+            raise UsageError("MultiEdit needs at least one neuron set", "sets")
+        layers = sorted({k for s in sets for k, v in s.items() if len(v)})
+        if not layers:
+            return
+        k = len(sets)
+        try:
+            for idx, module, kind in capture_modules(model, site, layers):
+                per = [torch.as_tensor(s.get(idx, []), dtype=torch.long) for s in sets]
+                self._handles.append(_register(module, kind, self._editor(per, k, mode, means, factor, idx)))
+        except Exception:
+            self.remove()
+            raise
+
+    @staticmethod
+    def _editor(per: list[torch.Tensor], k: int, mode: str, means: dict[int, torch.Tensor] | None, factor: float,
+                idx: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        def edit(t: torch.Tensor) -> torch.Tensor:
+            if t.shape[0] % k:
+                raise UsageError(f"MultiEdit of {k} sets got a batch of {t.shape[0]} rows (not a multiple)", "sets")
+            blk = t.shape[0] // k
+            out = t.clone()
+            for b, ix in enumerate(per):
+                if not len(ix):
+                    continue
+                ix = ix.to(t.device)
+                rows = out[b * blk : (b + 1) * blk]
+                if mode == "zero":
+                    rows[..., ix] = 0
+                elif mode == "mean":
+                    rows[..., ix] = means[idx].to(t.device, t.dtype)[ix]  # type: ignore[index]
+                else:
+                    rows[..., ix] = rows[..., ix] * factor
             return out
 
         return edit

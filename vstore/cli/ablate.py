@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--general-text", default=None, help="default (packaged zh/en text, see docs) or zh=FILE,en=FILE (one text per line)")
     p.add_argument("--prefix-mb", type=float, default=1024.0, help="memory for the shared unablated prefix (default 1024; 0 disables)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores not kept busy by other processes)")
+    p.add_argument("--sets-per-forward", type=int, default=1, help="neuron sets measured in one batched forward (default 1; pays on GPU)")
     p.add_argument("--overwrite", action="store_true", help="start again even if --out holds another run's result")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_common_model_args(p)
@@ -71,7 +72,7 @@ def cmd_ablate(a: argparse.Namespace) -> int:
         trust_remote_code=a.trust_remote_code, progress=make_progress(not a.no_progress), prompt=a.prompt,
         controls_on=a.controls_on, targets_on=a.targets_on, side_effect=a.side_effect,
         general_text="default" if a.side_effect and a.general_text is None else a.general_text,
-        prefix_mb=a.prefix_mb, threads=a.threads,
+        prefix_mb=a.prefix_mb, threads=a.threads, sets_per_forward=a.sets_per_forward,
         on_note=lambda m: console_err.print(f"[yellow]{m}[/]", highlight=False),
     )
     print_summary(res)
