@@ -160,6 +160,9 @@ def test_two_concurrent_shards_equal_one_build_and_a_killed_shard_resumes_alone(
     assert info["state"] == "building" and [p["state"] for p in info["parts"]] == ["building", "complete"]
     assert info["parts"][0]["committed_examples"] < info["parts"][0]["n_examples"]
     assert main(["info", str(two)]) == 0
+    with pytest.raises(StoreError, match="sharded build"):  # not resumed as one build
+        build_store(two, model=str(tiny_model), data=stories, dtype="float32", batch_size=3, progress=False,
+                    stats_by=["value"], keep="stats")
     res = subprocess.run(shard[0], env=env, capture_output=True, text=True)  # shard 0 resumes alone
     assert res.returncode == 0, res.stderr
     assert "resumed at example" in res.stderr
@@ -183,7 +186,7 @@ def test_sharded_activations_equal_one_build(tiny_model, stories, tmp_path):
     a, b = Store(one), Store(two)
     acts = np.concatenate([np.asarray(b.acts(p.name)[:, : p.committed_rows]) for p in b.parts], axis=1)
     assert np.array_equal(acts, np.asarray(a.acts("0000")[:]))
-    with pytest.raises(StoreError, match="sharded build"):
+    with pytest.raises(StoreError, match="complete store"):
         build_store(two, model=str(tiny_model), data=stories, dtype="float32", batch_size=3, progress=False)
     with pytest.raises(StoreError, match="not a build of 3 shards"):
         build_store(two, model=str(tiny_model), data=stories, dtype="float32", batch_size=3, progress=False,

@@ -83,7 +83,7 @@ def bench_build(tmp: Path, repeats: int) -> tuple[dict[str, Any], dict[str, Any]
 
     model = tiny_models.make_model(tmp / "model", "llama", 2, 512)
     data = tmp / "stories.jsonl"
-    tiny_models.make_stories(data, per_value=8)
+    tiny_models.make_stories(data, per_value=24)
     lm = load_model(str(model))
 
     def run(name: str, **kw: Any) -> tuple[float, int, Path]:
