@@ -248,8 +248,8 @@ def test_unknown_site_of_a_neuron_set_is_refused(tmp_path: Path) -> None:
     from vstore.neuronset import NeuronSet
 
     doc = {"format": {"name": "vstore-neurons", "version": 1}, "model": {"n_layers": 2, "n_neurons": 4},
-           "method": "vape", "store": {"site": "resid"}, "groups": {"a": [{"layer": 0, "neuron": 1, "score": 1.0}]}}
-    with pytest.raises(NeuronSetError, match=r"store\.site: unknown capture site 'resid'"):
+           "method": "vape", "store": {"site": "attn_out"}, "groups": {"a": [{"layer": 0, "neuron": 1, "score": 1.0}]}}
+    with pytest.raises(NeuronSetError, match=r"store\.site: unknown capture site 'attn_out'"):
         _ = NeuronSet.from_dict(doc).site
 
 

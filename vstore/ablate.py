@@ -289,7 +289,7 @@ def run_ablation(
         ``mode="mean"`` with a store that does not fit.
     """
     from .lm import set_threads
-    from .models import load_model
+    from .models import load_model, site_width
 
     note = on_note or note_to_stderr
     mode_name, factor = _check_arguments(metric, scorer, controls, seed, batch_size, limit, mode, store, prompt,
@@ -315,7 +315,8 @@ def run_ablation(
     plan: list[SetSpec] = []
     for name, sel in sets:
         plan.append(SetSpec(name, "target", None, sel, targets_on))
-        plan += [SetSpec(name, "control", seed + i, control_set(sel, lm.identity.n_neurons, seed + i, name), controls_on)
+        plan += [SetSpec(name, "control", seed + i, control_set(sel, site_width(lm.model, ns.site), seed + i, name),
+                         controls_on)
                  for i in range(controls)]
     run = SetRunner(lm, ns.site, items, metric, scorer, prompt, mode_name, factor, means, batch_size, general, prefix_mb,
                     sets_per_forward)

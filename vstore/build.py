@@ -22,9 +22,10 @@ from .capture import POOLINGS, estimate_rows, stream_part
 from .data import Example, file_sha256, load_examples
 from .errors import DiskSpaceError, OutputError, StoreError, StoreExistsError, UsageError, disk_full
 from .lm import fit_length
-from .models import DEFAULT_MODEL, SITES, LoadedModel, load_model
+from .models import DEFAULT_MODEL, LoadedModel, load_model, site_width
 from .progress import Note, Progress, note_to_stderr, task
 from .shards import KEEPS, build_lock, check_same, check_scale, open_shard, parse_shard
+from .sites import ATTRIBUTION_SITE, parse_sites, site_entries_for, stories_of
 from .store import (
     DTYPES,
     ITEMSIZE,
@@ -37,7 +38,9 @@ from .store import (
     is_url,
 )
 
-__all__ = ["KEEPS", "POOLINGS", "BuildResult", "build_store", "parse_layers", "parse_shard"]
+__all__ = ["ATTRIBUTION_SITE", "KEEPS", "POOLINGS", "BuildResult", "build_store", "parse_layers", "parse_shard",
+           "parse_sites"]
+
 
 ROW_TABLE_BYTES = 16  # rows/example (int64) + rows/position + rows/token (int32) per row
 
@@ -95,15 +98,17 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str, chunk_rows: int) -> None:
+def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str, chunk_rows: int,
+                sites: Sequence[dict[str, Any]] = ()) -> None:
     """Refuse a build whose activations and row table would not fit in 95% of the free space.
 
     Chunk files are whole chunks (the last one of a part padded), so rows count up to whole chunks;
     and a chunk is rewritten through a temporary beside it, so one more chunk must fit on top.
     """
     padded = -(-rows // max(1, chunk_rows)) * max(1, chunk_rows)
-    chunk = max(1, chunk_rows) * n_neurons * ITEMSIZE[dtype]
-    need = padded * n_layers * n_neurons * ITEMSIZE[dtype] + chunk + rows * ROW_TABLE_BYTES
+    row_bytes = sum(int(e["n_neurons"]) * ITEMSIZE[e["dtype"]] for e in sites) or n_neurons * ITEMSIZE[dtype]
+    chunk = max(1, chunk_rows) * row_bytes
+    need = padded * n_layers * row_bytes + chunk + rows * ROW_TABLE_BYTES
     probe = path
     while not probe.exists():
         probe = probe.parent
@@ -115,13 +120,19 @@ def _check_disk(path: Path, rows: int, n_layers: int, n_neurons: int, dtype: str
         )
 
 
-def _check_arguments(pool: str, dtype: str, site: str, batch_size: int, max_length: int, limit: int | None,
-                     compressor: str, append: bool, overwrite: bool) -> None:
+def _check_arguments(pool: str, dtype: str, site: str | Sequence[str], batch_size: int, max_length: int,
+                     limit: int | None, compressor: str, append: bool, overwrite: bool,
+                     attribution: str | None = None, keep: str = "all") -> None:
     if pool not in POOLINGS:
         raise UsageError(f"pool must be one of {list(POOLINGS)}, got {pool!r}", "pool")
     dtype_spec(dtype)
-    if site not in SITES:
-        raise UsageError(f"site must be one of {list(SITES)}, got {site!r}", "site")
+    parse_sites(site)
+    if attribution is not None and attribution not in ("choice", "ll"):
+        raise UsageError(f"attribution: expected choice or ll (the scorers of vstore ablate), got {attribution!r}",
+                         "attribution")
+    if attribution is not None and keep != "all":
+        raise UsageError(f"attribution is stored as the site attr beside the activations: it needs keep all, not "
+                         f"{keep!r}", "attribution", "keep")
     if batch_size < 1 or max_length < 1:
         raise UsageError("batch_size and max_length must be positive", "batch_size", "max_length")
     if limit is not None and limit < 1:
@@ -185,7 +196,7 @@ def _open_part(out: Path | str, existing: Store | None, plan: _Plan, lm: LoadedM
     if isinstance(out, Path):
         rows_est = estimate_rows(lm.tokenizer, examples, pool, max_length)
         _check_disk(out, rows_est, len(plan.layers) if plan.meta["keep"] == "all" else 0, ident.n_neurons,
-                    plan.meta["dtype"], int(plan.meta["chunk_rows"]))
+                    plan.meta["dtype"], int(plan.meta["chunk_rows"]), plan.meta.get("sites", ()))
     if existing is not None:  # append
         check_same(existing, plan.meta, ident)
         store = existing
@@ -207,7 +218,7 @@ def build_store(
     pool: str = "token",
     dtype: str = "float16",
     layers: str | Sequence[int] | None = None,
-    site: str = "act",
+    site: str | Sequence[str] = "act",
     batch_size: int = 8,
     max_length: int = 512,
     limit: int | None = None,
@@ -225,6 +236,7 @@ def build_store(
     stats_by: Sequence[str] = (),
     keep: str = "all",
     shard: str | tuple[int, int] | None = None,
+    attribution: str | None = None,
 ) -> BuildResult:
     """Run the model over a dataset and write its activations into a store.
 
@@ -247,7 +259,10 @@ def build_store(
     layers
         Model layer indices (or a string for :func:`parse_layers`); default all.
     site
-        ``act`` (activation-function output) or ``down_in`` (down-projection input).
+        ``act`` (activation-function output), ``down_in`` (down-projection input), ``resid`` (the
+        decoder layer's output, hidden size wide), or several (``"act,down_in,resid"`` or a list):
+        all captured in one forward, the first in ``parts/NNNN/acts``, the others under
+        ``parts/NNNN/sites/<site>`` (see ``docs/store-format.md``).
     append
         Add the data as a new part of an existing complete store (same model, site, dtype, pooling).
     overwrite
@@ -272,6 +287,11 @@ def build_store(
         ``"I/N"``: this process builds the I-th of N contiguous ranges of the examples, in file order,
         as part I of the store; run the N shards concurrently (same arguments). The store is complete
         when every part is; a killed shard is resumed by running it again.
+    attribution
+        ``choice`` or ``ll``: also store, as the site ``attr`` (float32), the attribution
+        ``-act * d(margin)/d(act)`` of every neuron of the first site at each row, the margin being the
+        aligned - violating score of the example's item under that scorer (:mod:`vstore.attribution`;
+        story tokens carry it, every other row is 0). Needs a story file with both actions per item.
 
     Raises
     ------
@@ -285,10 +305,12 @@ def build_store(
     note = on_note or note_to_stderr
     shard_t = parse_shard(shard)
     stats_by = list(dict.fromkeys(stats_by))
-    _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite)
+    _check_arguments(pool, dtype, site, batch_size, max_length, limit, compressor, append, overwrite, attribution,
+                     keep)
     check_scale(keep, stats_by, pool, shard_t, append, overwrite, out_s)
     data_path = Path(data) if data is not None else bundled_stories()
     examples = load_examples(data_path, split=split, texts=texts, labels=labels, limit=limit)
+    stories = stories_of(examples, data_path, split, limit, texts) if attribution is not None else []
     target: Any = out_s if is_url(out_s) else out
     with build_lock(target, shard_t), _disk_full_is_clear(out):  # one writer per store (or shard) at a time
         existing = None if shard_t else _existing(target, append=append, overwrite=overwrite, resume=resume)
@@ -296,7 +318,7 @@ def build_store(
             model, device=device, trust_remote_code=trust_remote_code, progress=note)
         plan = _plan(lm, examples, data_path, layers=layers, split=split, texts=texts, labels=labels, limit=limit,
                      site=site, dtype=dtype, pool=pool, compressor=compressor, batch_size=batch_size,
-                     max_length=max_length, device=device, stats_by=stats_by, keep=keep)
+                     max_length=max_length, device=device, stats_by=stats_by, keep=keep, attribution=attribution)
         fit = fit_length(lm.model, max_length)  # never past the model's position limit (GPT-2: 1024)
         if shard_t is not None:
             store, part, example_start, todo = open_shard(out, plan, lm, shard_t, compressor=compressor)
@@ -314,10 +336,18 @@ def build_store(
             live = LiveStats(store, part, stats_by, device)
         writer = PartWriter(store, part, on_commit=live.on_commit if live is not None else None)
         resumed_from = writer.committed_examples
+        sites = parse_sites(site)
+        extra = {}
+        if attribution is not None:  # the stories of this part's examples (a shard: its range of them)
+            from .attribution import Attributor
+
+            local = example_start - int(store.meta["parts"][0]["example_start"]) if shard_t else 0
+            extra[ATTRIBUTION_SITE] = Attributor(lm.model, lm.tokenizer, stories[local : local + len(todo)],
+                                                 attribution, site=sites[0], layers=plan.layers)
         with task(progress, "build", len(todo), unit="examples", done=resumed_from) as bar:
-            res = stream_part(lm, todo, writer, layers=plan.layers, site=site, pool=pool, dtype=dtype,
+            res = stream_part(lm, todo, writer, layers=plan.layers, site=sites, pool=pool, dtype=dtype,
                               batch_size=batch_size, max_length=fit, device=device, example_start=example_start,
-                              queue_depth=queue_depth, commit_every=commit_every, bar=bar, live=live)
+                              queue_depth=queue_depth, commit_every=commit_every, bar=bar, live=live, extra=extra)
         written = _finish(store, part, len(todo), writer, res, stats_by, note)
         return BuildResult(out, part, len(todo) - resumed_from, writer.written, res.tokens,
                            time.perf_counter() - t_start, writer.bytes_written, resumed_from, res.overflow,
@@ -326,8 +356,8 @@ def build_store(
 
 def _plan(lm: LoadedModel, examples: list[Example], data_path: Path, *, layers: str | Sequence[int] | None,
           split: str | None, texts: Sequence[str] | None, labels: dict[str, str] | None, limit: int | None,
-          site: str, dtype: str, pool: str, compressor: str, batch_size: int, max_length: int, device: str,
-          stats_by: list[str], keep: str) -> _Plan:
+          site: str | Sequence[str], dtype: str, pool: str, compressor: str, batch_size: int, max_length: int,
+          device: str, stats_by: list[str], keep: str, attribution: str | None = None) -> _Plan:
     ident = lm.identity
     layer_list = parse_layers(layers, ident.n_layers) if isinstance(layers, str) or layers is None else sorted(
         {int(i) % ident.n_layers for i in layers})
@@ -337,9 +367,13 @@ def _plan(lm: LoadedModel, examples: list[Example], data_path: Path, *, layers: 
     lm.tokenizer.padding_side = "right"
     dataset = {"paths": [str(data_path.resolve())], "sha256": file_sha256(data_path), "examples": len(examples),
                "split": split, "texts": list(texts) if texts else None, "labels": labels or {}, "limit": limit}
-    meta = {"model": ident.to_json(), "site": site, "layers": layer_list, "dtype": dtype, "pooling": pool,
+    sites = parse_sites(site)
+    meta = {"model": ident.to_json(), "site": sites[0], "layers": layer_list, "dtype": dtype, "pooling": pool,
             "storage_dtype": DTYPES[dtype].storage, "compressor": compressor, "keep": keep,
-            "chunk_rows": chunk_rows_for(ident.n_neurons, dtype), "versions": _versions()}
+            "chunk_rows": chunk_rows_for(site_width(lm.model, sites[0]), dtype), "versions": _versions()}
+    # one MLP-wide site stays a version-1 store exactly as before; anything else lists its sites
+    if len(sites) > 1 or attribution is not None or site_width(lm.model, sites[0]) != ident.n_neurons:
+        meta["sites"] = site_entries_for(lm.model, sites, dtype, attribution)
     build = {"batch_size": batch_size, "max_length": max_length, "device": device, "pool": pool}
     if stats_by or keep != "all":
         build.update({"stats_by": stats_by, "keep": keep})

@@ -10,10 +10,11 @@ part while the model runs the next batch.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from .errors import disk_full
 from .progress import Task
 from .store import DTYPES, PartWriter
 
-__all__ = ["FLOAT16_MAX", "POOLINGS", "RowSink", "StreamResult", "WriterThread", "estimate_rows", "pool_rows",
+__all__ = ["FLOAT16_MAX", "POOLINGS", "ExtraSite", "RowSink", "StreamResult", "WriterThread", "estimate_rows", "pool_rows",
            "stream_part"]
 
 POOLINGS = ("token", "mean", "last")
@@ -93,7 +94,7 @@ class WriterThread(threading.Thread):
                 host, example, position, token, done, event, payload, pooled = item
                 if event is not None:
                     event.synchronize()
-                arr = _bits(host.numpy()) if host is not None else None
+                arr = {k: _bits(h.numpy()) for k, h in host.items()} if host is not None else None
                 pool = (_bits(pooled[0].numpy()), _bits(pooled[1].numpy()), pooled[2]) if pooled is not None else None
                 self.writer.add(arr, example, position, token, done, payload=payload, pooled=pool)
                 if time.monotonic() - last >= self.commit_every:  # bound the work a kill can lose
@@ -171,22 +172,29 @@ class StreamResult:
     nonfinite: dict[str, int]
 
 
+#: Called once per batch with the batch's first example index and its token ids (B, T); returns
+#: model layer -> (B, T, N) values on the same grid (the build's attribution site).
+ExtraSite = Callable[[int, Any], dict[int, Any]]
+
+
 def stream_part(
-    lm: Any, examples: Sequence[Example], writer: PartWriter, *, layers: Sequence[int], site: str, pool: str,
-    dtype: str, batch_size: int, max_length: int, device: str, example_start: int, queue_depth: int,
-    commit_every: float, bar: Task, live: Any = None,
+    lm: Any, examples: Sequence[Example], writer: PartWriter, *, layers: Sequence[int], site: str | Sequence[str],
+    pool: str, dtype: str, batch_size: int, max_length: int, device: str, example_start: int, queue_depth: int,
+    commit_every: float, bar: Task, live: Any = None, extra: Mapping[str, ExtraSite] | None = None,
 ) -> StreamResult:
     """Run the model over the examples not yet committed in ``writer``'s part and append their rows.
 
-    ``live`` (a :class:`vstore.stats.live.LiveStats`) reduces every batch, as stored, to its
-    statistics on the device; a part that keeps no activations moves only those (and its pooled
-    rows) to the host. Raises whatever the writer thread met (a full disk, say) once the forward
-    loop has stopped.
+    ``site`` is one capture site or several (captured in one forward, each into its array of the
+    part); ``extra`` adds sites computed per batch by a callback (the attribution), stored float32.
+    ``live`` (a :class:`vstore.stats.live.LiveStats`) reduces every batch of the first site, as
+    stored, to its statistics on the device; a part that keeps no activations moves only those (and
+    its pooled rows) to the host. Raises whatever the writer thread met (a full disk, say) once the
+    forward loop has stopped.
     """
     import torch
 
-    from .hooks import Capture, run_until_stop
-
+    sites = [site] if isinstance(site, str) else list(site)
+    extra = dict(extra or {})
     first = writer.committed_examples
     q: queue.Queue[Any] = queue.Queue(maxsize=queue_depth)
     wthread = WriterThread(writer, q, commit_every)
@@ -195,9 +203,12 @@ def stream_part(
     overflow = dict(writer.overflow)
     tokens_seen = 0
     t0 = time.perf_counter()
-    sink = RowSink(layers, pool, getattr(torch, DTYPES[dtype].torch), check_overflow=dtype == "float16")
+    sinks = {s: RowSink(layers, pool, getattr(torch, DTYPES[dtype].torch), check_overflow=dtype == "float16")
+             for s in sites}
+    sinks.update({s: RowSink(layers, pool, torch.float32, check_overflow=False) for s in extra})
+    widths = {s: int(writer.store.site_info(s)["n_neurons"]) for s in sinks}
     try:
-        with torch.inference_mode(), Capture(lm.model, site, list(layers), stop=True, on_output=sink):
+        with torch.inference_mode():
             for b0 in range((first // batch_size) * batch_size, len(examples), batch_size):
                 if wthread.error is not None:
                     break
@@ -205,19 +216,26 @@ def stream_part(
                 enc = tokenize(lm.tokenizer, [e.text for e in batch], max_length)
                 valid = enc["attention_mask"].bool() & ~enc.pop("special_tokens_mask").bool()
                 skip = max(0, first - b0)  # examples of this batch committed before a resume
-                ex_idx, pos, tokn = sink.prepare(valid, enc["input_ids"], skip, lm.identity.n_neurons, device)
-                run_until_stop(lm.model, **{k: v.to(device) for k, v in enc.items()})
-                for lyr, n in sink.overflow.items():
-                    overflow[str(lyr)] = overflow.get(str(lyr), 0) + n
-                if sink.overflow:
-                    sink.overflow.clear()
-                    writer.overflow = overflow
-                acts = sink.out.view(torch.int16) if dtype == "bfloat16" else sink.out
+                for s, sink in sinks.items():
+                    ex_idx, pos, tokn = sink.prepare(valid, enc["input_ids"], skip, widths[s], device)
+                _capture(lm.model, sites, sinks, layers, {k: v.to(device) for k, v in enc.items()})
+                for s, fn in extra.items():
+                    for lyr, t in fn(b0, enc["input_ids"]).items():
+                        sinks[s](lyr, t)
+                for sink in sinks.values():
+                    for lyr, n in sink.overflow.items():
+                        overflow[str(lyr)] = overflow.get(str(lyr), 0) + n
+                    if sink.overflow:
+                        sink.overflow.clear()
+                        writer.overflow = overflow
+                outs = {s: sink.out.view(torch.int16) if sink.out.dtype == torch.bfloat16 else sink.out
+                        for s, sink in sinks.items()}
+                acts = outs[sites[0]]
                 example = (ex_idx + b0 + example_start).astype(np.int64)
                 payload = live.batch(acts, torch.from_numpy(example).to(device)) if live is not None else None
                 # device -> host: pinned, non-blocking on CUDA (the writer waits on the event);
                 # the queue bound (queue_depth) keeps at most that many batches in flight
-                host = _to_host(acts, on_cuda) if writer.keep == "all" else None
+                host = {s: _to_host(o, on_cuda) for s, o in outs.items()} if writer.keep == "all" else None
                 pooled = None
                 if writer.keep == "pooled":
                     mean, last, uniq = pool_rows(acts, ex_idx)
@@ -235,13 +253,30 @@ def stream_part(
     finally:
         q.put(None)
         wthread.join()
-    nonfinite = {str(k): v for k, v in sorted(sink.nonfinite.items())}
+    merged: dict[int, int] = {}
+    for sink in sinks.values():
+        for k, v in sink.nonfinite.items():
+            merged[k] = merged.get(k, 0) + v
+    nonfinite = {str(k): v for k, v in sorted(merged.items())}
     if wthread.error is not None:
         err = _write_error(wthread.error, writer)
         if err is wthread.error:
             raise err
         raise err from wthread.error
     return StreamResult(tokens_seen, overflow, nonfinite)
+
+
+def _capture(model: Any, sites: Sequence[str], sinks: Mapping[str, RowSink], layers: Sequence[int],
+             inputs: dict[str, Any]) -> None:
+    """One forward with a capture per site, stopped after the site whose module runs last."""
+    from .hooks import Capture, run_until_stop
+    from .models import SITES
+
+    last = max(sites, key=SITES.index)  # within a layer: act, then down_in, then the layer's output
+    with contextlib.ExitStack() as hooks:
+        for s in sites:
+            hooks.enter_context(Capture(model, s, list(layers), stop=s == last, on_output=sinks[s]))
+        run_until_stop(model, **inputs)
 
 
 def _to_host(t: Any, on_cuda: bool) -> Any:

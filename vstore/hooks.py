@@ -24,6 +24,15 @@ class StopForward(Exception):
 
 
 def _register(module: Any, kind: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Any:
+    if kind == "layer":  # a decoder layer: its output, or the first element of the tuple it returns
+
+        def layer_hook(_m: Any, _inp: Any, out: Any) -> Any:
+            if isinstance(out, tuple):
+                new = fn(out[0])
+                return (new, *out[1:]) if new is not None else None
+            return fn(out)
+
+        return module.register_forward_hook(layer_hook)
     if kind == "output":
 
         def out_hook(_m: Any, _inp: Any, out: Any) -> Any:
@@ -63,7 +72,7 @@ class Capture(_Hooks):
     model
         A causal LM of a supported architecture.
     site
-        ``act`` or ``down_in`` (see :func:`vstore.models.capture_modules`).
+        ``act``, ``down_in`` or ``resid`` (see :func:`vstore.models.capture_modules`).
     layers
         Model layer indices (default all).
     stop
@@ -71,6 +80,9 @@ class Capture(_Hooks):
     on_output
         Called as ``on_output(layer, activation)`` inside the hook instead of keeping the tensor,
         so a consumer can reduce it at once and the layer's memory is freed as the forward goes on.
+    keep_graph
+        Hand over the activation itself, not a detached copy, so a gradient can be taken with
+        respect to it (attribution); the forward must then run with gradients enabled.
 
     Attributes
     ----------
@@ -87,10 +99,12 @@ class Capture(_Hooks):
         *,
         stop: bool = False,
         on_output: Callable[[int, torch.Tensor], None] | None = None,
+        keep_graph: bool = False,
     ) -> None:
         super().__init__()
         self.outputs: dict[int, torch.Tensor] = {}
         self.on_output = on_output
+        self.keep_graph = keep_graph
         mods = capture_modules(model, site, list(layers) if layers is not None else None)
         self.layers = [i for i, _, _ in mods]
         last = self.layers[-1]
@@ -103,10 +117,11 @@ class Capture(_Hooks):
 
     def _recorder(self, idx: int, stop: bool) -> Callable[[torch.Tensor], None]:
         def record(t: torch.Tensor) -> None:
+            v = t if self.keep_graph else t.detach()
             if self.on_output is not None:
-                self.on_output(idx, t.detach())
+                self.on_output(idx, v)
             else:
-                self.outputs[idx] = t.detach()
+                self.outputs[idx] = v
             if stop:
                 raise StopForward
 
@@ -129,7 +144,7 @@ class Edit(_Hooks):
     factor
         Multiplier for ``scale``.
     site
-        ``act`` or ``down_in``.
+        ``act``, ``down_in`` or ``resid`` (the decoder layer's output: hidden dimensions).
     """
 
     def __init__(
@@ -155,7 +170,7 @@ class Edit(_Hooks):
             for idx, module, kind in mods:
                 index = torch.as_tensor(neurons[idx], dtype=torch.long)
                 # editing in place is safe only when no earlier hook on the module holds the tensor
-                first = not (module._forward_hooks if kind == "output" else module._forward_pre_hooks)
+                first = not (module._forward_pre_hooks if kind == "input" else module._forward_hooks)
                 self._handles.append(_register(module, kind, self._editor(index, mode, means, factor, idx, first)))
         except Exception:
             self.remove()

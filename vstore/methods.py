@@ -41,6 +41,9 @@ class Method:
         Whether it can compare the two sides of a contrast.
     summary
         One line for ``--help`` and the docs.
+    site
+        The store site the method ranks when none is asked for (``attribution``: ``attr``); None:
+        the store's first site.
     """
 
     name: str
@@ -50,12 +53,17 @@ class Method:
     contrast: bool
     summary: str
     fn: Callable[[GroupStats], Scores] | None = None
+    site: str | None = None
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("vape", "moments", True, 0.0, False,
            "LAPE's entropy of activation probabilities over the groups (the paper's VAPE)", scoring.vape),
     Method("prob-diff", "moments", False, 0.0, True, "P(act > 0 | group) - P(act > 0 | rest)", scoring.prob_diff),
+    Method("mean", "moments", False, 0.0, True, "mean(group) (with a contrast: of side a)", scoring.group_mean),
+    Method("attribution", "moments", True, 0.0, True,
+           "mean attribution per group on the attr site (mean, most negative first: zeroing lowers the margin)",
+           scoring.group_mean, site="attr"),
     Method("mean-diff", "moments", False, 0.0, True, "mean(group) - mean(rest)", scoring.mean_diff),
     Method("cohen-d", "moments", False, 0.0, True, "mean difference over the pooled standard deviation",
            scoring.cohen_d),
@@ -122,5 +130,6 @@ def score(method: str, stats: GroupStats | None = None, *, auroc: AurocResult | 
         if stats is None or m.fn is None:
             raise UsageError(f"{m.name} needs statistics (stats=...)", "stats")
         sc = m.fn(stats)
+        sc.method = m.name  # attribution shares mean's function
     sc.lower_is_better, sc.centre = m.lower_is_better, m.centre
     return sc

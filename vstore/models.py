@@ -32,10 +32,12 @@ __all__ = [
     "decoder_layers",
     "load_model",
     "resolve_alias",
+    "site_width",
 ]
 
 DEFAULT_MODEL = "gemma3-270m"
-SITES = ("act", "down_in")
+#: Capture sites, in the order their modules run within a decoder layer (the build stops after the last).
+SITES = ("act", "down_in", "resid")
 
 
 @dataclass(frozen=True)
@@ -401,15 +403,17 @@ def capture_modules(model: Any, site: str = "act", layers: list[int] | None = No
         A loaded causal LM of a supported architecture.
     site
         ``act``: hook the output of the MLP activation function (``act_fn(gate_proj(x))``);
-        ``down_in``: hook the input of the down projection.
+        ``down_in``: hook the input of the down projection; ``resid``: hook the output of the
+        decoder layer (the residual stream after the layer, width = hidden size).
     layers
         Model layer indices to capture (default: all).
 
     Returns
     -------
     list of (layer index, module, kind)
-        ``kind`` is ``"output"`` (a forward hook's output is the activation) or ``"input"``
-        (a forward pre-hook's first input is).
+        ``kind`` is ``"output"`` (a forward hook's output is the activation), ``"input"``
+        (a forward pre-hook's first input is) or ``"layer"`` (a forward hook's output, or its
+        first element when the layer returns a tuple).
     """
     if site not in SITES:
         raise ModelError(f"unknown site {site!r}; choose one of {list(SITES)}")
@@ -425,6 +429,19 @@ def capture_modules(model: Any, site: str = "act", layers: list[int] | None = No
         layer = all_layers[i]
         if site == "act":
             out.append((i, _get(layer, spec.act), "output"))
+        elif site == "resid":
+            out.append((i, layer, "layer"))
         else:
             out.append((i, _get(layer, spec.down), "input"))
     return out
+
+
+def site_width(model: Any, site: str) -> int:
+    """Values per token at ``site``: the MLP width for ``act``/``down_in``, the hidden size for ``resid``."""
+    if site not in SITES:
+        raise ModelError(f"unknown site {site!r}; choose one of {list(SITES)}")
+    arch = _architecture(model.config)
+    if site == "resid":
+        emb = model.get_input_embeddings()
+        return int(emb.weight.shape[1])
+    return _n_neurons(decoder_layers(model, arch)[0], arch)

@@ -186,9 +186,13 @@ class NeuronSet:
 
     @property
     def site(self) -> str:
-        """The capture site the set was ranked on (``act`` unless its store says otherwise)."""
+        """The capture site the set's neurons live at, where they are ablated (``act`` unless its store
+        says otherwise; a set ranked on an ``attr`` site: the site attributed, ``store.attribution.of``)."""
         store = self.data.get("store") if isinstance(self.data.get("store"), dict) else {}
         site = str((store or {}).get("site") or "act")
+        if site == "attr":
+            attribution = (store or {}).get("attribution")
+            site = str((attribution or {}).get("of") or "act") if isinstance(attribution, dict) else "act"
         if site not in SITES:
             raise self._fail("store.site", f"unknown capture site {site!r}; vstore knows {', '.join(SITES)}")
         return site

@@ -24,6 +24,7 @@ from .neuronset import FORMAT, LayerNeurons, NeuronSet, jaccard
 from .scoring import Scores
 from .select import Item, Selection, control_set, lape_select, select_neurons
 from .specificity import annotate_rank, check_exclusive
+from .sites import site_extra, site_for
 from .stats import Grouping, GroupStats, grouping_auroc, grouping_stats, make_grouping, split_grouping_stats
 from .stats.grouping import normalise_contrast, normalise_where
 from .store import Store
@@ -213,8 +214,9 @@ def _document(st: Store, req: RankRequest, grouping: Grouping, ranked: _Ranked, 
     return {
         "format": dict(FORMAT),
         "model": dict(st.meta["model"]),
-        "store": {"path": st.location, "committed": st.committed_key, "site": st.meta.get("site"),
-                  "dtype": st.dtype, "pooling": st.meta.get("pooling") if st.view == "token" else st.view},
+        "store": {"path": st.location, "committed": st.committed_key, "site": st.site,
+                  "dtype": st.dtype, "pooling": st.meta.get("pooling") if st.view == "token" else st.view,
+                  **site_extra(st)},
         "method": req.method.name,
         "params": {**req.params(), **extra_params, **ranked.params},
         "by": grouping.by,
@@ -310,6 +312,7 @@ def rank_store(
     skip_damaged: bool = False,
     exclusive: int | None = None,
     rows: str = "token",
+    site: str | None = None,
 ) -> RankResult:
     """Rank the neurons of a store with one method and write a neuron set.
 
@@ -363,6 +366,9 @@ def rank_store(
     rows
         ``token`` (default), or ``mean`` / ``last``: rank the pooled rows of a store built with
         ``keep="pooled"`` (one row per example; the neuron set records them as its ``pooling``).
+    site
+        The store's site to rank (``act``, ``down_in``, ``resid``, ``attr``; default: the store's
+        first site, or ``attr`` for the ``attribution`` method). Recorded as ``store.site``.
 
     Raises
     ------
@@ -383,6 +389,7 @@ def rank_store(
     if rows not in ("token", "mean", "last"):
         raise UsageError(f"rows must be token, mean or last, got {rows!r}", "rows")
     st = _open(store, write=use_cache and req.method.needs != "none", view=rows)
+    st = st.with_site(site_for(st, req.method.name, req.method.site, site))
     if st.n_rows == 0 and req.method.needs != "none":
         raise VstoreError(f"{st.path}: the store has no committed rows to rank")
     grouping = make_grouping(st, by, where=normalise_where(where), contrast=con)

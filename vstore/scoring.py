@@ -17,6 +17,10 @@ in the group (first side). The methods:
     selection is :func:`vstore.select.select_vape`.
 ``prob-diff``
     P(act > 0 | group) - P(act > 0 | rest).
+``mean``
+    mean(group): the plain mean of each group's rows (with a contrast, of the first side). On an
+    attribution site (``attr``) it is the mean estimated margin change of zeroing the neuron; the
+    ``attribution`` method is this function on that site, most negative first.
 ``mean-diff``
     mean(group) - mean(rest).
 ``cohen-d``
@@ -49,6 +53,7 @@ __all__ = [
     "activation_probability",
     "auroc_scores",
     "cohen_d",
+    "group_mean",
     "lape_entropy",
     "mean_diff",
     "prob_diff",
@@ -141,6 +146,13 @@ def prob_diff(stats: GroupStats) -> Scores:
     with np.errstate(divide="ignore", invalid="ignore"):
         d = pr.p1 / pr.n1 - pr.p0 / pr.n0
     return _scores("prob-diff", stats, names, np.where((pr.n1 > 0) & (pr.n0 > 0), d, np.nan))
+
+
+def group_mean(stats: GroupStats) -> Scores:
+    """mean(group) per (layer, group, neuron); NaN for a group without rows (with a contrast: side a)."""
+    names, pr = _pairs(stats)
+    m, _ = _mean_var(pr.n1, pr.s1, pr.q1)
+    return _scores("mean", stats, names, m)
 
 
 def mean_diff(stats: GroupStats) -> Scores:

@@ -60,8 +60,8 @@ def check_scale(keep: str, stats_by: Sequence[str], pool: str, shard: tuple[int,
 def check_same(store: Store, meta: dict[str, Any], ident: ModelIdentity) -> None:
     """Refuse a build whose model, site, dtype, pooling, layers or keep differ from the store's."""
     have = store.meta
-    problems = [f"{key}: store has {have.get(key)!r}, this build {meta[key]!r}"
-                for key in ("site", "dtype", "pooling", "layers") if have.get(key) != meta[key]]
+    problems = [f"{key}: store has {have.get(key)!r}, this build {meta.get(key)!r}"
+                for key in ("site", "dtype", "pooling", "layers", "sites") if have.get(key) != meta.get(key)]
     if have.get("keep", "all") != meta.get("keep", "all"):
         problems.append(f"keep: store has {have.get('keep', 'all')!r}, this build {meta.get('keep', 'all')!r}")
     hm = have.get("model", {})

@@ -79,27 +79,36 @@ def _root_meta(path: Path) -> dict[str, Any]:
 
 
 def _check_part(st: Store, part: Any, report: VerifyReport, bar: Any) -> None:
-    base = f"parts/{part.name}"
     if not st.has_acts(part.name):  # --keep stats|pooled: no token activations to check
         return
+    for site in st.sites:  # every site's array: acts, and sites/<name> beside it
+        if not _check_site(st, site, part, report, bar):
+            return
+    _check_rows(st, part, report)
+
+
+def _check_site(st: Store, site: str, part: Any, report: VerifyReport, bar: Any) -> bool:
+    """The chunks of one site's array of a part; False when the part cannot be read further."""
+    base = f"parts/{part.name}"
+    arr_name = f"{base}/{st.site_info(site)['path']}"
     try:
-        acts = st.acts(part.name)
+        acts = st.acts(part.name, site)
     except StoreError as e:
-        report.damage.append(Damage(f"{base}/acts", f"missing or unreadable array ({e})"))
-        return
+        report.damage.append(Damage(arr_name, f"missing or unreadable array ({e})"))
+        return False
     L, allocated, _ = acts.shape
     if len(st.layers) != L:
-        report.damage.append(Damage(f"{base}/acts", f"{L} layer positions but attributes list {len(st.layers)} layers"))
+        report.damage.append(Damage(arr_name, f"{L} layer positions but attributes list {len(st.layers)} layers"))
     if not 0 <= part.committed_rows <= allocated:
         report.damage.append(Damage(base, f"committed rows {part.committed_rows} outside 0..{allocated} (the array)"))
-        return
+        return False
     reader = ChunkReader(acts, verify=True)
     step = reader.chunk_rows
     for layer in range(L):
         for r0 in range(0, part.committed_rows, step):
             r1 = min(part.committed_rows, r0 + step)
             where = chunk_file(acts, (layer, r0 // step, 0))
-            name = str(where.relative_to(st.path)) if where is not None else f"{base}/acts[{layer}, {r0}:{r1}]"
+            name = str(where.relative_to(st.path)) if where is not None else f"{arr_name}[{layer}, {r0}:{r1}]"
             try:
                 block = reader.read(layer, r0, r1)
                 report.chunks += 1
@@ -107,6 +116,11 @@ def _check_part(st: Store, part: Any, report: VerifyReport, bar: Any) -> None:
                 bar.advance(block.nbytes)
             except StoreError as e:
                 report.damage.append(Damage(name, str(e).split(": ", 1)[-1], (r0, r1)))
+    return True
+
+
+def _check_rows(st: Store, part: Any, report: VerifyReport) -> None:
+    base = f"parts/{part.name}"
     for col in ("example", "position", "token"):
         try:
             arr = st.array(f"{base}/rows/{col}")
@@ -138,13 +152,18 @@ def _check_examples_and_cache(st: Store, report: VerifyReport) -> None:
                 np.asarray(arr[:n])
         except Exception as e:
             report.damage.append(Damage(f"examples/{key}", f"cannot be read ({type(e).__name__}: {e})"))
-    digest = store_digest(st)
+    digests: dict[str | None, str | None] = {}
     for key in st.stats_keys():
         try:
             g: Any = zarr.open_group(str(st.path / "stats" / key), mode="r")
             for name in g.array_keys():
                 np.asarray(g[name][...])
-            recorded = dict(g.attrs.get(CACHE_ATTR, {})).get("chunks_digest")
+            attrs = dict(g.attrs.get(CACHE_ATTR, {}))
+            site = (attrs.get("spec") or {}).get("site")  # an entry of a site other than the first names it
+            if site not in digests:
+                digests[site] = store_digest(st.with_site(site)) if site is None or site in st.sites else None
+            digest = digests[site]
+            recorded = attrs.get("chunks_digest")
             if recorded is not None and digest is not None and recorded != digest:
                 report.damage.append(Damage(f"stats/{key}", "stale: computed from chunks that have changed since "
                                                             "(`vstore cache clear` drops it; rank recomputes it)"))
@@ -172,8 +191,8 @@ def verify_store(path: str | Path, *, fix_partial: bool = False, progress: Progr
     try:
         st = Store(p, mode="r")
         parts = st.parts
-        total = sum(x.committed_rows for x in parts if st.has_acts(x.name)) * len(st.layers) * st.n_neurons \
-            * np.dtype(DTYPES[st.dtype].storage).itemsize
+        total = sum(x.committed_rows for x in parts if st.has_acts(x.name)) * len(st.layers) * sum(
+            st.with_site(s).n_neurons * np.dtype(DTYPES[st.with_site(s).dtype].storage).itemsize for s in st.sites)
     except (StoreError, KeyError, TypeError, ValueError, IndexError) as e:
         report.damage.append(Damage("zarr.json", f"attributes.vstore cannot be used ({type(e).__name__}: {e})"))
         return report

@@ -42,7 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--pool", choices=POOLINGS, default="token", help="rows: token (default), mean or last per example")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float16", help="stored dtype (default float16)")
     p.add_argument("--layers", default=None, help="model layers: all (default), '0,3,5', '4-8', '-1'")
-    p.add_argument("--site", choices=SITES, default="act", help="act: act_fn(gate_proj(x)) (default); down_in: down_proj input")
+    p.add_argument("--site", default="act", metavar="SITE[,SITE...]",
+                   help=f"capture site(s), one forward for all: {', '.join(SITES)} (act: act_fn(gate_proj(x)), the "
+                        "default; down_in: down_proj input; resid: the decoder layer's output)")
+    p.add_argument("--attribution", choices=("choice", "ll"), default=None,
+                   help="also store the site attr: -act x d(margin)/d(act) of the first site's neurons, margin = "
+                        "aligned - violating score under this scorer (docs/attribution.md)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward (default 8)")
     p.add_argument("--max-length", type=int, default=512, help="truncate texts to this many tokens (default 512)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N items")
@@ -97,6 +102,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         device=a.device, labels=parse_labels(a.label), append=a.append, overwrite=a.overwrite, resume=a.resume,
         compressor=a.compressor, commit_every=a.commit_every, trust_remote_code=a.trust_remote_code,
         progress=make_progress(not a.no_progress), on_note=say, stats_by=a.stats_by, keep=a.keep, shard=a.shard,
+        attribution=a.attribution,
     )
     if a.shard and not res.examples and not res.rows and res.resumed_from:
         console_err.print(f"[green]shard {a.shard}[/] of {res.path} is already complete "
@@ -128,6 +134,8 @@ def cmd_info(a: argparse.Namespace) -> int:
     t.add_row("model", f"{m['name']} ({m['architecture']}, {m['n_layers']} layers x {m['n_neurons']} neurons)")
     t.add_row("source", f"{m['source']}  sha256 {m['sha256'][:12]}")
     t.add_row("site / pooling / dtype", f"{info['site']} / {info['pooling']} / {info['dtype']} ({info['compressor']})")
+    if len(info["sites"]) > 1:
+        t.add_row("sites", ", ".join(f"{e['name']} ({e['n_neurons']} x {e['dtype']})" for e in info["sites"]))
     t.add_row("layers", ",".join(map(str, info["layers"])))
     t.add_row("examples / rows", f"{info['examples']:,} / {info['rows']:,} ({human_bytes(info['activation_bytes'])})")
     if info["keep"] != "all" or info["stats_by"]:

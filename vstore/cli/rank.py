@@ -57,6 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--where", action="append", default=[], metavar="COL=V[,V]",
                    help="rank only examples with these labels (repeatable)")
     p.add_argument("--contrast", default=None, metavar="COL=a,b", help="compare side a with side b within each group")
+    p.add_argument("--site", default=None, metavar="SITE",
+                   help="the store's site to rank: act, down_in, resid or attr (default: the store's first site; "
+                        "attr for --method attribution)")
     sel = p.add_argument_group("selection (per group; default --top-rate 0.01)")
     sel.add_argument("--top-k", type=int, default=None, help="the K best neurons over all layers")
     sel.add_argument("--per-layer-k", type=int, default=None, help="the K best neurons of every layer")
@@ -108,7 +111,7 @@ def cmd_rank(a: argparse.Namespace) -> int:
         top_rate=a.top_rate, threshold=a.threshold, by_abs=a.abs, filter_rate=a.filter_rate, bar_ratio=a.bar_ratio,
         backend=a.backend, split_half=a.split_half, seed=a.seed, neurons=a.neurons, use_cache=not a.no_cache,
         progress=make_progress(not a.no_progress), threads=a.threads, dask=a.dask, auroc_memory=_size(a.auroc_memory),
-        verify=not a.no_verify, skip_damaged=a.skip_damaged, exclusive=a.exclusive, rows=a.rows,
+        verify=not a.no_verify, skip_damaged=a.skip_damaged, exclusive=a.exclusive, rows=a.rows, site=a.site,
     )
     out = table_console()
     out.print(summary_table(ns))

@@ -26,20 +26,21 @@ __all__ = ["auroc_on_dask", "dask_client", "reduce_on_dask", "reduce_slice"]
 
 def reduce_slice(
     store_path: str, codes: np.ndarray, groups: Sequence[str], ranges: list[tuple[str, int, int]],
-    backend: str = "auto", threads: int | None = None,
+    backend: str = "auto", threads: int | None = None, site: str | None = None,
 ) -> GroupStats:
-    """Statistics of some chunk row ranges of a store (what one Dask task computes)."""
-    st = Store(store_path, mode="r")
+    """Statistics of some chunk row ranges of a store at ``site`` (what one Dask task computes)."""
+    st = Store(store_path, mode="r", site=site)
     return reduce_moments(st, np.asarray(codes, dtype=np.int32), groups, ranges=ranges, backend=backend,
                           threads=threads)
 
 
 def _auroc_task(store_path: str, codes: np.ndarray, n_groups: int, pairs: list[tuple[list[int], list[int] | None]],
-                job: tuple[int, int, int], backend: str, threads: int | None, verify: bool) -> dict[str, Any]:
+                job: tuple[int, int, int], backend: str, threads: int | None, verify: bool,
+                site: str | None = None) -> dict[str, Any]:
     """One histogram pass (a layer and a block of neurons) over the whole store, on a worker."""
     from .auroc import block_auroc
 
-    st = Store(store_path, mode="r")
+    st = Store(store_path, mode="r", site=site)
     return block_auroc(st, np.asarray(codes, dtype=np.int32), n_groups, pairs, job, st.chunk_ranges(),
                        backend=backend, threads=threads, verify=verify)
 
@@ -91,7 +92,7 @@ def reduce_on_dask(
         batches = [list(b) for b in np.array_split(np.arange(len(ranges)), n_tasks) if len(b)]
         codes_f = client.scatter(np.asarray(codes, dtype=np.int32), broadcast=True)
         futures = [client.submit(reduce_slice, store.location, codes_f, list(groups), [ranges[i] for i in b],
-                                 backend, threads, pure=False) for b in batches]
+                                 backend, threads, store.site, pure=False) for b in batches]
         total = GroupStats.for_groups(groups, store.layers, store.n_neurons)
         for fut in futures:
             total.merge(fut.result())
@@ -108,7 +109,7 @@ def auroc_on_dask(
     with dask_client(address) as client:
         codes_f = client.scatter(np.asarray(codes, dtype=np.int32), broadcast=True)
         futures = [client.submit(_auroc_task, store.location, codes_f, int(n_groups), [list(p) for p in pairs],
-                                 tuple(j), backend, threads, verify, pure=False) for j in jobs]
+                                 tuple(j), backend, threads, verify, store.site, pure=False) for j in jobs]
         out = []
         for fut in futures:
             r = fut.result()

@@ -87,6 +87,8 @@ class Grouping:
             **self.grouping_spec(),
             "committed": store.committed_key,
             "n_examples": int(store.meta.get("n_examples", 0)),
+            # a site other than the first is part of the identity (the first keeps version-1 keys)
+            **({"site": store.site} if store.site != store.sites[0] else {}),
         }
 
     def grouping_spec(self) -> dict[str, Any]:

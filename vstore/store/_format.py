@@ -27,6 +27,8 @@ __all__ = [
     "chunk_rows_for",
     "codecs_for",
     "dtype_spec",
+    "site_entries",
+    "site_path",
 ]
 
 FORMAT_NAME = "vstore"
@@ -115,6 +117,49 @@ def check_attributes(m: dict[str, Any], where: str) -> None:
     for k in ("site", "pooling", "state"):
         if k in m and not isinstance(m[k], str):
             raise StoreError(f"{where}.{k} is {m[k]!r}, expected a string")
+    if "sites" in m:
+        _check_sites(m, where)
+
+
+def site_entries(m: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sites a store holds, first (the one in ``parts/NNNN/acts``) first.
+
+    Each entry has ``name``, ``n_neurons`` (values per row), ``dtype`` and ``chunk_rows``. A store
+    without a ``sites`` attribute (every store written before several sites per pass) holds one
+    site: ``site`` (default ``act``), ``model.n_neurons`` wide, in the store's dtype.
+    """
+    if "sites" in m:
+        return [dict(e) for e in m["sites"]]
+    return [{"name": str(m.get("site", "act")), "n_neurons": int(m["model"]["n_neurons"]), "dtype": m["dtype"],
+             "chunk_rows": m.get("chunk_rows")}]
+
+
+def site_path(m: dict[str, Any], site: str) -> str:
+    """The array of ``site`` inside a part: ``acts`` for the first site, ``sites/<name>`` for the others."""
+    return "acts" if site == site_entries(m)[0]["name"] else f"sites/{site}"
+
+
+def _check_sites(m: dict[str, Any], where: str) -> None:
+    sites = m["sites"]
+    if not isinstance(sites, list) or not sites:
+        raise StoreError(f"{where}.sites is {sites!r}, expected a non-empty list of sites")
+    names = []
+    for i, e in enumerate(sites):
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str) or not e["name"].isidentifier():
+            raise StoreError(f"{where}.sites[{i}] is {e!r}, expected an object with a site name")
+        n, c = e.get("n_neurons"), e.get("chunk_rows")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise StoreError(f"{where}.sites[{i}].n_neurons is {n!r}, expected an integer >= 0")
+        if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+            raise StoreError(f"{where}.sites[{i}].chunk_rows is {c!r}, expected an integer >= 1")
+        if e.get("dtype") not in DTYPES:
+            raise StoreError(f"{where}.sites[{i}].dtype is {e.get('dtype')!r}, expected one of {', '.join(DTYPES)}")
+        names.append(e["name"])
+    if len(set(names)) != len(names):
+        raise StoreError(f"{where}.sites names a site twice: {names}")
+    if m.get("site") != names[0] or m.get("dtype") != sites[0]["dtype"]:
+        raise StoreError(f"{where}.sites[0] is {names[0]!r} in {sites[0]['dtype']}, but site/dtype say "
+                         f"{m.get('site')!r} in {m.get('dtype')!r}")
 
 
 def dtype_spec(name: str, param: str = "dtype") -> DtypeSpec:

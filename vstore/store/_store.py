@@ -7,6 +7,7 @@ Layout::
     examples/text, examples/id     one entry per example (string arrays)
     examples/<label>               int32 codes, attribute "categories" (names), -1 = missing
     parts/NNNN/acts                (captured layers, rows, neurons), chunked (1, chunk_rows, neurons)
+    parts/NNNN/sites/<site>        the same for every further site (``sites`` attribute; e.g. resid, attr)
     parts/NNNN/rows/example        int64 global example index per row
     parts/NNNN/rows/position       int32 token index in the example's own tokenization (-1 for mean pool)
     parts/NNNN/rows/token          int32 token id (-1 for mean pool)
@@ -39,6 +40,7 @@ from ._format import (
     check_format_version,
 )
 from ._meta import meta_lock, read_meta_file
+from ._sites import SiteView
 
 __all__ = ["VIEWS", "PartInfo", "Store", "is_store", "is_url"]
 
@@ -90,7 +92,7 @@ class PartInfo:
         return self.state == "complete"
 
 
-class Store:
+class Store(SiteView):
     """A vstore store opened for reading (and, by the build, for writing).
 
     Parameters
@@ -99,12 +101,16 @@ class Store:
         The store folder (or any zarr store URL).
     mode
         ``"r"`` (read only) or ``"r+"``.
+    site
+        The site that :meth:`acts`, :attr:`n_neurons`, :attr:`dtype` and every reader see (default:
+        the store's first site); :meth:`with_site` gives the same store seen at another site.
     view
         Which rows the reading side sees: ``token`` (the ``acts`` of every part, default), or ``mean``
-        / ``last``: the pooled rows of a store built ``--keep pooled`` (``pooled/<view>``).
+        / ``last``: the pooled rows of a store built ``--keep pooled`` (``pooled/<view>``, the first
+        site only).
     """
 
-    def __init__(self, path: str | Path, mode: str = "r", *, view: str = "token") -> None:
+    def __init__(self, path: str | Path, mode: str = "r", site: str | None = None, *, view: str = "token") -> None:
         if mode not in ("r", "r+"):
             raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
         if view not in VIEWS:
@@ -134,6 +140,7 @@ class Store:
         if view != "token" and not any(p.get("keep") == "pooled" for p in self.meta["parts"]):
             raise StoreError(f"{self.path}: rows {view!r} are the pooled rows of a store built with --keep pooled; "
                              "this store has none")
+        self.site = self._resolve_site(site)
 
     @property
     def location(self) -> str:
@@ -254,15 +261,6 @@ class Store:
         return [int(x) for x in self.meta["layers"]]
 
     @property
-    def n_neurons(self) -> int:
-        return int(self.meta["model"]["n_neurons"])
-
-    @property
-    def dtype(self) -> str:
-        """Logical dtype of the activations (``float16``, ``bfloat16`` or ``float32``)."""
-        return str(self.meta["dtype"])
-
-    @property
     def parts(self) -> list[PartInfo]:
         return [
             PartInfo(
@@ -288,15 +286,17 @@ class Store:
         key = ";".join(f"{p.name}:{p.committed_rows}" for p in self.parts)
         return key if self.view == "token" else f"{key};rows={self.view}"
 
-    def acts(self, part: str) -> Any:
-        """The raw ``acts`` array of a part (storage dtype; bfloat16 is uint16 bits)."""
+    def acts(self, part: str, site: str | None = None) -> Any:
+        """The raw array of a part at the selected site, or ``site`` (storage dtype; bfloat16 is uint16 bits)."""
         if not self.has_acts(part):
             keep = self.part_entry(part).get("keep")
             raise StoreError(f"{self.path}: part {part} holds no token activations (built with --keep {keep})")
-        arr = self.array(f"parts/{part}/acts" if self.view == "token" else f"parts/{part}/pooled/{self.view}")
-        if arr.ndim != 3 or arr.shape[0] != len(self.layers) or arr.shape[2] != self.n_neurons:
-            raise StoreError(f"{self.path}/parts/{part}/acts: shape {arr.shape} does not match the attributes "
-                             f"({len(self.layers)} layers, {self.n_neurons} neurons)")
+        info = self.site_info(site)
+        path = f"parts/{part}/{info['path']}" if self.view == "token" else f"parts/{part}/pooled/{self.view}"
+        arr = self.array(path)
+        if arr.ndim != 3 or arr.shape[0] != len(self.layers) or arr.shape[2] != int(info["n_neurons"]):
+            raise StoreError(f"{self.path}/{path}: shape {arr.shape} does not match the attributes "
+                             f"({len(self.layers)} layers, {info['n_neurons']} neurons at site {info['name']!r})")
         return arr
 
     def rows(self, part: str, column: str) -> np.ndarray:
@@ -350,14 +350,16 @@ class Store:
 
     def info(self) -> dict[str, Any]:
         """A JSON-able summary of the store."""
-        nbytes = sum(p.committed_rows for p in self.parts if self.has_acts(p.name)) * len(self.layers) \
-            * self.n_neurons * ITEMSIZE[self.dtype]
+        sites = [self.site_info(n) for n in self.sites]
+        nbytes = sum(p.committed_rows for p in self.parts if self.has_acts(p.name)) * len(self.layers) * sum(
+            int(e["n_neurons"]) * ITEMSIZE[str(e["dtype"])] for e in sites)
         return {
             "path": str(self.path),
             "format_version": self.meta["format_version"],
             "state": self.state,
             "model": self.meta["model"],
             "site": self.meta.get("site"),
+            "sites": [{k: v for k, v in e.items() if k != "chunk_rows"} for e in sites],
             "layers": self.layers,
             "dtype": self.dtype,
             "pooling": self.meta.get("pooling"),

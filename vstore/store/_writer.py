@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from .._faults import fault_point
+from ..errors import StoreError
 from ._chunks import direct_chunk_layout, write_chunk_file
 from ._store import Store
 
@@ -27,6 +28,9 @@ class PartWriter:
     ``on_commit``, the statistics); ``--keep pooled`` adds one mean and one last row per example.
     ``on_commit(payloads, examples)`` receives, before the counters advance, the payloads given to
     :meth:`add` of the examples about to be committed (the build's statistics of those batches).
+
+    A store of several sites (:attr:`Store.sites`) gets one array and one buffer per site, all with
+    the same row chunking; every site's rows are written before the counters advance.
     """
 
     def __init__(self, store: Store, part: str, *,
@@ -38,9 +42,14 @@ class PartWriter:
         entry = store.part_entry(part)
         self.keep = str(entry.get("keep", "all"))
         self.on_commit = on_commit
-        self.acts: Any = store.acts(part) if self.keep == "all" else None
+        self.sites = store.sites
+        self.arrays: dict[str, Any] = {s: store.acts(part, s) for s in self.sites} if self.keep == "all" else {}
+        self.acts: Any = self.arrays.get(self.sites[0])
+        chunks = {int(a.chunks[1]) for a in self.arrays.values()}
+        if len(chunks) > 1:
+            raise StoreError(f"{store.path}: part {part}: the sites' arrays have different row chunks {sorted(chunks)}")
         self.rows = {c: store.array(f"parts/{part}/rows/{c}") for c in ("example", "position", "token")}
-        self.chunk = int(self.acts.chunks[1]) if self.acts is not None else int(store.meta["chunk_rows"])
+        self.chunk = chunks.pop() if chunks else int(store.meta["chunk_rows"])
         self.written = info.committed_rows
         self.committed_examples = info.committed_examples
         self.example_start = info.example_start
@@ -57,39 +66,47 @@ class PartWriter:
                 if arr.shape[-2 if arr.ndim == 3 else 0] != self.pooled_rows:
                     arr.resize((*arr.shape[:-2], self.pooled_rows, arr.shape[-1]) if arr.ndim == 3
                                else (self.pooled_rows,))
-        self._direct = direct_chunk_layout(self.acts) if self.acts is not None else None
+        # None (tests set it) writes every site through zarr
+        self._direct: dict[str, Any] | None = {s: direct_chunk_layout(a) for s, a in self.arrays.items()}
         # drop anything written after the last commit (a killed build)
-        if self.acts is not None and self.acts.shape[1] != self.written:
-            self.acts.resize((self.acts.shape[0], self.written, self.acts.shape[2]))
+        for a in self.arrays.values():
+            if a.shape[1] != self.written:
+                a.resize((a.shape[0], self.written, a.shape[2]))
         for arr in self.rows.values():
             if arr.shape[0] != self.written:
                 arr.resize((self.written,))
-        L, N = (len(store.layers), store.n_neurons) if self.acts is not None else (0, 0)
-        self._buf = np.zeros((L, self.chunk, N), dtype=self.acts.dtype if self.acts is not None else np.float32)
+        self._bufs = {s: np.zeros((a.shape[0], self.chunk, a.shape[2]), dtype=a.dtype) for s, a in self.arrays.items()}
+        self._buf = self._bufs.get(self.sites[0], np.zeros((0, self.chunk, 0), dtype=np.float32))
         self._rows_buf = {c: np.full(self.chunk, -1, dtype=a.dtype) for c, a in self.rows.items()}
         self._base = self.written - self.written % self.chunk  # first row of the buffer
         self._fill = self.written - self._base  # rows in the buffer
         self._pooled_end = self.pooled_rows
-        if self._fill and self.acts is not None:  # resuming inside a chunk: its committed rows are the start of the buffer
-            self._buf[:, : self._fill] = self.acts[:, self._base : self.written]
+        if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
+            for s, a in self.arrays.items():
+                self._bufs[s][:, : self._fill] = a[:, self._base : self.written]
 
-    def add(self, acts: np.ndarray | None, example: np.ndarray, position: np.ndarray, token: np.ndarray,
-            examples_done: int, *, payload: Any = None, pooled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-            ) -> None:
-        """Queue rows (``acts`` shaped (layers, rows, neurons); None for a part without ``acts``);
-        ``examples_done`` of the part are then complete.
+    def add(self, acts: np.ndarray | Mapping[str, np.ndarray] | None, example: np.ndarray, position: np.ndarray,
+            token: np.ndarray, examples_done: int, *, payload: Any = None,
+            pooled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """Queue rows (``acts`` shaped (layers, rows, neurons), or one such array per site; None for a
+        part without ``acts``); ``examples_done`` of the part are then complete.
 
         Every call must end at an example boundary: the rows of an example arrive in one call.
         ``pooled`` is ``(mean, last, example)`` of these examples (``--keep pooled``).
         """
+        per_site = {} if acts is None or not self.arrays else (
+            dict(acts) if isinstance(acts, Mapping) else {self.sites[0]: acts})
+        if per_site and set(per_site) != set(self.sites):
+            raise StoreError(f"{self.store.path}: part {self.part} holds sites {self.sites}, got rows of "
+                             f"{sorted(per_site)}")
         n, i = example.shape[0], 0
         cols = {"example": example, "position": position, "token": token}
         if pooled is not None and self.pooled:
             self._add_pooled(*pooled)
         while i < n:
             take = min(n - i, self.chunk - self._fill)
-            if acts is not None and self.acts is not None:
-                self._buf[:, self._fill : self._fill + take] = acts[:, i : i + take]
+            for s, a in per_site.items():
+                self._bufs[s][:, self._fill : self._fill + take] = a[:, i : i + take]
             for c, v in cols.items():
                 self._rows_buf[c][self._fill : self._fill + take] = v[i : i + take]
             self._fill += take
@@ -119,26 +136,27 @@ class PartWriter:
 
     def _write(self) -> None:
         r0, r1 = self._base, self._base + self._fill
-        L, _, N = self._buf.shape
-        if self.acts is None:
-            pass
-        elif self._direct is not None:
-            for layer in range(L):
-                write_chunk_file(self._direct, (layer, r0 // self.chunk, 0), self._buf[layer])
-                fault_point("after-layer")
-            self.acts.resize((L, r1, N))
-        else:
-            self.acts.resize((L, r1, N))
-            self.acts[:, r0:r1] = self._buf[:, : self._fill]
-        for col, arr in self.rows.items():
-            arr.resize((r1,))
-            arr[self.written : r1] = self._rows_buf[col][self.written - r0 : self._fill]
-        self.bytes_written += (r1 - self.written) * L * N * self._buf.itemsize
+        for site, arr in self.arrays.items():
+            L, _, N = arr.shape
+            buf, direct = self._bufs[site], self._direct[site] if self._direct is not None else None
+            if direct is not None:
+                for layer in range(L):
+                    write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer])
+                    fault_point("after-layer")
+                arr.resize((L, r1, N))
+            else:
+                arr.resize((L, r1, N))
+                arr[:, r0:r1] = buf[:, : self._fill]
+            self.bytes_written += (r1 - self.written) * L * N * buf.itemsize
+        for col, rarr in self.rows.items():
+            rarr.resize((r1,))
+            rarr[self.written : r1] = self._rows_buf[col][self.written - r0 : self._fill]
         self.written = r1
         fault_point("before-commit")
         if self._fill == self.chunk:  # start the next chunk
             self._base, self._fill = r1, 0
-            self._buf[...] = 0
+            for buf in self._bufs.values():
+                buf[...] = 0
         self._commit()
 
     def _commit(self) -> None:

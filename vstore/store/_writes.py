@@ -97,12 +97,16 @@ def _create_part_arrays(self: Store, name: str, compressor: str, keep: str) -> N
     L, N = len(self.layers), self.n_neurons
     chunk = int(self.meta["chunk_rows"])
     heads = {"all": ["acts"], "pooled": ["pooled/mean", "pooled/last"], "stats": []}[keep]
-    for head in heads:
-        rows = chunk if head == "acts" else min(chunk, POOLED_CHUNK)  # pooled rows are few: small chunks
+    arrays: list[tuple[str, int, int, str, dict[str, str]]] = [
+        (h, N, chunk if h == "acts" else min(chunk, POOLED_CHUNK), self.dtype, {}) for h in heads]  # pooled: small
+    if keep == "all" and "sites" in self.meta:  # one array per site: the first at acts, the others under sites/
+        arrays = [(str(e["path"]), int(e["n_neurons"]), int(e["chunk_rows"]), str(e["dtype"]), {"site": s})
+                  for s in self.sites for e in [self.site_info(s)]]
+    for head, width, rows, dt, attrs in arrays:
         self.group.create_array(
-            f"{base}/{head}", shape=(L, 0, N), chunks=(1, rows, N), dtype=DTYPES[self.dtype].storage,
+            f"{base}/{head}", shape=(L, 0, width), chunks=(1, rows, width), dtype=DTYPES[dt].storage,
             fill_value=0, compressors=codecs_for(compressor), config={"write_empty_chunks": True},
-            dimension_names=("layer", "row", "neuron"), attributes={"logical_dtype": self.dtype},
+            dimension_names=("layer", "row", "neuron"), attributes={"logical_dtype": dt, **attrs},
         )
     columns = [("example", "int64"), ("position", "int32"), ("token", "int32")]
     if keep == "pooled":
