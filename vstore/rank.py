@@ -23,8 +23,8 @@ from .methods import Method, get_method, score
 from .neuronset import FORMAT, LayerNeurons, NeuronSet, jaccard
 from .scoring import Scores
 from .select import Item, Selection, control_set, lape_select, select_neurons
-from .specificity import annotate_rank, check_exclusive
 from .sites import site_extra, site_for
+from .specificity import annotate_rank, check_exclusive
 from .stats import Grouping, GroupStats, grouping_auroc, grouping_stats, make_grouping, split_grouping_stats
 from .stats.grouping import normalise_contrast, normalise_where
 from .store import Store
