@@ -346,23 +346,18 @@ def rank_store(
         ``random``: a reference neuron set; each group gets its random control
         (:func:`vstore.select.control_set`: the same count per layer, other neurons).
     use_cache
-        Use and fill the statistics cache in the store (the store is opened for writing only then).
-    progress
-        A :class:`vstore.progress.Progress` reporter (None: report nothing).
-    threads
-        Kernel threads (default all).
-    dask
-        Reduce on a Dask cluster: ``ADDRESS`` of a scheduler or ``local:N``.
-    auroc_memory
-        Bytes of histogram per auroc pass.
+        Use and fill the statistics cache in the store (opened for writing only then).
+    progress, threads
+        A :class:`vstore.progress.Progress` reporter (None: report nothing); kernel threads (default all).
+    dask, auroc_memory
+        Reduce on a Dask cluster (``ADDRESS`` of a scheduler or ``local:N``); bytes of histogram per auroc pass.
     verify
         Check chunk checksums (crc32c) while reading.
     skip_damaged
         Leave out chunks that cannot be read (missing, truncated, bad checksum) instead of failing;
         the rows left out are in ``RankResult.skipped`` and the JSON's ``params.skipped_damaged``.
     exclusive
-        Keep only neurons assigned to at most this many groups (after selection; recorded in
-        ``params.selection.exclusive``). Every set gets a ``specificity`` block (docs/neuron-set.md).
+        Keep only neurons of at most this many groups (after selection; ``params.selection.exclusive``).
     rows
         ``token`` (default), or ``mean`` / ``last``: rank the pooled rows of a store built with
         ``keep="pooled"`` (one row per example; the neuron set records them as its ``pooling``).
@@ -379,8 +374,7 @@ def rank_store(
     """
     t0 = time.perf_counter()
     if out is not None and Path(out).suffix.lower() == ".npz":
-        raise UsageError(f"out: {out} would be overwritten by the scores, which go to <out>.npz beside the "
-                         "neuron set; give the neuron set a .json name", "out")
+        raise UsageError(f"out: {out} would be overwritten by the scores (<out>.npz); use a .json name", "out")
     check_exclusive(exclusive)
     con = normalise_contrast(contrast)
     sel = Selection(top_k=top_k, per_layer_k=per_layer_k, top_rate=top_rate, threshold=threshold, by_abs=by_abs)
