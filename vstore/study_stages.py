@@ -259,7 +259,11 @@ def _general_text(run: StudyRun) -> dict[str, str]:
         path = run.path("general", f"{lang}.txt")
         if not path.exists() or path.read_text(encoding="utf-8") != "\n".join(texts) + "\n":
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, lambda f, t=texts: f.write(("\n".join(t) + "\n").encode("utf-8")))
+            blob = ("\n".join(texts) + "\n").encode("utf-8")
+
+            def write(f: Any, b: bytes = blob) -> None:
+                f.write(b)
+            write_atomic(path, write)
         out[lang] = str(path)
     return out
 
@@ -308,6 +312,9 @@ def _dose(run: StudyRun) -> dict[str, Any]:
     from .rank import rank_store, write_rank_result
 
     a, r = run.cfg["ablate"], run.cfg["rank"]
+    if not a["dose"]:
+        run.say("  no dose-response (ablate.dose = [])")
+        return {"sizes": []}
     paths, labels = [], []
     for rate in a["dose"]:
         tag = f"{rate:g}"
@@ -337,6 +344,10 @@ def _report(run: StudyRun) -> dict[str, Any]:
 def run_all(run: StudyRun) -> dict[str, Any]:
     """Run every stage of ``run`` in order (skipping finished ones) and write ``summary.json``."""
     cfg = run.cfg
+    if cfg["ablate"]["side_effect"]:  # fail before the build, not after it, when the texts are not installed
+        from .generaltext import general_texts
+
+        general_texts(1)
     run.stage("data", lambda: _data(run), [])
     run.stage("build", lambda: _build(run), [run.path("store")])
     run.stage("rank", lambda: _rank(run), [run.path("neurons", f"{s}.json") for s, _ in _rank_sets(run)])
