@@ -65,6 +65,12 @@ def test_study_runs_every_stage_and_resumes(tiny_model, tmp_path):
     assert len(redone) == 2 and "ablate: redoing: config changed (ablate.controls)" in redone[0]
     assert "report: redoing: an earlier stage was redone" in redone[1]
     ab2 = json.loads((out / "ablation.json").read_text())
+    # a redone rank that ranks the same keeps its files, so the ablation of them resumes
+    sha = (out / "neurons" / "mean-diff.json").read_bytes()
+    notes.clear()
+    run_study(out, {**_config(tiny_model, data, controls=2), "rank": {**_config(tiny_model, data)["rank"], "exclusive": 0}},
+              progress=None, say=notes.append)
+    assert (out / "neurons" / "mean-diff.json").read_bytes() == sha and any("keeping it" in n for n in notes)
     assert sum(a["kind"] == "control" for a in ab2["ablations"]) == 2 * sum(a["kind"] == "control" for a in ab["ablations"])
 
 

@@ -174,9 +174,24 @@ def _rank(run: StudyRun) -> dict[str, Any]:
         run.say(f"  ranking {stem}")
         res = rank_store(run.path("store"), "value", kw.pop("method"), seed=run.cfg["ablate"]["seed"],
                          progress=run.progress, **kw)
-        path = write_rank_result(res, folder / f"{stem}.json")
+        path = folder / f"{stem}.json"
+        if _same_ranking(path, res):  # keep the file and its digest: finished ablations of it resume
+            run.say(f"  {path.name} holds this very ranking; keeping it")
+        else:
+            write_rank_result(res, path)
         out[stem] = {"path": str(path), "neurons": {g: len(v) for g, v in res.groups.items()}}
     return out
+
+
+def _same_ranking(path: Path, res: Any) -> bool:
+    """Whether ``path`` (and its ``.npz``) hold this very ranking: everything but when it was written."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    new = json.loads(json.dumps(res.data))
+    return isinstance(old, dict) and {**old, "created": None} == {**new, "created": None} \
+        and path.with_suffix(".npz").exists()
 
 
 def _main_set(run: StudyRun) -> Path:
@@ -321,7 +336,8 @@ def _dose(run: StudyRun) -> dict[str, Any]:
         path = run.path("neurons", f"dose-{tag}.json")
         run.say(f"  ranking {r['main']} at top rate {tag}")
         res = rank_store(run.path("store"), "value", r["main"], top_rate=rate, seed=a["seed"], progress=run.progress)
-        write_rank_result(res, path)
+        if not _same_ranking(path, res):
+            write_rank_result(res, path)
         paths.append(path)
         labels.append(tag)
     doc = run_dose(run.lm, paths, _data_path(run), run.path("dose"), labels=labels,
