@@ -59,7 +59,10 @@ def _effect(e: dict[str, Any], group: str) -> Effect:
     margin_src = own if own is not None and fnum(own.get("margin_delta")) is not None else e
     nll = {}
     side = e.get("side_effect")
-    per_lang = side.get("nll") if isinstance(side, dict) else None
+    # vstore ablate writes {"nll": mean, "delta": ..., "by_lang": {lang: {"nll", "delta", ...}}};
+    # the older contract had {"nll": {lang: {"baseline", "ablated", "delta"}}}: both are read
+    per_lang = side.get("by_lang") if isinstance(side, dict) and isinstance(side.get("by_lang"), dict) else \
+        side.get("nll") if isinstance(side, dict) else None
     if isinstance(per_lang, dict):
         for lang, d in per_lang.items():
             v = fnum(d.get("delta")) if isinstance(d, dict) else None
