@@ -1,4 +1,8 @@
-import json, pathlib
+"""Prints the status of the Qwen ablations for docs/results.md (read from docs/results/<model>/ablation.json)."""
+
+import json
+import pathlib
+
 print("\n## Status of the Qwen runs when this session ended\n")
 for name in ("qwen2.5-0.5b", "qwen2.5-1.5b"):
     p = pathlib.Path("docs/results") / name / "ablation.json"
