@@ -19,8 +19,8 @@ import subprocess
 import sys
 
 from setuptools import setup
-from setuptools.errors import CCompilerError
 from setuptools.command.build_py import build_py
+from setuptools.errors import CCompilerError
 
 CUDA_SOURCES = ["csrc/cuda/moments.cu"]
 DEFAULT_ARCHS = (75, 80, 86, 89, 90, 100, 120)
