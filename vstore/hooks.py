@@ -128,6 +128,14 @@ class Capture(_Hooks):
         return record
 
 
+
+def _check_mode(mode: str, means: Any) -> None:
+    """The one check of an edit's mode, shared by :class:`Edit` and :class:`MultiEdit`."""
+    if mode not in ("zero", "mean", "scale"):
+        raise UsageError(f"unknown ablation mode {mode!r}; use zero, mean or scale:F", "mode")
+    if mode == "mean" and means is None:
+        raise UsageError("mode 'mean' needs per-neuron means", "mode", "means")
+
 class Edit(_Hooks):
     """Replace, per layer, chosen neurons' activations at the capture site.
 
@@ -158,10 +166,7 @@ class Edit(_Hooks):
         site: str = "act",
     ) -> None:
         super().__init__()
-        if mode not in ("zero", "mean", "scale"):
-            raise UsageError(f"unknown ablation mode {mode!r}; use zero, mean or scale:F", "mode")
-        if mode == "mean" and means is None:
-            raise UsageError("mode 'mean' needs per-neuron means", "mode", "means")
+        _check_mode(mode, means)
         layers = sorted(k for k, v in neurons.items() if len(v))
         if not layers:
             return
@@ -219,10 +224,7 @@ class MultiEdit(_Hooks):
         site: str = "act",
     ) -> None:
         super().__init__()
-        if mode not in ("zero", "mean", "scale"):
-            raise UsageError(f"unknown ablation mode {mode!r}; use zero, mean or scale:F", "mode")
-        if mode == "mean" and means is None:
-            raise UsageError("mode 'mean' needs per-neuron means", "mode", "means")
+        _check_mode(mode, means)
         if not sets:
             raise UsageError("MultiEdit needs at least one neuron set", "sets")
         layers = sorted({k for s in sets for k, v in s.items() if len(v)})
