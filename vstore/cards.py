@@ -111,6 +111,7 @@ def _pass_layer(st: Store, li: int, columns: np.ndarray, codes: np.ndarray, n_gr
     lp = _LayerPass(columns, ColumnTopK(columns.size, top), Moments.zeros(n_groups, columns.size),
                     np.zeros((n_groups, columns.size, kernels.HISTOGRAM_BINS), dtype=np.uint32))
     for t, blk in Prefetch(st, tasks_for(st, codes, st.chunk_ranges(), [li]), verify=verify):
+        assert blk is not None  # damaged chunks end the pass (no skip_damaged)
         sub = np.ascontiguousarray(blk[:, columns])
         top_k_per_column(sub, dtype=st.dtype, state=lp.top, row_start=offsets[t.part] + t.r0, mask=t.groups,
                          backend=backend)

@@ -39,8 +39,9 @@ in the group (first side). The methods:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +50,7 @@ from .errors import UsageError
 from .stats import AurocResult, GroupStats, targets
 
 __all__ = [
+    "Deferred",
     "Scores",
     "activation_probability",
     "auroc_scores",
@@ -62,6 +64,29 @@ __all__ = [
     "vape",
     "welch_t",
 ]
+
+class Deferred:
+    """A float64 array computed when first used whole (``np.asarray``, ``np.savez``, a slice); a
+    single element ``a[i, j, k]`` is computed alone. Welch's p-values cost more than the rest of a
+    rank together, and a neuron file needs only those of the selected neurons."""
+
+    def __init__(self, shape: tuple[int, ...], full: Callable[[], np.ndarray],
+                 one: Callable[[tuple[int, ...]], float]) -> None:
+        self.shape, self.ndim, self.dtype = shape, len(shape), np.dtype(np.float64)
+        self._full, self._one = full, one
+        self._value: np.ndarray | None = None
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if self._value is None:
+            self._value = np.asarray(self._full(), dtype=np.float64)
+        return self._value if dtype is None else self._value.astype(dtype)
+
+    def __getitem__(self, key: Any) -> Any:
+        if self._value is None and isinstance(key, tuple) and len(key) == self.ndim \
+                and all(isinstance(k, (int, np.integer)) for k in key):
+            return self._one(tuple(int(k) for k in key))
+        return np.asarray(self)[key]
+
 
 @dataclass
 class Scores:
@@ -78,7 +103,8 @@ class Scores:
     values
         float64 (L, T, N) scores (NaN: undefined, e.g. a group without rows; never selected).
     extra
-        Further arrays for the ``.npz`` (e.g. ``p`` and ``df`` of welch-t, ``prob`` of vape).
+        Further arrays for the ``.npz`` (e.g. ``p`` and ``df`` of welch-t, ``prob`` of vape); an
+        entry may be a :class:`Deferred` (welch-t's ``p``), which ``np.asarray`` computes.
     lower_is_better
         True for vape's entropy.
     centre
@@ -89,7 +115,7 @@ class Scores:
     targets: list[str]
     layers: list[int]
     values: npt.NDArray[np.float64]
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     lower_is_better: bool = False
     centre: float = 0.0
 
@@ -116,17 +142,14 @@ def _pairs(stats: GroupStats) -> tuple[list[str], _Pair]:
     """Moments of both sides of every target: counts, sums, sumsq, npos (L, T, N), float64."""
     tg = targets(stats.base or stats.groups, stats.sides)
     n = stats.valid().astype(np.float64)  # rows with a finite value, per neuron
-    s, q, p = stats.sum, stats.sumsq, stats.npos.astype(np.float64)
-    tot = [x.sum(axis=1, keepdims=True) for x in (n, s, q, p)]
-    side1, side0 = [], []
-    for _, pos, neg in tg:
-        a = [x[:, pos].sum(axis=1) for x in (n, s, q, p)]
-        b = [t[:, 0] - y for t, y in zip(tot, a, strict=True)] if neg is None else [x[:, neg].sum(axis=1) for x in (n, s, q, p)]
-        side1.append(a)
-        side0.append(b)
-    st = [np.stack([v[i] for v in side1], axis=1) for i in range(4)]
-    sr = [np.stack([v[i] for v in side0], axis=1) for i in range(4)]
-    return [t[0] for t in tg], _Pair(st[0], st[1], st[2], st[3], sr[0], sr[1], sr[2], sr[3])
+    x = (n, stats.sum, stats.sumsq, stats.npos.astype(np.float64))
+    pos = [p[0] for _, p, _ in tg]  # every side is one group (vstore.stats.targets)
+    side1 = list(x) if pos == list(range(x[0].shape[1])) else [v[:, pos] for v in x]
+    if tg and tg[0][2] is not None:
+        side0 = [v[:, [ng[0] for _, _, ng in tg]] for v in x]  # type: ignore[index]
+    else:  # the rest: every row but the group's
+        side0 = [v.sum(axis=1, keepdims=True) - a for v, a in zip(x, side1, strict=True)]
+    return [t[0] for t in tg], _Pair(*side1, *side0)
 
 
 def _mean_var(n: np.ndarray, s: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -191,10 +214,17 @@ def welch_t(stats: GroupStats) -> Scores:
         se2 = a + b
         t = (m1 - m0) / np.sqrt(se2)
         df = se2 * se2 / (a * a / (pr.n1 - 1) + b * b / (pr.n0 - 1))
-        p = 2.0 * special.stdtr(df, -np.abs(t))
     ok = (pr.n1 > 1) & (pr.n0 > 1)
+    df = np.where(ok, df, np.nan)
+    raw_t = t
+
+    def p_value(d: Any, tt: Any) -> Any:
+        with np.errstate(invalid="ignore"):
+            return 2.0 * special.stdtr(d, -np.abs(tt))  # NaN where df is
+
+    p = Deferred(t.shape, lambda: p_value(df, raw_t), lambda i: float(p_value(df[i], raw_t[i])))
     t = np.where(ok, np.nan_to_num(t), np.nan)
-    return _scores("welch-t", stats, names, t, extra={"p": np.where(ok, p, np.nan), "df": np.where(ok, df, np.nan)})
+    return _scores("welch-t", stats, names, t, extra={"p": p, "df": df})
 
 
 def probeless(stats: GroupStats) -> Scores:

@@ -14,6 +14,7 @@ Used by ``vstore rank`` (the ``specificity`` block of a neuron set) and ``vstore
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ def layer_sizes(items: Items | set[tuple[int, int]]) -> dict[int, int]:
     return dict(sorted(out.items()))
 
 
+@functools.lru_cache(maxsize=4096)
 def _hypergeom_pmf(n_neurons: int, a: int, b: int) -> np.ndarray:
     """P(X = x), x = 0..min(a, b), for the overlap X of two uniform random subsets of sizes a and b of n_neurons."""
     from scipy.special import gammaln
@@ -62,7 +64,9 @@ def _hypergeom_pmf(n_neurons: int, a: int, b: int) -> np.ndarray:
                 + gammaln(n_neurons - a + 1) - gammaln(b - x + 1) - gammaln(n_neurons - a - b + x + 1)
                 - gammaln(n_neurons + 1) + gammaln(b + 1) + gammaln(n_neurons - b + 1))
     p = np.where(x >= a + b - n_neurons, np.exp(logp), 0.0)  # below max(0, a + b - N) the overlap is impossible
-    return np.asarray(p / p.sum())
+    out = np.asarray(p / p.sum())
+    out.flags.writeable = False  # shared by every caller (cached)
+    return out
 
 
 def _shared_pmf(sizes_a: Mapping[int, int], sizes_b: Mapping[int, int], n_neurons: int) -> np.ndarray:
@@ -170,11 +174,13 @@ def specificity(groups: Mapping[str, Items | set[tuple[int, int]]], n_neurons: i
     union = len(count)
     exclusive = sum(1 for c in count.values() if c == 1)
     matrix = [[jaccard(keys[a], keys[b]) for b in names] for a in names]
-    chance = None
+    chance: list[list[float | None]] | None = None
     if n_neurons is not None:
         sizes = {g: layer_sizes(keys[g]) for g in names}
-        chance = [[chance_jaccard(sizes[a], sizes[b], n_neurons).mean if i != j else None
-                   for j, b in enumerate(names)] for i, a in enumerate(names)]
+        chance = [[None] * len(names) for _ in names]
+        for i, a in enumerate(names):
+            for j in range(i + 1, len(names)):  # symmetric
+                chance[i][j] = chance[j][i] = chance_jaccard(sizes[a], sizes[names[j]], n_neurons).mean
     full = [i for i, g in enumerate(names) if keys[g]]  # pairs with an empty group say nothing
     pairs = [(i, j) for i in full for j in full if j > i]
     per_group = {}

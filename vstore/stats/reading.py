@@ -1,22 +1,19 @@
-"""Reading a store for a statistics pass: tasks, the group of every row, and a prefetching reader.
+"""Reading a store for a statistics pass: tasks, the group of every row, and a reader that reads ahead.
 
-A task is one chunk row range of one layer of one part, with the group of each of its rows. The
-reader thread of :class:`Prefetch` asks the OS for the next chunks (``fadvise``) and reads a couple
-of blocks ahead while the caller reduces the current one (the native kernels release the GIL).
-
-Uncompressed local chunks are read with ``readv`` into a small ring of reused buffers and their
-crc32c checked there: the checksum and then the kernel find the block in the cache the read just
-filled, where a fresh memory map costs page-table work per block and makes the checksum and the
-kernel each fetch the block from memory. A block handed out stays valid until the consumer takes
-the next one (the ring holds ``depth + 3`` buffers: the queue, the one being reduced, the one being
-read, and a spare).
+A task is one chunk row range of one layer of one part, with the group of each of its rows.
+:class:`Prefetch` hands out each task's block. Uncompressed chunk files on a local file system are
+memory-mapped and checked (:meth:`ChunkReader.read`) in the consumer's own thread, while the OS is
+asked to read the next chunks (``fadvise``): from the page cache a map costs no copy, and from a
+disk the read-ahead keeps the device busy while the caller reduces. Other chunks (compressed,
+remote) are read through zarr by a background thread a couple of blocks ahead (the native kernels
+release the GIL).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import os
+import itertools
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,9 +24,9 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import StoreError
-from ..store import ChunkReader, Store, crc32c
+from ..store import ChunkReader, Store
 
-__all__ = ["Prefetch", "ReadCounter", "Task", "read_block_into", "read_counter", "row_groups", "tasks_for"]
+__all__ = ["Prefetch", "ReadCounter", "Task", "read_counter", "row_groups", "tasks_for"]
 
 _ROW_SEGMENT = 1 << 16  # rows of rows/example read at once
 
@@ -93,133 +90,91 @@ def tasks_for(
             yield Task(part, li, r0, r1, groups)
 
 
-def read_block_into(reader: ChunkReader, layer: int, r0: int, r1: int, buf: bytearray) -> np.ndarray:
-    """Rows ``r0:r1`` of ``layer`` as :meth:`ChunkReader.read` gives them, read into ``buf`` (which must
-    hold a chunk file) when the chunk is an uncompressed local file; a read-only view of ``buf``.
-
-    Raises
-    ------
-    StoreError
-        The chunk file is missing, truncated or padded, or fails its checksum (the messages of
-        :meth:`ChunkReader.read`).
-    """
-    n = r1 - r0
-    d = reader.direct
-    if d is None or reader.chunk_bytes == 0 or r0 % reader.chunk_rows != 0 or not 0 < n <= reader.chunk_rows:
-        return reader.read(layer, r0, r1)
-    root, encode, crc = d
-    path = root / encode((layer, r0 // reader.chunk_rows, 0))
-    want = reader.chunk_bytes + (4 if crc else 0)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise StoreError(f"{path}: missing chunk: its rows are committed but the file is gone "
-                         "(run `vstore verify` on the store)") from None
-    view = memoryview(buf)[:want]
-    try:
-        size = os.fstat(fd).st_size
-        got = 0
-        while size == want and got < want:
-            k = os.readv(fd, [view[got:]])
-            if k <= 0:
-                break
-            got += k
-    finally:
-        os.close(fd)
-    if size != want or got != want:
-        raise StoreError(f"{path}: truncated or padded chunk: {size} bytes, expected {want} "
-                         "(the chunk is corrupt; run `vstore verify` on the store)")
-    if crc and reader.verify:
-        stored = int.from_bytes(view[reader.chunk_bytes : want], "little")
-        if crc32c(view[: reader.chunk_bytes]) != stored:
-            raise StoreError(f"{path}: checksum mismatch (the chunk is corrupt)")
-    out = np.frombuffer(buf, dtype=reader.dtype, count=n * reader.n_neurons).reshape(n, reader.n_neurons)
-    out.flags.writeable = False
-    return out
-
-
 class Prefetch:
-    """Reads the tasks' blocks in a background thread, ``depth`` blocks ahead; iterate for ``(task, block)``.
+    """Reads the tasks' blocks ahead of the consumer; iterate for ``(task, block)``.
 
-    With ``skip_damaged``, a chunk that cannot be read (missing, truncated, bad checksum) comes as
-    ``(task, None)`` instead of ending the pass.
+    Local uncompressed chunks are read in the consumer's thread with ``lookahead`` chunks advised
+    ahead; other chunks by a background thread ``depth`` blocks ahead. A block is read-only and stays
+    valid as long as the consumer holds it. With ``skip_damaged``, a chunk that cannot be read
+    (missing, truncated, bad checksum) comes as ``(task, None)`` instead of ending the pass.
     """
 
     def __init__(self, store: Store, tasks: Iterable[Task], *, depth: int = 2, verify: bool = True,
-                 lookahead: int = 4, skip_damaged: bool = False) -> None:
+                 lookahead: int = 16, skip_damaged: bool = False) -> None:
         self.store = store
         self.skip_damaged = skip_damaged
         self.lookahead = lookahead
+        self.depth = depth
         self.tasks = tasks
         self.verify = verify
         self.readers: dict[str, ChunkReader] = {}
-        self.q: queue.Queue[Any] = queue.Queue(maxsize=depth)
-        self.ring: list[bytearray] = [bytearray(0) for _ in range(depth + 3)]
-        self.served = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="vstore-stats-reader", daemon=True)
 
     def _reader(self, part: str) -> ChunkReader:
         if part not in self.readers:
             self.readers[part] = ChunkReader(self.store.acts(part), verify=self.verify)
         return self.readers[part]
 
-    def _run(self) -> None:
+    def _read(self, t: Task) -> np.ndarray | None:
         try:
-            ahead: collections.deque[Task] = collections.deque()
-            it = iter(self.tasks)
-            exhausted = False
-            while True:
-                while not exhausted and len(ahead) < self.lookahead + 1:  # the disk reads ahead of us
-                    nxt = next(it, None)
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    self._reader(nxt.part).advise(nxt.layer, nxt.r0)
-                    ahead.append(nxt)
-                if not ahead:
-                    break
-                t = ahead.popleft()
-                if self.stop.is_set():
-                    return
-                try:
-                    block = self._read(t)
-                except StoreError:
-                    if not self.skip_damaged:
-                        raise
-                    block = None  # a damaged chunk, skipped: the consumer records it
-                self.q.put((t, block))
-                del block
-        except BaseException as e:  # handed to the consumer
-            self.q.put(e)
+            return self._reader(t.part).read(t.layer, t.r0, t.r1)
+        except StoreError:
+            if not self.skip_damaged:
+                raise
+            return None  # a damaged chunk, skipped: the consumer records it
+
+    def __iter__(self) -> Iterator[tuple[Task, np.ndarray | None]]:
+        it = iter(self.tasks)
+        first = next(it, None)
+        if first is None:
             return
-        self.q.put(None)
+        tasks = itertools.chain([first], it)
+        blocks = self._local(tasks) if self._reader(first.part).direct is not None else self._threaded(tasks)
+        for t, block in blocks:
+            if block is not None:
+                read_counter.add(block.nbytes)
+            yield t, block
 
-    def _read(self, t: Task) -> np.ndarray:
-        reader = self._reader(t.part)
-        slot = self.served % len(self.ring)
-        self.served += 1
-        need = reader.chunk_bytes + 4
-        if len(self.ring[slot]) < need:
-            self.ring[slot] = bytearray(need)
-        return read_block_into(reader, t.layer, t.r0, t.r1, self.ring[slot])
+    def _local(self, tasks: Iterator[Task]) -> Iterator[tuple[Task, np.ndarray | None]]:
+        ahead: collections.deque[Task] = collections.deque()
+        for nxt in tasks:
+            self._reader(nxt.part).advise(nxt.layer, nxt.r0)  # the disk reads ahead of us
+            ahead.append(nxt)
+            if len(ahead) > self.lookahead:
+                t = ahead.popleft()
+                yield t, self._read(t)
+        while ahead:
+            t = ahead.popleft()
+            yield t, self._read(t)
 
-    def __iter__(self) -> Iterator[tuple[Task, np.ndarray]]:
-        self.thread.start()
+    def _threaded(self, tasks: Iterator[Task]) -> Iterator[tuple[Task, np.ndarray | None]]:
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def run() -> None:
+            try:
+                for t in tasks:
+                    if stop.is_set():
+                        return
+                    q.put((t, self._read(t)))
+            except BaseException as e:  # handed to the consumer
+                q.put(e)
+                return
+            q.put(None)
+
+        thread = threading.Thread(target=run, name="vstore-stats-reader", daemon=True)
+        thread.start()
         try:
             while True:
-                item = self.q.get()
+                item = q.get()
                 if item is None:
                     return
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item[1] is not None:
-                    read_counter.add(item[1].nbytes)
                 del item
         finally:
-            self.stop.set()
-            while self.thread.is_alive():  # unblock a reader waiting on a full queue
+            stop.set()
+            while thread.is_alive():  # unblock a reader waiting on a full queue
                 with contextlib.suppress(queue.Empty):
-                    self.q.get(timeout=0.05)
-            self.thread.join()
+                    q.get(timeout=0.05)
+            thread.join()
