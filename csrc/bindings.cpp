@@ -16,6 +16,7 @@
 
 #include "vstore/kernels.hpp"
 #include "vstore/topk.hpp"
+#include "vstore/welch.hpp"
 
 #ifndef VSTORE_VERSION
 #define VSTORE_VERSION "0+unknown"
@@ -204,6 +205,33 @@ void top_k_per_column(const py::array& block, const std::string& dtype_name, con
     vstore::top_k_per_column(src, dtype, R, N, m, cols, C, row_start, k, bv, br, threads);
 }
 
+// --- Welch's t from moments (vstore.scoring) ---
+py::tuple welch_from_moments(const carray<std::int64_t>& count, const carray<std::int64_t>& nonfinite,
+                             const carray<double>& sum, const carray<double>& sumsq, const carray<std::int64_t>& pos,
+                             const carray<std::int64_t>& neg, int threads) {
+    if (sum.ndim() != 3) throw std::invalid_argument("sum: expected a 3-D (layers, groups, neurons) array, got " + shape_of(sum));
+    const std::int64_t L = sum.shape(0), G = sum.shape(1), N = sum.shape(2);
+    check_shape(sumsq, {L, G, N}, "sumsq");
+    check_shape(nonfinite, {L, G, N}, "nonfinite");
+    check_shape(count, {L, G}, "count");
+    if (pos.ndim() != 1) throw std::invalid_argument("pos: expected a 1-D array, got " + shape_of(pos));
+    const std::int64_t T = pos.shape(0);
+    check_shape(neg, {T}, "neg");
+    for (std::int64_t i = 0; i < T; ++i) {
+        if (pos.data()[i] < 0 || pos.data()[i] >= G || neg.data()[i] >= G)
+            throw std::invalid_argument("pos/neg: target " + std::to_string(i) + " names a group outside 0.." +
+                                        std::to_string(G - 1));
+    }
+    py::array_t<double> t({L, T, N}), t_raw({L, T, N}), df({L, T, N});
+    const vstore::GroupMomentsRef m{L, G, N, count.data(), nonfinite.data(), sum.data(), sumsq.data()};
+    double *pt = t.mutable_data(), *pr = t_raw.mutable_data(), *pd = df.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        vstore::welch_from_moments(m, pos.data(), neg.data(), T, pt, pr, pd, threads);
+    }
+    return py::make_tuple(t, t_raw, df);
+}
+
 std::uint64_t read_probe(const py::buffer& buffer) {
     const py::buffer_info info = buffer.request();
     bool contiguous = true;
@@ -243,5 +271,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("mask").noconvert(), py::arg("columns").noconvert(), py::arg("row_start"),
           py::arg("best_values").noconvert(), py::arg("best_rows").noconvert(), py::arg("threads") = 0,
           "Merges a raw block's columns into per-column top-k state (value desc, row asc).");
+    m.def("welch_from_moments", &welch_from_moments, py::arg("count").noconvert(), py::arg("nonfinite").noconvert(),
+          py::arg("sum").noconvert(), py::arg("sumsq").noconvert(), py::arg("pos").noconvert(),
+          py::arg("neg").noconvert(), py::arg("threads") = 0,
+          "Welch's (t, t before nan_to_num, df), each (L, T, N), from per-group moments.");
     m.def("read_probe", &read_probe, py::arg("buffer"), "XOR of a buffer's 64-bit words (a read-bandwidth probe).");
 }

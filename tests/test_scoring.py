@@ -10,6 +10,7 @@ from scipy import stats as sps
 from sklearn.metrics import roc_auc_score
 
 from vstore.errors import UsageError, VstoreError
+from vstore.kernels import native_available
 from vstore.methods import canonical_method, score
 from vstore.scoring import (
     cohen_d,
@@ -64,6 +65,37 @@ def test_welch_t_matches_scipy(data: tuple) -> None:
         np.testing.assert_allclose(sc.values[:, g], np.nan_to_num(ref.statistic), rtol=1e-7, atol=1e-9)
         finite = np.isfinite(ref.pvalue)
         np.testing.assert_allclose(sc.extra["p"][:, g][finite], ref.pvalue[finite], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.skipif(not native_available(), reason="the native extension is not built")
+@pytest.mark.parametrize("case", ["rest", "contrast", "empty-group", "one-row", "nonfinite", "one-group"])
+def test_native_welch_equals_numpy_bit_for_bit(data: tuple, case: str) -> None:
+    X, y, names = data
+    if case == "contrast":  # targets g0 (sides a/b) and g1
+        st = stats_of(X, y, ["g0|a", "g0|b", "g1|a", "g1|b"], sides=["a", "b"], base=["g0", "g1"])
+    elif case == "one-group":
+        st = stats_of(X, np.zeros_like(y), ["g0"])
+    else:
+        st = stats_of(X, np.where(y == 3, -1, y) if case == "empty-group" else y, names)
+        if case == "one-row":
+            st.count[:, 2], st.sum[:, 2], st.sumsq[:, 2] = 1, 0.5, 0.25
+        if case == "nonfinite":
+            st.nonfinite[0, 1, :7] = st.count[0, 1] - np.arange(7)  # 0..6 finite rows left
+            st.sum[0, 0, 3], st.sumsq[1, 2, 4] = np.inf, np.nan
+    a, b = welch_t(st, native=True), welch_t(st, native=False)
+    assert a.targets == b.targets
+    for x, z in ((a.values, b.values), (a.extra["df"], b.extra["df"]), (np.asarray(a.extra["p"]), np.asarray(b.extra["p"]))):
+        assert x.shape == z.shape and np.array_equal(x, z, equal_nan=True)
+        assert np.array_equal(np.signbit(x), np.signbit(z))
+
+
+def test_deferred_p_single_elements_equal_the_whole(data: tuple) -> None:
+    X, y, names = data
+    p = welch_t(stats_of(X, y, names)).extra["p"]
+    one = [p[1, 2, j] for j in range(X.shape[2])]  # computed alone, before the whole array exists
+    whole = np.asarray(p)
+    assert whole.shape == (3, len(names), X.shape[2]) and np.array_equal(one, whole[1, 2], equal_nan=True)
+    assert p[0, 0, 5] == whole[0, 0, 5] and np.array_equal(p[:, 1], whole[:, 1], equal_nan=True)
 
 
 def test_mean_prob_cohen(data: tuple) -> None:
