@@ -154,13 +154,21 @@ class RowSink:
             src = (w.unsqueeze(1).to(t.dtype) @ t[keep]).squeeze(1)  # weighted mean over tokens, float32
         else:
             src = t[self.index]
-        if src.numel() and not bool(torch.isfinite(src).all()):
+        dst = self.out[self.pos[layer]]
+        dst.copy_(src)
+        if not dst.numel():
+            return
+        # One pass over the stored values: NaN/Inf there means the model made one or a value overflowed
+        # the stored dtype; only then are both counted exactly, on the model's values.
+        lo, hi = torch.aminmax(dst)
+        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+            return
+        if not bool(torch.isfinite(src).all()):
             self.nonfinite[layer] = self.nonfinite.get(layer, 0) + int((~torch.isfinite(src)).sum())
-        if self.check_overflow and src.numel():
-            lo, hi = torch.aminmax(src)  # one cheap pass in float32; count exactly only when needed
-            if hi >= FLOAT16_INF_FROM or lo <= -FLOAT16_INF_FROM:
-                self.overflow[layer] = self.overflow.get(layer, 0) + int((src.abs() >= FLOAT16_INF_FROM).sum())
-        self.out[self.pos[layer]].copy_(src)
+        if self.check_overflow:
+            big = int((src.abs() >= FLOAT16_INF_FROM).sum())
+            if big:
+                self.overflow[layer] = self.overflow.get(layer, 0) + big
 
 
 @dataclass
@@ -282,6 +290,8 @@ def _capture(model: Any, sites: Sequence[str], sinks: Mapping[str, RowSink], lay
 def _to_host(t: Any, on_cuda: bool) -> Any:
     import torch
 
+    if t.device.type == "cpu":  # already on the host, and each batch's tensors are new: no copy
+        return t
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=on_cuda)
     host.copy_(t, non_blocking=on_cuda)
     return host

@@ -140,6 +140,7 @@ class PartWriter:
             L, _, N = arr.shape
             buf, direct = self._bufs[site], self._direct[site] if self._direct is not None else None
             if direct is not None:
+                buf[:, self._fill :] = 0  # a partial chunk's file is full size, zero past its rows
                 for layer in range(L):
                     write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer])
                     fault_point("after-layer")
@@ -153,10 +154,8 @@ class PartWriter:
             rarr[self.written : r1] = self._rows_buf[col][self.written - r0 : self._fill]
         self.written = r1
         fault_point("before-commit")
-        if self._fill == self.chunk:  # start the next chunk
+        if self._fill == self.chunk:  # start the next chunk (its rows overwrite the buffer)
             self._base, self._fill = r1, 0
-            for buf in self._bufs.values():
-                buf[...] = 0
         self._commit()
 
     def _commit(self) -> None:
