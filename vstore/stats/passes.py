@@ -45,10 +45,10 @@ def plan_workers(n_layers: int, backend: str, threads: int | None) -> tuple[int,
     """(reading workers, kernel threads per call) for a pass over ``n_layers`` layers.
 
     With the C++ backend, each worker owns the layers ``w, w + W, ...`` and reads and reduces their
-    chunks in row order (its own reader thread prefetching), so every layer is summed in the same
+    chunks in row order (asking the OS for the next chunks ahead), so every layer is summed in the same
     order as one sequential pass: results are bit-identical whatever the worker count. Numba's
     default threading layer must not be entered from several threads, and NumPy is the reference:
-    both run one worker whose kernel uses ``threads`` (default: all cores but the reader's).
+    both run one worker whose kernel uses ``threads`` (default: all cores but one, left to reading).
     """
     if threads is not None and not 1 <= int(threads) <= kernels.MAX_THREADS:
         raise UsageError(f"threads must be in 1..{kernels.MAX_THREADS}, got {threads}", "threads")
