@@ -96,6 +96,9 @@ def test_deferred_p_single_elements_equal_the_whole(data: tuple) -> None:
     whole = np.asarray(p)
     assert whole.shape == (3, len(names), X.shape[2]) and np.array_equal(one, whole[1, 2], equal_nan=True)
     assert p[0, 0, 5] == whole[0, 0, 5] and np.array_equal(p[:, 1], whole[:, 1], equal_nan=True)
+    c = np.array(p, copy=True)  # a copy when asked: writing to it leaves the scores alone
+    c[0, 0, 0] = -1.0
+    assert np.asarray(p)[0, 0, 0] == whole[0, 0, 0] != -1.0
 
 
 def test_mean_prob_cohen(data: tuple) -> None:

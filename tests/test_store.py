@@ -346,6 +346,29 @@ def test_part_writer_round_trip(feed: Feed) -> None:
             _assert_bitwise(got, acts[layer], f"iter_blocks layer {layer}")
 
 
+def test_a_partial_chunk_after_a_full_one_is_padded_with_zeros() -> None:
+    """The writer reuses its chunk buffer: rows past a partial chunk's last row are zeros on disk, not
+    the previous chunk's rows, however many times the partial chunk is flushed."""
+    from vstore.store import chunk_file
+
+    with _tmpdir() as d:
+        store = Store.create(d / "s", _meta(2, 3, "float16", 4))
+        start = store.add_examples([f"e{i}" for i in range(7)], [f"t{i}" for i in range(7)], [{}] * 7)
+        part = store.start_part(7, start, {}, compressor="none")
+        w = PartWriter(store, part)
+        rows = np.arange(2 * 7 * 3, dtype=np.float16).reshape(2, 7, 3) + 1  # no zeros
+        for a, b in ((0, 4), (4, 6), (6, 7)):  # a full chunk, then a partial one flushed twice
+            w.add(rows[:, a:b], np.arange(a, b, dtype=np.int64), np.zeros(b - a, np.int32),
+                  np.zeros(b - a, np.int32), b)
+            w.flush()
+        arr = store.acts(part)
+        for layer in range(2):
+            f = chunk_file(arr, (layer, 1, 0))
+            assert f is not None
+            raw = np.frombuffer(f.read_bytes()[:-4], dtype=np.float16).reshape(4, 3)
+            assert np.array_equal(raw[:3], rows[layer, 4:7]) and not raw[3].any()
+
+
 # -- 2. fault injection: killed builds resume to the same bits --------------------------------------------
 
 

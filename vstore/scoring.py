@@ -80,7 +80,9 @@ class Deferred:
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         if self._value is None:
             self._value = np.asarray(self._full(), dtype=np.float64)
-        return self._value if dtype is None else self._value.astype(dtype)
+        if dtype is not None and np.dtype(dtype) != self._value.dtype:
+            return self._value.astype(dtype)
+        return self._value.copy() if copy else self._value
 
     def __getitem__(self, key: Any) -> Any:
         if self._value is None and isinstance(key, tuple) and len(key) == self.ndim \

@@ -80,6 +80,7 @@ class PartWriter:
         self._rows_buf = {c: np.full(self.chunk, -1, dtype=a.dtype) for c, a in self.rows.items()}
         self._base = self.written - self.written % self.chunk  # first row of the buffer
         self._fill = self.written - self._base  # rows in the buffer
+        self._stale = 0  # buffer rows [_fill, _stale) still hold the previous chunk's rows
         self._pooled_end = self.pooled_rows
         if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
             for s, a in self.arrays.items():
@@ -140,7 +141,8 @@ class PartWriter:
             L, _, N = arr.shape
             buf, direct = self._bufs[site], self._direct[site] if self._direct is not None else None
             if direct is not None:
-                buf[:, self._fill :] = 0  # a partial chunk's file is full size, zero past its rows
+                if self._stale > self._fill:  # a partial chunk's file is full size: zeros past its rows
+                    buf[:, self._fill : self._stale] = 0
                 for layer in range(L):
                     write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer])
                     fault_point("after-layer")
@@ -154,6 +156,8 @@ class PartWriter:
             rarr[self.written : r1] = self._rows_buf[col][self.written - r0 : self._fill]
         self.written = r1
         fault_point("before-commit")
+        if self._direct is not None:
+            self._stale = self.chunk if self._fill == self.chunk else self._fill
         if self._fill == self.chunk:  # start the next chunk (its rows overwrite the buffer)
             self._base, self._fill = r1, 0
         self._commit()
