@@ -292,6 +292,29 @@ def test_float16_widths_and_nonfinite_positions(n: int, backend: str) -> None:
         assert_same_moments(run_moments(raw, groups, 2, "float16", backend, threads=threads), reference)
 
 
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_float16_one_bad_group_among_good_ones_accumulates(backend: str) -> None:
+    """A NaN in one row of one group, in the last thread's columns: the other groups are added by the
+    optimistic sweep, that group alone is redone over its finite rows, and both add to what an
+    earlier block left in the accumulator."""
+    rng = np.random.default_rng(7)
+    rows, n, n_groups = 300, 1000, 5  # wide enough for every thread to own columns
+    first = (rng.standard_normal((rows, n)) * 3).astype(np.float16)
+    second = (rng.standard_normal((rows, n)) * 3).astype(np.float16)
+    groups = rng.integers(-1, n_groups, rows).astype(np.int32)
+    bad_row = int(np.flatnonzero(groups == 2)[5])
+    second[bad_row, n - 3] = np.nan
+    for threads in (1, None):
+        want = Moments.zeros(n_groups, n)
+        got = Moments.zeros(n_groups, n)
+        for block in (first, second):
+            kernels.accumulate_moments(block, groups, want, dtype="float16", backend="numpy")
+            kernels.accumulate_moments(block, groups, got, dtype="float16", backend=backend, threads=threads)
+        assert_same_moments(got, want)
+        assert np.flatnonzero(got.nonfinite.any(axis=1)).tolist() == [2]
+        assert got.nonfinite.sum() == 1 and got.count[2] == 2 * np.sum(groups == 2)
+
+
 raw_blocks = st.tuples(
     st.sampled_from(DTYPES),
     st.integers(0, 24),

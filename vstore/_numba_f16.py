@@ -14,7 +14,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-__all__ = ["HOST_F16C", "RUN_ROWS", "f16_runs", "moments_f16", "moments_f16_f16c"]
+__all__ = ["HOST_F16C", "RUN_ROWS", "commit_partials", "f16_runs", "moments_f16", "moments_f16_f16c"]
 
 RUN_ROWS = 32  # float16 rows per float32 run, as vstore._numpy_kernels.RUN_ROWS
 ROW_VALID = 1
@@ -23,37 +23,51 @@ TWO_POW_M24 = 2.0**-24
 
 @njit(cache=True)
 def f16_runs(groups, status, n_groups, run_rows):  # pragma: no cover - compiled
-    """Each group's valid rows cut, in row order, into runs of ``run_rows``: (rows, begin, group)."""
+    """Each group's valid rows cut, in row order, into runs of ``run_rows``: (rows, begin, group).
+
+    The runs of one group are consecutive, groups in the order their first row appears (the sums do
+    not depend on this order: each group adds its own runs in row order).
+    """
     n = groups.shape[0]
-    rows = np.empty(n, dtype=np.int64)
-    begin = np.empty(n + n_groups + 1, dtype=np.int64)
-    grp = np.empty(n + n_groups, dtype=np.int64)
-    pending = np.empty((n_groups, run_rows), dtype=np.int64)
-    fill = np.zeros(n_groups, dtype=np.int64)
-    m = 0
-    nr = 0
-    for r in range(n + n_groups):
-        if r < n:
-            g = groups[r]
-            if g < 0 or status[r] != ROW_VALID:
-                continue
-            pending[g, fill[g]] = r
-            fill[g] += 1
-            if fill[g] < run_rows:
-                continue
-        else:  # the unfinished runs, after the last row
-            g = r - n
-            if fill[g] == 0:
-                continue
-        begin[nr] = m
-        grp[nr] = g
-        nr += 1
-        for k in range(fill[g]):
-            rows[m] = pending[g, k]
-            m += 1
-        fill[g] = 0
-    begin[nr] = m
-    return rows[:m], begin[: nr + 1], grp[:nr]
+    size = np.zeros(n_groups, dtype=np.int64)
+    order = np.empty(n_groups, dtype=np.int64)
+    n_present = 0
+    for r in range(n):
+        g = groups[r]
+        if g < 0 or status[r] != ROW_VALID:
+            continue
+        if size[g] == 0:
+            order[n_present] = g
+            n_present += 1
+        size[g] += 1
+    start = np.zeros(n_groups, dtype=np.int64)
+    total = 0
+    n_runs = 0
+    for i in range(n_present):
+        g = order[i]
+        start[g] = total
+        total += size[g]
+        n_runs += (size[g] + run_rows - 1) // run_rows
+    rows = np.empty(total, dtype=np.int64)
+    for r in range(n):
+        g = groups[r]
+        if g < 0 or status[r] != ROW_VALID:
+            continue
+        rows[start[g]] = r
+        start[g] += 1
+    begin = np.empty(n_runs + 1, dtype=np.int64)
+    grp = np.empty(n_runs, dtype=np.int64)
+    at = 0
+    u = 0
+    for i in range(n_present):
+        g = order[i]
+        for k in range(0, size[g], run_rows):
+            begin[u] = at + k
+            grp[u] = g
+            u += 1
+        at += size[g]
+    begin[n_runs] = total
+    return rows, begin, grp
 
 
 def _host_has_f16c() -> bool:
@@ -82,47 +96,101 @@ def _half_bits_as_float32(typingctx, bits):  # type: ignore[no-untyped-def]  # p
     return types.float32(bits), codegen
 
 
+@intrinsic
+def _fma32(typingctx, a, b, c):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """a * b + c with one rounding (llvm.fma.f32, vectorised to vfmadd)."""
+    if not all(isinstance(t, types.Float) and t.bitwidth == 32 for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return types.float32(a, b, c), codegen
+
+
 @njit(cache=True)
-def moments_f16_tile_f16c(words, rows, begin, grp, c0, w, ls, lq, lp):  # pragma: no cover - compiled
-    """moments_f16_tile with LLVM's float16 conversion; block partials into ls/lq/lp[:, c0:c0+w].
-    Returns False when some run's float32 sum is non-finite (the block holds NaN/Inf)."""
+def moments_f16_tile_f16c(words, rows, begin, grp, c0, w, ls, lq, lp, task, bad):  # pragma: no cover
+    """moments_f16_tile with LLVM's float16 conversion: each present group's block partials over the
+    columns [c0, c0 + w) into ls/lq/lp[g, c0:c0+w] (overwritten); bad[g, task] = True where a run of
+    group g held NaN/Inf in these columns.
+
+    Four rows of a run are added in one sweep over the columns, in row order (((s + x0) + x1) + x2)
+    + x3, so the run partials are read and written once per four rows; the sums are those of adding
+    the rows one by one.
+    """
     s = np.empty(w, dtype=np.float32)
     q = np.empty(w, dtype=np.float32)
     p = np.empty(w, dtype=np.int32)
-    ok = True
+    zero = np.float32(0.0)
     for i in range(grp.shape[0]):
+        g = grp[i]
+        if i == 0 or grp[i - 1] != g:  # a group's first run: its partials start at +0.0
+            ls[g, c0 : c0 + w] = 0.0
+            lq[g, c0 : c0 + w] = 0.0
+            lp[g, c0 : c0 + w] = 0
         s[:] = 0.0
         q[:] = 0.0
         p[:] = 0
-        for k in range(begin[i], begin[i + 1]):
+        k = begin[i]
+        end = begin[i + 1]
+        while k + 4 <= end:
+            a0 = words[rows[k], c0 : c0 + w]
+            a1 = words[rows[k + 1], c0 : c0 + w]
+            a2 = words[rows[k + 2], c0 : c0 + w]
+            a3 = words[rows[k + 3], c0 : c0 + w]
+            for j in range(w):
+                x0 = _half_bits_as_float32(a0[j])
+                x1 = _half_bits_as_float32(a1[j])
+                x2 = _half_bits_as_float32(a2[j])
+                x3 = _half_bits_as_float32(a3[j])
+                s[j] = (((s[j] + x0) + x1) + x2) + x3
+                q[j] = _fma32(x3, x3, _fma32(x2, x2, _fma32(x1, x1, _fma32(x0, x0, q[j]))))
+                p[j] += (np.int32(x0 > zero) + np.int32(x1 > zero)) + (np.int32(x2 > zero) + np.int32(x3 > zero))
+            k += 4
+        while k < end:
             src = words[rows[k], c0 : c0 + w]
             for j in range(w):
                 x = _half_bits_as_float32(src[j])
                 s[j] += x
-                q[j] += x * x
-                p[j] += np.int32(x > np.float32(0.0))
-        g = grp[i]
-        bad = np.float32(0.0)
+                q[j] = _fma32(x, x, q[j])
+                p[j] += np.int32(x > zero)
+            k += 1
+        nan = np.float32(0.0)
         for j in range(w):
-            bad += s[j] - s[j]  # NaN exactly when some s[j] is non-finite
+            nan += s[j] - s[j]  # NaN exactly when some s[j] is non-finite
             ls[g, c0 + j] += np.float64(s[j])
             lq[g, c0 + j] += np.float64(q[j])
             lp[g, c0 + j] += p[j]
-        if bad != 0.0 or bad != bad:
-            ok = False
-    return ok
+        if nan != 0.0 or nan != nan:
+            bad[g, task] = True
 
 
 @njit(cache=True, parallel=True)
-def moments_f16_f16c(words, rows, begin, grp, tile, ls, lq, lp):  # pragma: no cover - compiled
-    """float16 block partials in runs, one column tile per task; False when NaN/Inf were met."""
+def moments_f16_f16c(words, rows, begin, grp, width, ls, lq, lp, bad):  # pragma: no cover - compiled
+    """float16 block partials in runs, one range of ``width`` columns per task (bad: see the tile)."""
     n = ls.shape[1]
-    n_tiles = (n + tile - 1) // tile
-    oks = np.ones(n_tiles, dtype=np.bool_)
-    for t in prange(n_tiles):
-        c0 = t * tile
-        oks[t] = moments_f16_tile_f16c(words, rows, begin, grp, c0, min(tile, n - c0), ls, lq, lp)
-    return oks.all()
+    n_tasks = (n + width - 1) // width
+    for t in prange(n_tasks):
+        c0 = t * width
+        moments_f16_tile_f16c(words, rows, begin, grp, c0, min(width, n - c0), ls, lq, lp, t, bad)
+
+
+@njit(cache=True, parallel=True)
+def commit_partials(ls, lq, lp, take, width, sum_, sumsq, npos):  # pragma: no cover - compiled
+    """Adds the block partials of the groups with ``take[g]`` to the accumulator, by column ranges."""
+    n_groups, n = sum_.shape
+    n_tasks = (n + width - 1) // width
+    for t in prange(n_tasks):
+        c0 = t * width
+        c1 = min(n, c0 + width)
+        for g in range(n_groups):
+            if take[g]:
+                for j in range(c0, c1):
+                    sum_[g, j] += ls[g, j]
+                    sumsq[g, j] += lq[g, j]
+                    npos[g, j] += lp[g, j]
 
 
 @njit(cache=True)

@@ -29,7 +29,9 @@ import numpy as np
 import numpy.typing as npt
 from numba import njit, prange
 
-from ._numba_f16 import HOST_F16C, RUN_ROWS, f16_runs, moments_f16, moments_f16_f16c
+import threading
+
+from ._numba_f16 import HOST_F16C, RUN_ROWS, commit_partials, f16_runs, moments_f16, moments_f16_f16c
 
 __all__ = [
     "KERNELS",
@@ -274,6 +276,7 @@ KERNELS: dict[str, Callable[..., Any]] = {
     "f16_runs": f16_runs,
     "moments_f16": moments_f16,
     "moments_f16_f16c": moments_f16_f16c,
+    "commit_partials": commit_partials,
     "histogram_words": histogram_words,
     "float_bits_to_half_bits": float_bits_to_half_bits,
     "top_k": top_k,
@@ -330,9 +333,11 @@ def accumulate_moments(
         return
     kind, words = _KIND[dtype], _words(block)
     with _threads(threads):
-        if kind == KIND_FLOAT16 and HOST_F16C and n > 0 and _moments_f16_optimistic(words, groups, count, sum_,
-                                                                                     sumsq, npos):
-            return
+        if kind == KIND_FLOAT16 and HOST_F16C and n > 0:
+            bad = _moments_f16_optimistic(words, groups, count, sum_, sumsq, npos)
+            if not bad.any():
+                return
+            groups = np.where(bad[np.maximum(groups, 0)], groups, -1).astype(np.int32)  # the bad groups only
         status = _status(words, kind, groups)
         present = np.zeros(count.shape[0], dtype=np.bool_)
         KERNELS["count_rows"](groups, status, count, nonfinite, present)
@@ -350,24 +355,45 @@ def accumulate_moments(
         KERNELS["moments_words"](words, kind, groups, status, present, tile, sum_, sumsq, npos)
 
 
+_STAGING = threading.local()
+
+
+def _staging(n_groups: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's block-partial buffers, at least (n_groups, n), reused from call to call (a fresh
+    buffer costs a page fault per page on every block)."""
+    have = getattr(_STAGING, "buffers", None)
+    if have is None or have[0].shape[0] < n_groups or have[0].shape[1] < n:
+        shape = (max(n_groups, have[0].shape[0] if have else 0), max(n, have[0].shape[1] if have else 0))
+        have = (np.empty(shape), np.empty(shape), np.empty(shape, dtype=np.int64))
+        _STAGING.buffers = have
+    return have[0][:n_groups, :n], have[1][:n_groups, :n], have[2][:n_groups, :n]
+
+
 def _moments_f16_optimistic(words: np.ndarray, groups: np.ndarray, count: np.ndarray, sum_: np.ndarray,
-                            sumsq: np.ndarray, npos: np.ndarray) -> bool:
-    """float16 moments without a row-status pass, taking every row of a group as valid; False (and
-    nothing added) when a run met NaN/Inf, for the caller to redo the block with the rows' status."""
+                            sumsq: np.ndarray, npos: np.ndarray) -> npt.NDArray[np.bool_]:
+    """float16 moments without a row-status pass, taking every row of a group as valid. The groups
+    none of whose runs met NaN/Inf are added; returns the others (a mask over groups), for the
+    caller to redo with the rows' status."""
     n_groups, n = sum_.shape
     status = np.where(groups >= 0, ROW_VALID, ROW_SKIPPED).astype(np.uint8)
     rows, begin, grp = KERNELS["f16_runs"](groups, status, n_groups, RUN_ROWS)
-    ls, lq = np.zeros((n_groups, n)), np.zeros((n_groups, n))
-    lp = np.zeros((n_groups, n), dtype=np.int64)
-    if not KERNELS["moments_f16_f16c"](words, rows, begin, grp, _tile(n, 2048, 256), ls, lq, lp):
-        return False
+    ls, lq, lp = _staging(n_groups, n)
+    width = _column_range(n)
+    n_tasks = -(-n // width)
+    flags = np.zeros((n_groups, n_tasks), dtype=np.bool_)
+    KERNELS["moments_f16_f16c"](words, rows, begin, grp, width, ls, lq, lp, flags)
+    bad = flags.any(axis=1)
     counted = np.bincount(groups[groups >= 0], minlength=n_groups)
-    count += counted
-    present = (counted > 0)[:, None]
-    np.add(sum_, ls, out=sum_, where=present)
-    np.add(sumsq, lq, out=sumsq, where=present)
-    np.add(npos, lp, out=npos, where=present)
-    return True
+    take = (counted > 0) & ~bad
+    np.add(count, counted, out=count, where=take)
+    KERNELS["commit_partials"](ls, lq, lp, take, width, sum_, sumsq, npos)
+    return bad
+
+
+def _column_range(width: int) -> int:
+    """Columns per task of the float16 kernel: one contiguous range per thread (a multiple of 16)."""
+    threads = numba.get_num_threads()
+    return max(16, -(-(-(-width // threads)) // 16) * 16)
 
 
 def accumulate_histogram(

@@ -1,11 +1,16 @@
 // float16 moments, register-blocked over neurons, in runs of kF16RunRows rows of one group.
 //
-// Layout: the valid rows of each group are cut, in row order, into runs of at most kF16RunRows rows
-// (runs.rows / runs.begin / runs.group). OpenMP splits the columns into tiles; for every run, a tile
-// is swept 32 neurons at a time with the run's float32 partials in 12 AVX registers (sum, sum of
-// squares, positive count for 4 x 8 neurons), so each value costs one load+convert, one add, one
-// FMA and one compare; the run's partials are then widened and added to the block's float64
-// partials (one row per present group), which go to the accumulator once at the end.
+// Layout: the valid rows of each group are cut, in row order, into runs of at most kF16RunRows rows,
+// listed group after group (runs.rows / runs.begin / runs.group). Each OpenMP thread owns one
+// contiguous range of columns and takes the groups in the same order: for every run of a group it
+// sweeps its columns 64 (AVX2: 32) neurons at a time with the run's float32 partials in registers
+// (sum, sum of squares, positive count), so each value costs one load+convert, one add, one FMA and
+// one compare; the run's partials are then widened and added to the group's float64 partials (one
+// row of the thread's columns, kept hot in L2 while the group lasts). When every thread has swept
+// the group, each adds its columns of the partials to the accumulator, unless some run of the group
+// held NaN/Inf: that group alone is then redone over its finite rows. Rows are read group by group,
+// each row once; the results do not depend on the traversal order (each group's sums are added in
+// the order of kernels.hpp).
 #include "vstore/moments_f16.hpp"
 
 // GCC 12 warns inside its own AVX-512 headers (_mm512_undefined_*); nothing of ours is uninitialised.
@@ -40,38 +45,46 @@ namespace {
 struct Runs {
     std::vector<std::int64_t> rows;   // row indices, run after run
     std::vector<std::int64_t> begin;  // run i is rows[begin[i] .. begin[i + 1])
-    std::vector<std::int32_t> group;  // group of run i
+    std::vector<std::int32_t> group;  // group of run i (runs of one group are consecutive)
 };
 
-// Runs of each group's valid rows (status == nullptr: every row with a group is valid), in row order
-// per group; a run is emitted when full, the unfinished ones after the last row.
-Runs make_runs(const std::int32_t* groups, const std::uint8_t* valid, std::int64_t n, std::int64_t G) {
+// Runs of each group's rows in row order, group after group (in the order groups first appear);
+// a row is taken when its group is >= 0 and, with `take`, take[r] is non-zero.
+Runs make_runs(const std::int32_t* groups, const std::uint8_t* take, std::int64_t n, std::int64_t G) {
     const std::int64_t R = kF16RunRows;
-    Runs out;
-    out.rows.reserve(static_cast<std::size_t>(n));
-    out.begin.reserve(static_cast<std::size_t>(n / R + G + 1));
-    std::vector<std::int64_t> pending(static_cast<std::size_t>(G * R));
-    std::vector<std::int64_t> fill(static_cast<std::size_t>(G), 0);
-    const auto emit = [&](std::int32_t g) {
-        out.begin.push_back(static_cast<std::int64_t>(out.rows.size()));
-        out.group.push_back(g);
-        const std::int64_t* p = pending.data() + g * R;
-        out.rows.insert(out.rows.end(), p, p + fill[g]);
-        fill[g] = 0;
-    };
+    std::vector<std::int64_t> size(static_cast<std::size_t>(G), 0), order;
     for (std::int64_t r = 0; r < n; ++r) {
         const std::int32_t g = groups[r];
-        if (g < 0 || (valid != nullptr && !valid[r])) continue;
-        pending[g * R + fill[g]++] = r;
-        if (fill[g] == R) emit(g);
+        if (g < 0 || (take != nullptr && !take[r])) continue;
+        if (size[g]++ == 0) order.push_back(g);
     }
-    for (std::int32_t g = 0; g < G; ++g)
-        if (fill[g] > 0) emit(g);
-    out.begin.push_back(static_cast<std::int64_t>(out.rows.size()));
+    std::vector<std::int64_t> start(static_cast<std::size_t>(G), 0);
+    std::int64_t total = 0, n_runs = 0;
+    for (const std::int64_t g : order) {
+        start[g] = total;
+        total += size[g];
+        n_runs += (size[g] + R - 1) / R;
+    }
+    Runs out;
+    out.rows.resize(static_cast<std::size_t>(total));
+    for (std::int64_t r = 0; r < n; ++r) {
+        const std::int32_t g = groups[r];
+        if (g < 0 || (take != nullptr && !take[r])) continue;
+        out.rows[static_cast<std::size_t>(start[g]++)] = r;
+    }
+    out.begin.reserve(static_cast<std::size_t>(n_runs + 1));
+    out.group.reserve(static_cast<std::size_t>(n_runs));
+    std::int64_t at = 0;
+    for (const std::int64_t g : order) {
+        for (std::int64_t k = 0; k < size[g]; k += R) {
+            out.begin.push_back(at + k);
+            out.group.push_back(static_cast<std::int32_t>(g));
+        }
+        at += size[g];
+    }
+    out.begin.push_back(total);
     return out;
 }
-
-constexpr std::int64_t kTileCols = 2048;
 
 #if VSTORE_F16_SIMD
 // AVX-512 (F, BW, VL) unless VSTORE_NO_AVX512 is set to a non-zero value (to test the AVX2 path).
@@ -222,8 +235,13 @@ VSTORE_F16_TARGET void sweep_blocks(const std::uint16_t* base, std::int64_t ld, 
 
 #define VSTORE_F16_TARGET512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c,fma")))
 
-// Prefetch distance of the AVX-512 sweep within a row (halves; 16 cache lines).
-constexpr std::int64_t kPrefetch512 = 512;
+// Prefetch distance of the AVX-512 sweep within a row (halves; 8 cache lines).
+constexpr std::int64_t kPrefetch512 = 256;
+
+// The rows of the next sub-run are prefetched at their first kNextPrefetchCols columns only: that
+// starts their streams early, and the hardware prefetcher follows (prefetching whole rows ahead
+// evicts lines still to be read on wide blocks).
+constexpr std::int64_t kNextPrefetchCols = 256;
 
 VSTORE_F16_TARGET512 inline __attribute__((always_inline)) void add_sums16(double* s, __m512 v) noexcept {
     const __m256 lo = _mm512_castps512_ps256(v);
@@ -246,7 +264,8 @@ VSTORE_F16_TARGET512 void run_block64(const std::uint16_t* __restrict base, std:
                                       const std::int64_t* __restrict next, std::int64_t n_next, const Scratch& sc,
                                       double* __restrict s, double* __restrict q, std::int64_t* __restrict p,
                                       unsigned& bad) noexcept {
-    // The same two lines of the rows swept next, a whole sweep ahead.
+    // The same two lines of the rows swept next, a whole sweep ahead (n_next is 0 past the first
+    // kNextPrefetchCols columns).
     for (std::int64_t k = 0; k < n_next; ++k) {
         const std::uint16_t* src = base + next[k] * ld;
         __builtin_prefetch(src, 0, 2);
@@ -313,7 +332,7 @@ VSTORE_F16_TARGET512 void sweep_blocks512(const std::uint16_t* base, std::int64_
                                           std::int64_t w64, const Scratch& sc, double* s, double* q,
                                           std::int64_t* p, unsigned& bad) noexcept {
     for (std::int64_t j = 0; j < w64; j += 64)
-        run_block64<kFirst, kLast>(base + j, ld, rows, n, next, n_next, Scratch{sc.s + j, sc.q + j, sc.c + j},
+        run_block64<kFirst, kLast>(base + j, ld, rows, n, next, j < kNextPrefetchCols ? n_next : 0, Scratch{sc.s + j, sc.q + j, sc.c + j},
                                    s + j, q + j, p + j, bad);
 }
 
@@ -363,123 +382,128 @@ VSTORE_F16_TARGET bool run_simd(const std::uint16_t* base, std::int64_t ld, cons
 }
 #endif
 
-// Every run over every column tile into the block partials ls/lq/lp (row `slot[g]` per present
-// group, N columns); returns false when some run held NaN/Inf.
-bool sweep(const BlockRef& b, const Runs& runs, const std::vector<std::int64_t>& slot, std::int64_t n_present,
-           double* ls, double* lq, std::int64_t* lp, int nt, bool simd) noexcept {
-    const std::int64_t N = b.cols;
-    const auto* data = static_cast<const std::uint16_t*>(b.data);
-    // Tiles of at most kTileCols columns: a run's sub-run then reads short row segments (one page),
-    // and the scratch stays in L1.
-    std::int64_t T = std::min(N, kTileCols);
-    if (nt > 1) T = std::min(T, std::max<std::int64_t>(256, ((N + 2 * nt - 1) / (2 * nt) + 31) / 32 * 32));
-    const std::int64_t n_tiles = (N + T - 1) / T;
-    const std::int64_t n_runs = static_cast<std::int64_t>(runs.group.size());
-    nt = static_cast<int>(std::min<std::int64_t>(nt, n_tiles));
-    bool ok = true;
-    (void)simd;
+// One run over the columns [0, w) of `base` (row r at base + r * ld), added to the float64 partials
+// s/q/p; false when the run held NaN/Inf.
+bool sweep_run(const std::uint16_t* base, std::int64_t ld, const Runs& runs, std::int64_t u, std::int64_t w,
+               double* s, double* q, std::int64_t* p, const Scratch* sc, bool simd) noexcept {
+    const std::int64_t* rows = runs.rows.data() + runs.begin[u];
+    const std::int64_t n = runs.begin[u + 1] - runs.begin[u];
 #if VSTORE_F16_SIMD
     static const bool wide = avx512_enabled();
-#endif
-VSTORE_OMP(omp parallel num_threads(nt) if (nt > 1) reduction(&& : ok))
-    {
-    std::vector<float> ss(static_cast<std::size_t>(T)), sq(static_cast<std::size_t>(T));
-    std::vector<std::int16_t> scc(static_cast<std::size_t>(T));
-    const Scratch sc{ss.data(), sq.data(), scc.data()};
-    (void)sc;
-VSTORE_OMP(omp for schedule(dynamic, 1))
-    for (std::int64_t t = 0; t < n_tiles; ++t) {
-        const std::int64_t c0 = t * T;
-        const std::int64_t w = std::min(T, N - c0);
-        for (std::int64_t i = 0; i < n_present; ++i) {
-            std::fill(ls + i * N + c0, ls + i * N + c0 + w, 0.0);
-            std::fill(lq + i * N + c0, lq + i * N + c0 + w, 0.0);
-            std::fill(lp + i * N + c0, lp + i * N + c0 + w, std::int64_t{0});
-        }
-        for (std::int64_t u = 0; u < n_runs; ++u) {
-            const std::int64_t off = slot[static_cast<std::size_t>(runs.group[u])] * N + c0;
-            const std::int64_t* rows = runs.rows.data() + runs.begin[u];
-            const std::int64_t n = runs.begin[u + 1] - runs.begin[u];
-#if VSTORE_F16_SIMD
-            if (simd && wide) {
-                const std::int64_t* nx = runs.rows.data() + runs.begin[u + 1];
-                const std::int64_t nn = u + 1 < n_runs ? runs.begin[u + 2] - runs.begin[u + 1] : 0;
-                ok = run_simd512(data + c0, N, rows, n, nx, nn, w, ls + off, lq + off, lp + off, sc) && ok;
-                continue;
-            }
-            if (simd) {
-                ok = run_simd(data + c0, N, rows, n, w, ls + off, lq + off, lp + off, sc) && ok;
-                continue;
-            }
-#endif
-            ok = run_scalar(data + c0, N, rows, n, w, ls + off, lq + off, lp + off) && ok;
-        }
+    if (simd && wide) {
+        const auto n_runs = static_cast<std::int64_t>(runs.group.size());
+        const std::int64_t* nx = runs.rows.data() + runs.begin[u + 1];
+        const std::int64_t nn = u + 1 < n_runs ? runs.begin[u + 2] - runs.begin[u + 1] : 0;
+        return run_simd512(base, ld, rows, n, nx, nn, w, s, q, p, *sc);
     }
-    }
-    return ok;
+    if (simd) return run_simd(base, ld, rows, n, w, s, q, p, *sc);
+#else
+    (void)sc, (void)simd;
+#endif
+    return run_scalar(base, ld, rows, n, w, s, q, p);
 }
 
-std::vector<std::uint8_t> finite_rows(const BlockRef& b) {
-    std::vector<std::uint8_t> valid(static_cast<std::size_t>(b.rows));
+// Every run into the accumulator, group by group; a group with a run that held NaN/Inf is not added
+// and gets bad[g] = 1. Each of nt threads owns a contiguous range of columns (a multiple of 64 wide).
+void sweep_commit(const BlockRef& b, const Runs& runs, const MomentsRef& acc, int nt, bool simd,
+                  std::vector<std::uint8_t>& bad) noexcept {
+    const std::int64_t N = b.cols;
+    const auto* data = static_cast<const std::uint16_t*>(b.data);
+    const auto n_runs = static_cast<std::int64_t>(runs.group.size());
+    // Where each group's runs start (groups in the order of the runs), and the end.
+    std::vector<std::int64_t> first;
+    for (std::int64_t u = 0; u < n_runs; ++u)
+        if (u == 0 || runs.group[u] != runs.group[u - 1]) first.push_back(u);
+    first.push_back(n_runs);
+    const auto n_groups = static_cast<std::int64_t>(first.size()) - 1;
+    const std::int64_t width = ((N + nt - 1) / nt + 63) / 64 * 64;
+    nt = static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(nt, (N + width - 1) / width)));
+    std::vector<std::uint8_t> group_bad(static_cast<std::size_t>(n_groups), 0);
+VSTORE_OMP(omp parallel num_threads(nt) if (nt > 1))
+    {
+#ifdef _OPENMP
+    const std::int64_t tid = omp_get_thread_num();
+#else
+    const std::int64_t tid = 0;
+#endif
+    const std::int64_t c0 = std::min(N, tid * width);
+    const std::int64_t w = std::min(N, c0 + width) - c0;
+    // The group's float64 partials over this thread's columns, and the float32 run scratch.
+    std::vector<double> ls(static_cast<std::size_t>(w)), lq(static_cast<std::size_t>(w));
+    std::vector<std::int64_t> lp(static_cast<std::size_t>(w));
+    std::vector<float> ss(static_cast<std::size_t>(w)), sq(static_cast<std::size_t>(w));
+    std::vector<std::int16_t> scc(static_cast<std::size_t>(w));
+    const Scratch sc{ss.data(), sq.data(), scc.data()};
+    for (std::int64_t i = 0; i < n_groups; ++i) {
+        bool ok = true;
+        if (w > 0) {
+            std::fill(ls.begin(), ls.end(), 0.0);
+            std::fill(lq.begin(), lq.end(), 0.0);
+            std::fill(lp.begin(), lp.end(), std::int64_t{0});
+            for (std::int64_t u = first[i]; u < first[i + 1]; ++u)
+                ok = sweep_run(data + c0, N, runs, u, w, ls.data(), lq.data(), lp.data(), &sc, simd) && ok;
+        }
+        if (!ok) {
+VSTORE_OMP(omp atomic write)
+            group_bad[i] = 1;
+        }
+VSTORE_OMP(omp barrier)
+        std::uint8_t skip;
+VSTORE_OMP(omp atomic read)
+        skip = group_bad[i];
+        if (skip || w == 0) continue;
+        const std::int64_t g = runs.group[first[i]];
+        double* sum = acc.sum + g * N + c0;
+        double* sumsq = acc.sumsq + g * N + c0;
+        std::int64_t* npos = acc.npos + g * N + c0;
+        for (std::int64_t j = 0; j < w; ++j) {
+            sum[j] += ls[j];
+            sumsq[j] += lq[j];
+            npos[j] += lp[j];
+        }
+    }
+    }
+    for (std::int64_t i = 0; i < n_groups; ++i)
+        if (group_bad[i]) bad[runs.group[first[i]]] = 1;
+}
+
+// take[r] = 1 for the rows of the groups with bad[g] that hold no NaN/Inf.
+std::vector<std::uint8_t> finite_rows_of(const BlockRef& b, const std::vector<std::uint8_t>& bad) {
+    std::vector<std::uint8_t> take(static_cast<std::size_t>(b.rows), 0);
     const auto* data = static_cast<const std::uint16_t*>(b.data);
     for (std::int64_t r = 0; r < b.rows; ++r) {
+        if (b.groups[r] < 0 || !bad[b.groups[r]]) continue;
         std::int16_t m = 0;
         for (std::int64_t j = 0; j < b.cols; ++j) m = std::max<std::int16_t>(m, static_cast<std::int16_t>(data[r * b.cols + j] & 0x7FFF));
-        valid[r] = b.groups[r] >= 0 && m < 0x7C00;
+        take[r] = m < 0x7C00;
     }
-    return valid;
+    return take;
 }
 
 }  // namespace
 
 void accumulate_moments_f16(const BlockRef& b, const MomentsRef& acc, int threads, bool simd) noexcept {
     const std::int64_t G = acc.n_groups;
-    const std::int64_t N = b.cols;
     int nt = threads;
-    if (b.rows * N < (std::int64_t{1} << 16)) nt = 1;
-    std::vector<std::uint8_t> valid;  // empty: every row with a group (the optimistic first sweep)
-    for (int attempt = 0; attempt < 2; ++attempt) {
-        const Runs runs = make_runs(b.groups, valid.empty() ? nullptr : valid.data(), b.rows, G);
-        std::vector<std::int64_t> slot(static_cast<std::size_t>(G), -1);
-        std::vector<std::int32_t> present;
-        for (const std::int32_t g : runs.group)
-            if (slot[g] < 0) {
-                slot[g] = static_cast<std::int64_t>(present.size());
-                present.push_back(g);
-            }
-        const auto P = static_cast<std::int64_t>(present.size());
-        // The block partials, kept per calling thread between calls (no page faults per block).
-        thread_local std::vector<double> ls, lq;
-        thread_local std::vector<std::int64_t> lp;
-        if (ls.size() < static_cast<std::size_t>(P * N)) {
-            ls.resize(static_cast<std::size_t>(P * N));
-            lq.resize(static_cast<std::size_t>(P * N));
-            lp.resize(static_cast<std::size_t>(P * N));
-        }
-        if (N > 0 && !sweep(b, runs, slot, P, ls.data(), lq.data(), lp.data(), nt, simd) && valid.empty()) {
-            valid = finite_rows(b);
-            continue;  // some row holds NaN/Inf: again, over the finite rows only
-        }
-        for (std::int64_t r = 0; r < b.rows; ++r) {
-            const std::int32_t g = b.groups[r];
-            if (g < 0) continue;
-            if (valid.empty() || valid[r])
-                ++acc.count[g];
-            else
-                ++acc.nonfinite[g];
-        }
-        for (std::int64_t i = 0; i < P; ++i) {
-            const std::int64_t g = present[static_cast<std::size_t>(i)];
-            double* sum = acc.sum + g * N;
-            double* sumsq = acc.sumsq + g * N;
-            std::int64_t* npos = acc.npos + g * N;
-            for (std::int64_t j = 0; j < N; ++j) {
-                sum[j] += ls[i * N + j];
-                sumsq[j] += lq[i * N + j];
-                npos[j] += lp[i * N + j];
-            }
-        }
-        return;
+    if (b.rows * b.cols < (std::int64_t{1} << 16)) nt = 1;
+    // Optimistic: every row with a group; a sum that is not finite marks its group, which is then
+    // redone over its finite rows (a finite float16 run cannot overflow its float32 sums).
+    std::vector<std::uint8_t> bad(static_cast<std::size_t>(G), 0);
+    if (b.cols > 0) sweep_commit(b, make_runs(b.groups, nullptr, b.rows, G), acc, nt, simd, bad);
+    const bool any_bad = std::find(bad.begin(), bad.end(), std::uint8_t{1}) != bad.end();
+    std::vector<std::uint8_t> take;
+    if (any_bad) {
+        take = finite_rows_of(b, bad);
+        std::vector<std::uint8_t> again(static_cast<std::size_t>(G), 0);
+        sweep_commit(b, make_runs(b.groups, take.data(), b.rows, G), acc, nt, simd, again);
+    }
+    for (std::int64_t r = 0; r < b.rows; ++r) {
+        const std::int32_t g = b.groups[r];
+        if (g < 0) continue;
+        if (!bad[g] || take[r])
+            ++acc.count[g];
+        else
+            ++acc.nonfinite[g];
     }
 }
 
