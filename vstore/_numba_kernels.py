@@ -20,6 +20,7 @@ dtypes add the valid rows in row order.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,8 +29,6 @@ import numba
 import numpy as np
 import numpy.typing as npt
 from numba import njit, prange
-
-import threading
 
 from ._numba_f16 import HOST_F16C, RUN_ROWS, commit_partials, f16_runs, moments_f16, moments_f16_f16c
 
@@ -382,7 +381,7 @@ def _moments_f16_optimistic(words: np.ndarray, groups: np.ndarray, count: np.nda
     n_tasks = -(-n // width)
     flags = np.zeros((n_groups, n_tasks), dtype=np.bool_)
     KERNELS["moments_f16_f16c"](words, rows, begin, grp, width, ls, lq, lp, flags)
-    bad = flags.any(axis=1)
+    bad: npt.NDArray[np.bool_] = np.asarray(flags.any(axis=1))
     counted = np.bincount(groups[groups >= 0], minlength=n_groups)
     take = (counted > 0) & ~bad
     np.add(count, counted, out=count, where=take)
@@ -392,8 +391,8 @@ def _moments_f16_optimistic(words: np.ndarray, groups: np.ndarray, count: np.nda
 
 def _column_range(width: int) -> int:
     """Columns per task of the float16 kernel: one contiguous range per thread (a multiple of 16)."""
-    threads = numba.get_num_threads()
-    return max(16, -(-(-(-width // threads)) // 16) * 16)
+    per_thread = -(-width // numba.get_num_threads())
+    return max(16, -(-per_thread // 16) * 16)
 
 
 def accumulate_histogram(
