@@ -267,3 +267,65 @@ def test_read_only_store_is_never_written_through(tmp_path: Path) -> None:
     compute_stats(tmp_path / "s", "value")  # a path is opened for writing when it will cache
     assert len(Store(tmp_path / "s").stats_keys()) == 1
     assert compute_stats(ro, "value").from_cache  # and a read-only store reads the cache
+
+
+# ------------------------------------------------------------------------------------------------
+# The reader: the advising helper thread of Prefetch.
+
+
+def _tasks(store: Store) -> list:
+    from vstore.stats.reading import tasks_for
+
+    codes, _ = store.labels("value")
+    return list(tasks_for(store, codes, store.chunk_ranges(), range(len(store.layers))))
+
+
+def test_prefetch_hands_out_every_block_in_order_and_stays_within_lookahead(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from vstore.stats.reading import Prefetch
+
+    synth(tmp_path / "s", chunk_rows=16)
+    st = Store(tmp_path / "s")
+    tasks = _tasks(st)
+    assert len(tasks) > 8
+    advised: list[int] = []
+    consumed: list[int] = []
+    real = ChunkReader.advise
+
+    def advise(self: ChunkReader, layer: int, r0: int) -> None:
+        advised.append(len(consumed))  # blocks handed out when this chunk was advised
+        real(self, layer, r0)
+
+    monkeypatch.setattr(ChunkReader, "advise", advise)
+    got = []
+    for t, block in Prefetch(st, iter(tasks), lookahead=3):
+        assert block is not None
+        np.testing.assert_array_equal(block, np.asarray(st.acts(t.part)[t.layer, t.r0 : t.r1]))
+        got.append((t.part, t.layer, t.r0))
+        consumed.append(1)
+    assert got == [(t.part, t.layer, t.r0) for t in tasks]
+    # chunk i is advised only once at most `lookahead` chunks are advised and not yet handed out
+    assert all(i - n_out <= 3 for i, n_out in enumerate(advised)), advised
+
+
+def test_prefetch_passes_on_an_error_of_the_tasks_and_stops_its_helper(tmp_path: Path) -> None:
+    import threading
+
+    from vstore.stats.reading import Prefetch
+
+    synth(tmp_path / "s", chunk_rows=16)
+    st = Store(tmp_path / "s")
+    tasks = _tasks(st)
+
+    def failing():
+        yield from tasks[:2]
+        raise StoreError("rows/example is damaged")
+
+    seen = []
+    with pytest.raises(StoreError, match="damaged"):
+        for t, _ in Prefetch(st, failing(), lookahead=4):
+            seen.append(t)
+    assert len(seen) == 2
+    for _ in Prefetch(st, iter(tasks), lookahead=2):
+        break  # the consumer leaves early: the helper must end with it
+    assert not [th for th in threading.enumerate() if th.name == "vstore-stats-advise"]

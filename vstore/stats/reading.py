@@ -2,8 +2,9 @@
 
 A task is one chunk row range of one layer of one part, with the group of each of its rows.
 :class:`Prefetch` hands out each task's block. Uncompressed chunk files on a local file system are
-memory-mapped and checked (:meth:`ChunkReader.read`) in the consumer's own thread, while the OS is
-asked to read the next chunks (``fadvise``): from the page cache a map costs no copy, and from a
+memory-mapped and checked (:meth:`ChunkReader.read`) in the consumer's own thread, while a helper
+thread asks the OS to read the next chunks (``fadvise``, which blocks while the device queue is
+full, so it is kept out of the consumer's way): from the page cache a map costs no copy, and from a
 disk the read-ahead keeps the device busy while the caller reduces. Other chunks (compressed,
 remote) are read through zarr by a background thread a couple of blocks ahead (the native kernels
 release the GIL).
@@ -11,7 +12,6 @@ release the GIL).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import itertools
 import queue
@@ -93,8 +93,8 @@ def tasks_for(
 class Prefetch:
     """Reads the tasks' blocks ahead of the consumer; iterate for ``(task, block)``.
 
-    Local uncompressed chunks are read in the consumer's thread with ``lookahead`` chunks advised
-    ahead; other chunks by a background thread ``depth`` blocks ahead. A block is read-only and stays
+    Local uncompressed chunks are read in the consumer's thread, a helper thread advising at most
+    ``lookahead`` chunks ahead of it; other chunks by a background thread ``depth`` blocks ahead. A block is read-only and stays
     valid as long as the consumer holds it. With ``skip_damaged``, a chunk that cannot be read
     (missing, truncated, bad checksum) comes as ``(task, None)`` instead of ending the pass.
     """
@@ -135,16 +135,43 @@ class Prefetch:
             yield t, block
 
     def _local(self, tasks: Iterator[Task]) -> Iterator[tuple[Task, np.ndarray | None]]:
-        ahead: collections.deque[Task] = collections.deque()
-        for nxt in tasks:
-            self._reader(nxt.part).advise(nxt.layer, nxt.r0)  # the disk reads ahead of us
-            ahead.append(nxt)
-            if len(ahead) > self.lookahead:
-                t = ahead.popleft()
-                yield t, self._read(t)
-        while ahead:
-            t = ahead.popleft()
-            yield t, self._read(t)
+        # A helper thread walks the tasks and asks the OS for each chunk (fadvise blocks while the
+        # device queue is full), staying at most `lookahead` chunks ahead; the consumer maps each
+        # chunk once the helper has handed it over.
+        q: queue.Queue[Any] = queue.Queue()
+        room = threading.Semaphore(self.lookahead)
+        stop = threading.Event()
+
+        def advise() -> None:
+            try:
+                for t in tasks:
+                    while not room.acquire(timeout=0.05):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    self._reader(t.part).advise(t.layer, t.r0)
+                    q.put(t)
+            except BaseException as e:  # handed to the consumer
+                q.put(e)
+                return
+            q.put(None)
+
+        thread = threading.Thread(target=advise, name="vstore-stats-advise", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                block = self._read(item)
+                room.release()
+                yield item, block
+        finally:
+            stop.set()
+            thread.join()
 
     def _threaded(self, tasks: Iterator[Task]) -> Iterator[tuple[Task, np.ndarray | None]]:
         q: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
