@@ -812,3 +812,91 @@ def test_golden_store_ranks_as_it_always_did(golden: Path, tmp_path: Path) -> No
         assert {g: [[it["layer"], it["neuron"], it["score"]] for it in items] for g, items in got.groups.items()} \
             == rec["groups"], method
     rank_store(golden, want["by"], "welch-t", top_k=2, use_cache=False)  # ranking without the cache writes nothing
+
+
+# ------------------------------------------------------------------------------------------------
+# Chunk files written with O_DIRECT, and every way that falls back to ordinary writes.
+
+
+def _chunk_bytes(tmp: Path, block: np.ndarray, name: str) -> bytes:
+    from vstore.store._chunks import write_chunk_file
+
+    layout = (tmp, lambda c: f"{name}/{'/'.join(map(str, c))}", True)
+    write_chunk_file(layout, (0, 1, 0), block)
+    return (tmp / name / "0" / "1" / "0").read_bytes()
+
+
+def _expected(block: np.ndarray) -> bytes:
+    from vstore.store._chunks import crc32c
+
+    raw = np.ascontiguousarray(block).tobytes()
+    return raw + crc32c(raw).to_bytes(4, "little")
+
+
+def test_chunk_files_are_the_same_bytes_direct_or_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vstore.store import _chunks
+
+    block = _chunks.aligned_zeros((4, 2048), np.float16)
+    assert block.ctypes.data % _chunks.DIRECT_ALIGN == 0
+    block[:] = np.random.default_rng(0).standard_normal(block.shape).astype(np.float16)
+    monkeypatch.setattr(_chunks, "_no_direct", set())
+    used = []
+    real = _chunks._write_direct
+    monkeypatch.setattr(_chunks, "_write_direct", lambda *a: used.append(real(*a)) or used[-1])
+    direct = _chunk_bytes(tmp_path, block, "direct")
+    monkeypatch.setenv("VSTORE_BUFFERED_WRITES", "1")
+    buffered = _chunk_bytes(tmp_path, block, "buffered")
+    assert direct == buffered == _expected(block)
+    assert used[-1] is False  # buffered when asked
+    odd = np.arange(3, dtype=np.float16)  # not a whole block: ordinary writes
+    monkeypatch.delenv("VSTORE_BUFFERED_WRITES")
+    assert _chunk_bytes(tmp_path, odd, "odd") == _expected(odd) and used[-1] is False
+
+
+def test_a_file_system_refusing_o_direct_gets_ordinary_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from vstore.store import _chunks
+
+    block = _chunks.aligned_zeros((2, 4096), np.uint8)
+    block[:] = 7
+    real_open = os.open
+    refused = []
+
+    def no_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            refused.append(path)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(_chunks.os, "open", no_direct)
+    monkeypatch.setattr(_chunks, "_no_direct", set())
+    assert _chunk_bytes(tmp_path, block, "a") == _expected(block)
+    assert _chunk_bytes(tmp_path, block, "b") == _expected(block)
+    assert len(refused) == (1 if hasattr(os, "O_DIRECT") else 0)  # the refusal is remembered per device
+
+
+def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from vstore.store import _chunks
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    block = _chunks.aligned_zeros((3, 8192), np.uint8)
+    block[:] = np.arange(block.size, dtype=np.int64).reshape(block.shape) % 251
+    real_write = os.write
+    calls = []
+
+    def short(fd, data):  # the first write reports fewer bytes than a whole number of blocks
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, data[: 2 * _chunks.DIRECT_ALIGN]) - 100
+        return real_write(fd, data)
+
+    monkeypatch.setattr(_chunks.os, "write", short)
+    monkeypatch.setattr(_chunks, "_no_direct", set())
+    assert _chunk_bytes(tmp_path, block, "short") == _expected(block)
+    assert calls[0] == block.nbytes and len(calls) == 1  # the rest went through an ordinary file

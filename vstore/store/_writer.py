@@ -9,7 +9,7 @@ import numpy as np
 
 from .._faults import fault_point
 from ..errors import StoreError
-from ._chunks import direct_chunk_layout, write_chunk_file
+from ._chunks import aligned_zeros, direct_chunk_layout, write_chunk_file
 from ._store import Store
 
 __all__ = ["PartWriter"]
@@ -75,7 +75,8 @@ class PartWriter:
         for arr in self.rows.values():
             if arr.shape[0] != self.written:
                 arr.resize((self.written,))
-        self._bufs = {s: np.zeros((a.shape[0], self.chunk, a.shape[2]), dtype=a.dtype) for s, a in self.arrays.items()}
+        # page-aligned, so whole chunks go to disk with O_DIRECT (write_chunk_file)
+        self._bufs = {s: aligned_zeros((a.shape[0], self.chunk, a.shape[2]), a.dtype) for s, a in self.arrays.items()}
         self._buf = self._bufs.get(self.sites[0], np.zeros((0, self.chunk, 0), dtype=np.float32))
         self._rows_buf = {c: np.full(self.chunk, -1, dtype=a.dtype) for c, a in self.rows.items()}
         self._base = self.written - self.written % self.chunk  # first row of the buffer
