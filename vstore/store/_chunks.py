@@ -150,7 +150,7 @@ def _write_direct(tmp: Path, data: np.ndarray, tail: bytes) -> bool:
             _no_direct.add(dev)
             return False
         raise
-    view = memoryview(data).cast("B")
+    view = memoryview(data.data).cast("B")
     done = 0
     try:
         while done < len(view):
