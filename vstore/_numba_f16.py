@@ -135,6 +135,30 @@ def moments_f16_tile_f16c(words, rows, begin, grp, c0, w, ls, lq, lp, task, bad)
         p[:] = 0
         k = begin[i]
         end = begin[i + 1]
+        while k + 8 <= end:
+            a0 = words[rows[k], c0 : c0 + w]
+            a1 = words[rows[k + 1], c0 : c0 + w]
+            a2 = words[rows[k + 2], c0 : c0 + w]
+            a3 = words[rows[k + 3], c0 : c0 + w]
+            a4 = words[rows[k + 4], c0 : c0 + w]
+            a5 = words[rows[k + 5], c0 : c0 + w]
+            a6 = words[rows[k + 6], c0 : c0 + w]
+            a7 = words[rows[k + 7], c0 : c0 + w]
+            for j in range(w):
+                x0 = _half_bits_as_float32(a0[j])
+                x1 = _half_bits_as_float32(a1[j])
+                x2 = _half_bits_as_float32(a2[j])
+                x3 = _half_bits_as_float32(a3[j])
+                x4 = _half_bits_as_float32(a4[j])
+                x5 = _half_bits_as_float32(a5[j])
+                x6 = _half_bits_as_float32(a6[j])
+                x7 = _half_bits_as_float32(a7[j])
+                s[j] = (((((((s[j] + x0) + x1) + x2) + x3) + x4) + x5) + x6) + x7
+                q[j] = _fma32(x7, x7, _fma32(x6, x6, _fma32(x5, x5, _fma32(x4, x4, _fma32(
+                    x3, x3, _fma32(x2, x2, _fma32(x1, x1, _fma32(x0, x0, q[j]))))))))
+                p[j] += ((np.int32(x0 > zero) + np.int32(x1 > zero)) + (np.int32(x2 > zero) + np.int32(x3 > zero))
+                         + (np.int32(x4 > zero) + np.int32(x5 > zero)) + (np.int32(x6 > zero) + np.int32(x7 > zero)))
+            k += 8
         while k + 4 <= end:
             a0 = words[rows[k], c0 : c0 + w]
             a1 = words[rows[k + 1], c0 : c0 + w]
