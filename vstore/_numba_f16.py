@@ -116,9 +116,9 @@ def moments_f16_tile_f16c(words, rows, begin, grp, c0, w, ls, lq, lp, task, bad)
     columns [c0, c0 + w) into ls/lq/lp[g, c0:c0+w] (overwritten); bad[g, task] = True where a run of
     group g held NaN/Inf in these columns.
 
-    Four rows of a run are added in one sweep over the columns, in row order (((s + x0) + x1) + x2)
-    + x3, so the run partials are read and written once per four rows; the sums are those of adding
-    the rows one by one.
+    Eight rows of a run (then four, then one) are added in one sweep over the columns, in row order
+    ((s + x0) + x1) + ..., so the run partials are read and written once per eight rows; the sums
+    are those of adding the rows one by one (no reassociation: LLVM runs without fast-math).
     """
     s = np.empty(w, dtype=np.float32)
     q = np.empty(w, dtype=np.float32)
