@@ -116,7 +116,7 @@ def moments_f16_tile_f16c(words, rows, begin, grp, c0, w, ls, lq, lp, task, bad)
     columns [c0, c0 + w) into ls/lq/lp[g, c0:c0+w] (overwritten); bad[g, task] = True where a run of
     group g held NaN/Inf in these columns.
 
-    Eight rows of a run (then four, then one) are added in one sweep over the columns, in row order
+    Eight rows of a run (the rest one by one) are added in one sweep over the columns, in row order
     ((s + x0) + x1) + ..., so the run partials are read and written once per eight rows; the sums
     are those of adding the rows one by one (no reassociation: LLVM runs without fast-math).
     """
@@ -159,20 +159,6 @@ def moments_f16_tile_f16c(words, rows, begin, grp, c0, w, ls, lq, lp, task, bad)
                 p[j] += ((np.int32(x0 > zero) + np.int32(x1 > zero)) + (np.int32(x2 > zero) + np.int32(x3 > zero))
                          + (np.int32(x4 > zero) + np.int32(x5 > zero)) + (np.int32(x6 > zero) + np.int32(x7 > zero)))
             k += 8
-        while k + 4 <= end:
-            a0 = words[rows[k], c0 : c0 + w]
-            a1 = words[rows[k + 1], c0 : c0 + w]
-            a2 = words[rows[k + 2], c0 : c0 + w]
-            a3 = words[rows[k + 3], c0 : c0 + w]
-            for j in range(w):
-                x0 = _half_bits_as_float32(a0[j])
-                x1 = _half_bits_as_float32(a1[j])
-                x2 = _half_bits_as_float32(a2[j])
-                x3 = _half_bits_as_float32(a3[j])
-                s[j] = (((s[j] + x0) + x1) + x2) + x3
-                q[j] = _fma32(x3, x3, _fma32(x2, x2, _fma32(x1, x1, _fma32(x0, x0, q[j]))))
-                p[j] += (np.int32(x0 > zero) + np.int32(x1 > zero)) + (np.int32(x2 > zero) + np.int32(x3 > zero))
-            k += 4
         while k < end:
             src = words[rows[k], c0 : c0 + w]
             for j in range(w):

@@ -16,7 +16,7 @@ import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,32 +143,21 @@ class Prefetch:
         stop = threading.Event()
 
         def advise() -> None:
-            try:
-                for t in tasks:
-                    while not room.acquire(timeout=0.05):
-                        if stop.is_set():
-                            return
+            for t in tasks:
+                while not room.acquire(timeout=0.05):
                     if stop.is_set():
                         return
-                    self._reader(t.part).advise(t.layer, t.r0)
-                    q.put(t)
-            except BaseException as e:  # handed to the consumer
-                q.put(e)
-                return
-            q.put(None)
-
-        thread = threading.Thread(target=advise, name="vstore-stats-advise", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
+                if stop.is_set():
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                block = self._read(item)
+                self._reader(t.part).advise(t.layer, t.r0)
+                q.put(t)
+
+        thread = _background("vstore-stats-advise", advise, q)
+        try:
+            for t in _items(q):
+                block = self._read(t)
                 room.release()
-                yield item, block
+                yield t, block
         finally:
             stop.set()
             thread.join()
@@ -177,26 +166,15 @@ class Prefetch:
         q: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
-        def run() -> None:
-            try:
-                for t in tasks:
-                    if stop.is_set():
-                        return
-                    q.put((t, self._read(t)))
-            except BaseException as e:  # handed to the consumer
-                q.put(e)
-                return
-            q.put(None)
-
-        thread = threading.Thread(target=run, name="vstore-stats-reader", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is None:
+        def read() -> None:
+            for t in tasks:
+                if stop.is_set():
                     return
-                if isinstance(item, BaseException):
-                    raise item
+                q.put((t, self._read(t)))
+
+        thread = _background("vstore-stats-reader", read, q)
+        try:
+            for item in _items(q):
                 yield item
                 del item
         finally:
@@ -205,3 +183,31 @@ class Prefetch:
                 with contextlib.suppress(queue.Empty):
                     q.get(timeout=0.05)
             thread.join()
+
+
+def _background(name: str, produce: Callable[[], None], q: queue.Queue[Any]) -> threading.Thread:
+    """Runs ``produce`` (which puts items on ``q``) in a daemon thread, then puts the end marker
+    ``None`` on ``q``, or the exception ``produce`` raised (handed to the consumer)."""
+
+    def run() -> None:
+        try:
+            produce()
+        except BaseException as e:
+            q.put(e)
+            return
+        q.put(None)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _items(q: queue.Queue[Any]) -> Iterator[Any]:
+    """The items a :func:`_background` producer puts on ``q``, until its end; raises its exception."""
+    while True:
+        item = q.get()
+        if item is None:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
