@@ -329,3 +329,16 @@ def test_prefetch_passes_on_an_error_of_the_tasks_and_stops_its_helper(tmp_path:
     for _ in Prefetch(st, iter(tasks), lookahead=2):
         break  # the consumer leaves early: the helper must end with it
     assert not [th for th in threading.enumerate() if th.name == "vstore-stats-advise"]
+
+
+def test_plan_workers_gives_the_reader_thread_a_core_only_when_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vstore.stats import passes
+
+    monkeypatch.setattr(passes, "cpu_count", lambda: 4)
+    assert passes.plan_workers(8, "numba", None, reader_thread=False) == (1, 4)  # chunks mapped in place
+    assert passes.plan_workers(8, "numba", None, reader_thread=True) == (1, 3)  # zarr decodes beside it
+    assert passes.plan_workers(8, "numba", 2, reader_thread=True) == (1, 2)  # asked for: as asked
+    assert passes.plan_workers(1, "numpy", None, reader_thread=False) == (1, 4)
+    if kernels.native_available():
+        assert passes.plan_workers(8, "cpp", None) == (4, 1)
+        assert passes.plan_workers(2, "cpp", None) == (2, 2)

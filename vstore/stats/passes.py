@@ -21,7 +21,7 @@ import numpy.typing as npt
 from .. import kernels
 from ..errors import StoreError, UsageError
 from ..progress import Progress, task
-from ..store import Store, read_cached, store_digest, write_cached
+from ..store import ChunkReader, Store, read_cached, store_digest, write_cached
 from .grouping import Grouping, make_grouping
 from .halves import split_halves
 from .moments import FIELDS, GroupStats
@@ -41,21 +41,22 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def plan_workers(n_layers: int, backend: str, threads: int | None) -> tuple[int, int]:
+def plan_workers(n_layers: int, backend: str, threads: int | None, *, reader_thread: bool = True) -> tuple[int, int]:
     """(reading workers, kernel threads per call) for a pass over ``n_layers`` layers.
 
     With the C++ backend, each worker owns the layers ``w, w + W, ...`` and reads and reduces their
     chunks in row order (asking the OS for the next chunks ahead), so every layer is summed in the same
     order as one sequential pass: results are bit-identical whatever the worker count. Numba's
     default threading layer must not be entered from several threads, and NumPy is the reference:
-    both run one worker whose kernel uses ``threads`` (default: all cores but one, left to reading).
+    both run one worker whose kernel uses ``threads`` (default: every core, or all but one when
+    ``reader_thread``: chunks that come through zarr are decoded by a reader thread beside it).
     """
     if threads is not None and not 1 <= int(threads) <= kernels.MAX_THREADS:
         raise UsageError(f"threads must be in 1..{kernels.MAX_THREADS}, got {threads}", "threads")
     explicit = threads is not None and int(threads) > 0
     cores = max(1, int(threads)) if explicit else cpu_count()  # type: ignore[arg-type]
     if kernels.resolve_backend(backend) != "cpp" or n_layers <= 1:
-        return 1, cores if explicit else max(1, cores - 1)
+        return 1, cores if explicit or not reader_thread else max(1, cores - 1)
     workers = max(1, min(n_layers, cores))
     return workers, max(1, cores // workers)
 
@@ -98,7 +99,8 @@ def reduce_moments(
     L = len(store.layers)
     ranges = store.chunk_ranges() if ranges is None else list(ranges)
     acc = GroupStats.for_groups(groups, store.layers, store.n_neurons)
-    workers, per_call = plan_workers(L, backend, threads)
+    direct = any(store.has_acts(p.name) and ChunkReader(store.acts(p.name)).direct is not None for p in store.parts[:1])
+    workers, per_call = plan_workers(L, backend, threads, reader_thread=not direct)
     stop = threading.Event()
     lock = threading.Lock()
     done = [[0, 0] for _ in range(workers)]
