@@ -900,3 +900,27 @@ def test_a_short_direct_write_is_finished_through_the_page_cache(tmp_path: Path,
     monkeypatch.setattr(_chunks, "_no_direct", set())
     assert _chunk_bytes(tmp_path, block, "short") == _expected(block)
     assert calls[0] == block.nbytes and len(calls) == 1  # the rest went through an ordinary file
+
+
+def test_a_full_disk_during_a_direct_write_leaves_no_partial_file(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from vstore.store import _chunks
+
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    block = _chunks.aligned_zeros((2, 4096), np.uint8)
+    monkeypatch.setattr(_chunks, "_no_direct", set())
+    if not _chunks._write_direct(tmp_path / "probe", block.reshape(-1), b""):
+        pytest.skip("this file system takes no O_DIRECT writes")
+    (tmp_path / "probe").unlink()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_chunks.os, "write", full)
+    with pytest.raises(OSError, match="No space left"):
+        _chunk_bytes(tmp_path, block, "full")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]
