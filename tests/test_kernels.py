@@ -713,3 +713,40 @@ def test_bindings_check_their_own_input() -> None:
         _C.accumulate_moments(block, "bfloat16", groups, *arrays, 0)
     with pytest.raises(TypeError):  # no silent conversion of a float32 accumulator
         _C.accumulate_moments(block, "float16", groups, acc.count, acc.sum.astype(np.float32), *arrays[2:], 0)
+
+
+def test_numba_staging_buffers_are_kept_only_up_to_their_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block partials are reused between calls when small; a block whose groups x neurons exceed the
+    cap gets buffers for that call only (nothing that large stays behind), with the same result."""
+    import threading
+
+    from vstore import _numba_kernels as nk
+
+    monkeypatch.setattr(nk, "_STAGING_KEPT", 24 * 4 * 64)  # room for 4 groups x 64 neurons
+    rng = np.random.default_rng(3)
+    seen: dict = {}
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            check()
+        except BaseException as e:  # re-raised in the test's thread
+            errors.append(e)
+
+    def check() -> None:
+        for n_groups, n in ((3, 64), (8, 200), (2, 40)):
+            raw = (rng.standard_normal((50, n)) * 4).astype(np.float16)
+            groups = rng.integers(-1, n_groups, 50).astype(np.int32)
+            assert_same_moments(run_moments(raw, groups, n_groups, "float16", "numba"),
+                                run_moments(raw, groups, n_groups, "float16", "numpy"))
+            kept = getattr(nk._STAGING, "buffers", None)
+            seen[(n_groups, n)] = None if kept is None else kept[0].shape
+
+    t = threading.Thread(target=run)  # a fresh thread: its own (empty) staging
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    if not nk.HOST_F16C:
+        pytest.skip("this CPU takes Numba's portable float16 path (no staging)")
+    assert seen == {(3, 64): (3, 64), (8, 200): (3, 64), (2, 40): (3, 64)}

@@ -342,3 +342,11 @@ def test_plan_workers_gives_the_reader_thread_a_core_only_when_there_is_one(monk
     if kernels.native_available():
         assert passes.plan_workers(8, "cpp", None) == (4, 1)
         assert passes.plan_workers(2, "cpp", None) == (2, 2)
+
+
+def test_reads_in_place_only_for_uncompressed_local_chunks(tmp_path: Path) -> None:
+    from vstore.stats.passes import reads_in_place
+
+    synth(tmp_path / "raw")
+    synth(tmp_path / "zstd", compressor="zstd-1")
+    assert reads_in_place(Store(tmp_path / "raw")) and not reads_in_place(Store(tmp_path / "zstd"))

@@ -357,14 +357,22 @@ def accumulate_moments(
 _STAGING = threading.local()
 
 
+_STAGING_KEPT = 64 << 20  # bytes of block-partial buffers a thread keeps between calls, at most
+
+
 def _staging(n_groups: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """This thread's block-partial buffers, at least (n_groups, n), reused from call to call (a fresh
-    buffer costs a page fault per page on every block)."""
+    buffer costs a page fault per page on every block); larger than :data:`_STAGING_KEPT`, they are
+    made for this call only."""
     have = getattr(_STAGING, "buffers", None)
     if have is None or have[0].shape[0] < n_groups or have[0].shape[1] < n:
         shape = (max(n_groups, have[0].shape[0] if have else 0), max(n, have[0].shape[1] if have else 0))
-        have = (np.empty(shape), np.empty(shape), np.empty(shape, dtype=np.int64))
-        _STAGING.buffers = have
+        if shape[0] * shape[1] * 24 > _STAGING_KEPT:
+            shape = (n_groups, n)
+        fresh = (np.empty(shape), np.empty(shape), np.empty(shape, dtype=np.int64))
+        if shape[0] * shape[1] * 24 > _STAGING_KEPT:
+            return fresh  # too big to keep
+        have = _STAGING.buffers = fresh
     return have[0][:n_groups, :n], have[1][:n_groups, :n], have[2][:n_groups, :n]
 
 

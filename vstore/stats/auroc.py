@@ -21,7 +21,7 @@ from ..progress import Progress, task
 from ..store import Store
 from .grouping import Grouping, make_grouping
 from .moments import targets
-from .passes import activation_bytes, cached_pass, open_store, plan_workers
+from .passes import activation_bytes, cached_pass, open_store, plan_workers, reads_in_place
 from .reading import Prefetch, tasks_for
 
 __all__ = ["DEFAULT_HIST_BYTES", "HIST_BINS", "AurocResult", "auroc_from_histograms", "block_auroc", "compute_auroc",
@@ -217,7 +217,7 @@ def block_auroc(
     """
     li, n0, m = job
     G = n_groups
-    _, per_call = plan_workers(1, backend, threads)
+    _, per_call = plan_workers(1, backend, threads, reader_thread=not reads_in_place(st))
     h = hist if hist is not None and hist.shape[1] == m else np.zeros((G, m, HIST_BINS), dtype=np.uint32)
     h[...] = 0
     group_rows = np.zeros(G, dtype=np.int64)

@@ -61,6 +61,13 @@ def plan_workers(n_layers: int, backend: str, threads: int | None, *, reader_thr
     return workers, max(1, cores // workers)
 
 
+def reads_in_place(store: Store) -> bool:
+    """Whether a pass maps the store's chunk files in place (uncompressed, local), so no reader
+    thread decodes chunks beside the kernel."""
+    first = store.parts[0].name if store.parts else None
+    return first is not None and store.has_acts(first) and ChunkReader(store.acts(first)).direct is not None
+
+
 def open_store(store: Store | str | Path, *, write: bool) -> Store:
     """``store`` itself, or the store at that path opened ``"r+"`` when ``write`` else ``"r"``."""
     if isinstance(store, Store):
@@ -99,8 +106,7 @@ def reduce_moments(
     L = len(store.layers)
     ranges = store.chunk_ranges() if ranges is None else list(ranges)
     acc = GroupStats.for_groups(groups, store.layers, store.n_neurons)
-    direct = any(store.has_acts(p.name) and ChunkReader(store.acts(p.name)).direct is not None for p in store.parts[:1])
-    workers, per_call = plan_workers(L, backend, threads, reader_thread=not direct)
+    workers, per_call = plan_workers(L, backend, threads, reader_thread=not reads_in_place(store))
     stop = threading.Event()
     lock = threading.Lock()
     done = [[0, 0] for _ in range(workers)]

@@ -94,8 +94,8 @@ class Prefetch:
     """Reads the tasks' blocks ahead of the consumer; iterate for ``(task, block)``.
 
     Local uncompressed chunks are read in the consumer's thread, a helper thread advising at most
-    ``lookahead`` chunks ahead of it; other chunks by a background thread ``depth`` blocks ahead. A block is read-only and stays
-    valid as long as the consumer holds it. With ``skip_damaged``, a chunk that cannot be read
+    ``lookahead`` chunks ahead of it; other chunks by a background thread ``depth`` blocks ahead. A
+    block is read-only and stays valid as long as the consumer holds it. With ``skip_damaged``, a chunk that cannot be read
     (missing, truncated, bad checksum) comes as ``(task, None)`` instead of ending the pass.
     """
 
