@@ -750,3 +750,30 @@ def test_numba_staging_buffers_are_kept_only_up_to_their_cap(monkeypatch: pytest
     if not nk.HOST_F16C:
         pytest.skip("this CPU takes Numba's portable float16 path (no staging)")
     assert seen == {(3, 64): (3, 64), (8, 200): (3, 64), (2, 40): (3, 64)}
+
+
+@NATIVE_SKIP
+def test_native_moments_right_when_openmp_gives_fewer_threads_than_asked() -> None:
+    """OMP_THREAD_LIMIT=1: the kernel asks for 2 threads and gets 1, which must then sweep every column."""
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        from vstore import kernels
+        from vstore.stats import Moments
+        rng = np.random.default_rng(0)
+        raw = (rng.standard_normal((300, 1000)) * 3).astype(np.float16)
+        raw[7, 900] = np.nan
+        groups = rng.integers(-1, 4, 300).astype(np.int32)
+        got, want = Moments.zeros(4, 1000), Moments.zeros(4, 1000)
+        kernels.accumulate_moments(raw, groups, got, dtype="float16", backend="cpp", threads=2)
+        kernels.accumulate_moments(raw, groups, want, dtype="float16", backend="numpy")
+        for f in ("count", "sum", "sumsq", "npos", "nonfinite"):
+            assert np.array_equal(getattr(got, f), getattr(want, f)), f
+        print("ok")
+        """
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    root = str(Path(kernels.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

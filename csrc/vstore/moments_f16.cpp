@@ -416,16 +416,17 @@ void sweep_commit(const BlockRef& b, const Runs& runs, const MomentsRef& acc, in
         if (u == 0 || runs.group[u] != runs.group[u - 1]) first.push_back(u);
     first.push_back(n_runs);
     const auto n_groups = static_cast<std::int64_t>(first.size()) - 1;
-    const std::int64_t width = ((N + nt - 1) / nt + 63) / 64 * 64;
-    nt = static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(nt, (N + width - 1) / width)));
+    nt = static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(nt, (N + 63) / 64)));
     std::vector<std::uint8_t> group_bad(static_cast<std::size_t>(n_groups), 0);
 VSTORE_OMP(omp parallel num_threads(nt) if (nt > 1))
     {
 #ifdef _OPENMP
-    const std::int64_t tid = omp_get_thread_num();
+    // the team OpenMP gave (it may be smaller than asked): every column belongs to one of its threads
+    const std::int64_t tid = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-    const std::int64_t tid = 0;
+    const std::int64_t tid = 0, team = 1;
 #endif
+    const std::int64_t width = ((N + team - 1) / team + 63) / 64 * 64;
     const std::int64_t c0 = std::min(N, tid * width);
     const std::int64_t w = std::min(N, c0 + width) - c0;
     // The group's float64 partials over this thread's columns, and the float32 run scratch.
