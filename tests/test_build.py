@@ -254,3 +254,74 @@ def test_float16_overflow_is_detected_and_reported(tiny_model, stories, tmp_path
     assert "beyond ±65504" in capsys.readouterr().err
     acts, *_ = _read(tmp_path / "s")
     assert np.isinf(acts[1]).sum() == res.overflow["1"] and np.isfinite(acts[0]).all()
+
+
+def test_cpu_build_writes_inline_and_matches_the_writer_thread(tiny_model, stories, tmp_path, monkeypatch):
+    import functools
+
+    import vstore.build as vbuild
+    import vstore.capture as vcapture
+
+    def no_thread(self):
+        raise AssertionError("a CPU build started a writer thread")
+
+    with monkeypatch.context() as m:
+        m.setattr(vcapture.WriterThread, "start", no_thread)
+        build_store(tmp_path / "inline", model=str(tiny_model), data=stories, batch_size=2, commit_every=0)
+    monkeypatch.setattr(vbuild, "stream_part", functools.partial(vcapture.stream_part, writer_thread=True))
+    build_store(tmp_path / "thread", model=str(tiny_model), data=stories, batch_size=2, commit_every=0)
+    a, ea, pa, ta = _read(tmp_path / "inline")
+    b, eb, pb, tb = _read(tmp_path / "thread")
+    assert a.shape == b.shape and a.shape[1] > 0 and np.array_equal(a, b)
+    assert np.array_equal(ea, eb) and np.array_equal(pa, pb) and ta == tb
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_row_ranges_copy_the_rows_a_gather_takes(skip):
+    import torch
+
+    from vstore.capture import HostBuffers, RowSink
+
+    valid = torch.zeros((3, 7), dtype=torch.bool)
+    valid[0, 1:] = True
+    valid[1, [1, 2, 4, 5]] = True  # a gap inside an example: two ranges
+    valid[2, 3] = True
+    ids = torch.arange(21).reshape(3, 7)
+    t = torch.randn((3, 7, 5)) * 100
+    t[1, 4, 2] = float("nan")
+    outs = []
+    for ranges in (True, False):
+        sink = RowSink([0, 1], "token", torch.float16, check_overflow=True, buffers=HostBuffers() if ranges else None)
+        if not ranges:
+            sink.MAX_RANGES = 0
+        meta = sink.prepare(valid, ids, skip, 5, "cpu")
+        assert (sink.ranges is not None) == ranges
+        sink(0, t)
+        sink(1, t * 1000)  # overflows float16: counted from the model's values on both paths
+        outs.append((sink.out.clone(), meta, dict(sink.nonfinite), dict(sink.overflow)))
+    (a, ma, na, oa), (b, mb, nb, ob) = outs
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert all(np.array_equal(x, y) for x, y in zip(ma, mb))
+    assert a.shape[1] == int(valid[skip:].sum()) and na == nb and oa == ob and oa
+
+
+def test_host_buffers_are_reused_and_stay_bounded():
+    import torch
+
+    from vstore.capture import HostBuffers
+
+    pool = HostBuffers()
+    t, buf = pool.take((2, 3, 4), torch.float16)
+    assert t.shape == (2, 3, 4) and t.dtype == torch.float16
+    t.fill_(7)
+    pool.give(buf)
+    t2, buf2 = pool.take((2, 3, 4), torch.bfloat16)
+    assert buf2 is buf and t2.dtype == torch.bfloat16  # the same memory again
+    pool.give(buf2)
+    t3, buf3 = pool.take((4, 3, 4000), torch.float32)  # larger than any free buffer: the small one goes
+    assert buf3 is not buf and t3.shape == (4, 3, 4000) and buf3.nbytes >= t3.numel() * 4
+    t3.fill_(1.0)
+    assert float(t3.sum()) == t3.numel()
+    pool.give(buf3)
+    _, buf4 = pool.take((1, 1, 1), torch.float32)
+    assert buf4 is buf3  # the smallest free buffer that fits
