@@ -301,7 +301,7 @@ def test_row_ranges_copy_the_rows_a_gather_takes(skip):
         outs.append((sink.out.clone(), meta, dict(sink.nonfinite), dict(sink.overflow)))
     (a, ma, na, oa), (b, mb, nb, ob) = outs
     assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
-    assert all(np.array_equal(x, y) for x, y in zip(ma, mb))
+    assert all(np.array_equal(x, y) for x, y in zip(ma, mb, strict=True))
     assert a.shape[1] == int(valid[skip:].sum()) and na == nb and oa == ob and oa
 
 

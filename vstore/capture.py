@@ -243,7 +243,7 @@ class RowSink:
             cut = np.flatnonzero(np.diff(f) != 1) + 1
             if len(cut) < self.MAX_RANGES:
                 starts, ends = np.r_[0, cut], np.r_[cut, len(f)]
-                self.ranges = [(int(a), int(e), int(f[a])) for a, e in zip(starts, ends) if e > a]
+                self.ranges = [(int(a), int(e), int(f[a])) for a, e in zip(starts, ends, strict=True) if e > a]
         else:
             keep = valid.any(dim=1).nonzero(as_tuple=True)[0]
             T = valid.shape[1]
@@ -390,7 +390,8 @@ def stream_part(
                 if on_cuda:
                     event = torch.cuda.Event()
                     event.record()
-                held = [(sink.buffers, sink.buffer) for sink in sinks.values() if sink.buffer is not None]
+                held = [(sink.buffers, sink.buffer) for sink in sinks.values()
+                        if sink.buffers is not None and sink.buffer is not None]
                 wthread.put((host, example, pos, tokn, b0 + len(batch), event, payload, pooled,
                              functools.partial(_give_back, held)))
                 del outs, acts, host
