@@ -172,9 +172,9 @@ class WriterThread(threading.Thread):
 
 class InlineWriter:
     """The same work as :class:`WriterThread`, done by the producer between batches (a build on the
-    CPU). There torch's threads keep every core busy, and a writer thread beside them slowed the
-    forward by more than its own CPU time (a whole build: +23 % over a plain forward against +12 %
-    inline, alternated in one run); inline, each batch costs just its copy and its writes."""
+    CPU). There torch's threads keep every core busy, and a writer thread beside them slows the
+    forward by more than its own CPU time (docs/performance.md); inline, each batch costs just its
+    copy and its writes."""
 
     def __init__(self, writer: PartWriter, commit_every: float) -> None:
         self.writer, self.commit_every = writer, commit_every
