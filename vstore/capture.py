@@ -100,7 +100,7 @@ class HostBuffers:
 
         from .store._chunks import aligned_zeros
 
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         buf = None
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
@@ -119,8 +119,10 @@ class HostBuffers:
             self._free.append(buf)
 
 
-def _write_batch(writer: PartWriter, item: tuple[Any, ...]) -> None:
-    """One queued batch into the part (waiting first for its device-to-host copies)."""
+def _write_batch(writer: PartWriter, item: tuple[Any, ...], last: float, commit_every: float) -> float:
+    """One queued batch into the part (waiting first for its device-to-host copies), then a commit when
+    ``commit_every`` seconds have passed since ``last`` (bounds the work a kill can lose); returns the
+    time of the last commit."""
     host, example, position, token, done, event, payload, pooled, recycle = item
     if event is not None:
         event.synchronize()
@@ -129,6 +131,10 @@ def _write_batch(writer: PartWriter, item: tuple[Any, ...]) -> None:
     writer.add(arr, example, position, token, done, payload=payload, pooled=pool)
     del arr, host
     recycle()  # the rows are in the writer's chunk buffer: their host buffers can be refilled
+    if time.monotonic() - last < commit_every:
+        return last
+    writer.flush()
+    return time.monotonic()
 
 
 class WriterThread(threading.Thread):
@@ -160,10 +166,7 @@ class WriterThread(threading.Thread):
                     ended = True
                     self.writer.flush()
                     return
-                _write_batch(self.writer, item)
-                if time.monotonic() - last >= self.commit_every:  # bound the work a kill can lose
-                    self.writer.flush()
-                    last = time.monotonic()
+                last = _write_batch(self.writer, item, last, self.commit_every)
         except BaseException as e:  # surfaced by the producer
             self.error = e
             while not ended and self.q.get() is not None:  # drain, so the producer never blocks on a dead writer
@@ -186,10 +189,7 @@ class InlineWriter:
         if self.error is not None:
             return
         try:
-            _write_batch(self.writer, item)
-            if time.monotonic() - self._last >= self.commit_every:
-                self.writer.flush()
-                self._last = time.monotonic()
+            self._last = _write_batch(self.writer, item, self._last, self.commit_every)
         except BaseException as e:  # surfaced by stream_part once the loop has stopped
             self.error = e
 
