@@ -369,6 +369,61 @@ def test_a_partial_chunk_after_a_full_one_is_padded_with_zeros() -> None:
             assert np.array_equal(raw[:3], rows[layer, 4:7]) and not raw[3].any()
 
 
+def test_background_chunk_writes_give_the_files_of_the_caller_thread() -> None:
+    """Full chunks written from a thread (two buffers in turn) give the same files and row table as
+    writes in the caller's thread, a partial chunk after two full ones included (its buffer then holds
+    the rows of the chunk before last: they must be zeros on disk)."""
+    from vstore.store import chunk_file
+
+    n = 11
+    rows = np.arange(2 * n * 3, dtype=np.float16).reshape(2, n, 3) + 1  # no zeros
+    files = {}
+    for background in (False, True):
+        with _tmpdir() as d:
+            store = Store.create(d / "s", _meta(2, 3, "float16", 4))
+            start = store.add_examples([f"e{i}" for i in range(n)], [f"t{i}" for i in range(n)], [{}] * n)
+            part = store.start_part(n, start, {}, compressor="none")
+            w = PartWriter(store, part, background=background)
+            for a, b in ((0, 3), (3, 5), (5, 9), (9, 10), (10, 11)):
+                w.add(rows[:, a:b], np.arange(a, b, dtype=np.int64), np.zeros(b - a, np.int32),
+                      np.full(b - a, 7, np.int32), b)
+                if b in (5, 10):
+                    w.flush()
+            w.flush()
+            assert w.written == n and w.committed_examples == n
+            arr = store.acts(part)
+            assert np.array_equal(np.asarray(arr[:]), rows)
+            files[background] = [chunk_file(arr, (lyr, c, 0)).read_bytes() for lyr in range(2) for c in range(3)]
+            example = np.asarray(store.array(f"parts/{part}/rows/example")[:])
+            assert np.array_equal(example, np.arange(n))
+    assert files[True] == files[False]
+
+
+def test_a_failed_background_chunk_write_is_raised_and_not_committed(monkeypatch) -> None:
+    """An error met while a chunk is written in the background surfaces at the next write or flush, and
+    the part's counters stay at the last chunk that was written."""
+    import vstore.store._writer as wmod
+
+    with _tmpdir() as d:
+        store = Store.create(d / "s", _meta(2, 3, "float16", 4))
+        start = store.add_examples([f"e{i}" for i in range(8)], [f"t{i}" for i in range(8)], [{}] * 8)
+        part = store.start_part(8, start, {}, compressor="none")
+        w = PartWriter(store, part)
+        rows = np.ones((2, 8, 3), dtype=np.float16)
+        w.add(rows[:, :4], np.arange(4, dtype=np.int64), np.zeros(4, np.int32), np.zeros(4, np.int32), 4)
+        w.flush()
+        assert w.written == 4
+
+        def broken(*_a, **_k):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(wmod, "write_chunk_file", broken)
+        w.add(rows[:, 4:], np.arange(4, 8, dtype=np.int64), np.zeros(4, np.int32), np.zeros(4, np.int32), 8)
+        with pytest.raises(OSError, match="No space left"):
+            w.flush()
+        assert w.written == 4 and store.part_info(part).committed_rows == 4
+
+
 # -- 2. fault injection: killed builds resume to the same bits --------------------------------------------
 
 

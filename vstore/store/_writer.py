@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -31,10 +32,17 @@ class PartWriter:
 
     A store of several sites (:attr:`Store.sites`) gets one array and one buffer per site, all with
     the same row chunking; every site's rows are written before the counters advance.
+
+    With ``background`` (the default), a full chunk written straight to its files is written from a
+    short-lived thread while the next chunk fills a second buffer: the build waits on the disk only
+    at the next full chunk or at :meth:`flush`, and the part's counters advance once the files are
+    written. ``O_DIRECT`` writes cost that thread almost no CPU, so on a CPU build they overlap the
+    forward instead of stopping it (docs/performance.md). A partial chunk and the zarr path are
+    written in the caller's thread.
     """
 
     def __init__(self, store: Store, part: str, *,
-                 on_commit: Callable[[list[Any], int], None] | None = None) -> None:
+                 on_commit: Callable[[list[Any], int], None] | None = None, background: bool = True) -> None:
         self.store = store
         self.part = part
         store.check_writable()
@@ -82,6 +90,12 @@ class PartWriter:
         self._base = self.written - self.written % self.chunk  # first row of the buffer
         self._fill = self.written - self._base  # rows in the buffer
         self._stale = 0  # buffer rows [_fill, _stale) still hold the previous chunk's rows
+        self.background = background
+        # the second set of chunk buffers (made at the first background write) and its stale rows
+        self._spare: tuple[dict[str, np.ndarray], int] | None = None
+        # a full chunk being written in the background: (thread, error box, r0, r1, row columns, buffers)
+        self._pending: tuple[threading.Thread, list[BaseException], int, int, dict[str, np.ndarray],
+                             dict[str, np.ndarray]] | None = None
         self._pooled_end = self.pooled_rows
         if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
             for s, a in self.arrays.items():
@@ -131,36 +145,91 @@ class PartWriter:
 
     def flush(self) -> None:
         """Write every queued row (a partial chunk too) and commit."""
+        self._finish_pending()
         if self._base + self._fill > self.written:
             self._write()
         else:
             self._commit()
 
     def _write(self) -> None:
+        self._finish_pending()
         r0, r1 = self._base, self._base + self._fill
+        full = self._fill == self.chunk
+        if self.background and full and self._direct is not None and self.arrays:
+            self._start_background(r0, r1)
+            return
+        if self._direct is not None and self._stale > self._fill:  # a partial chunk's file is full size
+            for buf in self._bufs.values():
+                buf[:, self._fill : self._stale] = 0
+        self._write_files(self._bufs, r0, self._fill)
+        cols = {c: b[self.written - r0 : self._fill] for c, b in self._rows_buf.items()}
+        if self._direct is not None:
+            self._stale = self.chunk if full else self._fill
+        if full:  # start the next chunk (its rows overwrite the buffer)
+            self._base, self._fill = r1, 0
+        self._advance(r1, cols)
+
+    def _write_files(self, bufs: Mapping[str, np.ndarray], r0: int, fill: int) -> None:
+        """The chunk files of rows ``r0 : r0 + fill`` of every site (the direct layout), or the rows
+        through zarr (which then also resizes the arrays)."""
         for site, arr in self.arrays.items():
             L, _, N = arr.shape
-            buf, direct = self._bufs[site], self._direct[site] if self._direct is not None else None
+            buf, direct = bufs[site], self._direct[site] if self._direct is not None else None
             if direct is not None:
-                if self._stale > self._fill:  # a partial chunk's file is full size: zeros past its rows
-                    buf[:, self._fill : self._stale] = 0
                 for layer in range(L):
                     write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer])
                     fault_point("after-layer")
-                arr.resize((L, r1, N))
             else:
+                arr.resize((L, r0 + fill, N))
+                arr[:, r0 : r0 + fill] = buf[:, :fill]
+
+    def _start_background(self, r0: int, r1: int) -> None:
+        """Write the full chunk in the buffers from a thread; the next rows go to the spare buffers."""
+        bufs = self._bufs
+        cols = {c: b[self.written - r0 :].copy() for c, b in self._rows_buf.items()}
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self._write_files(bufs, r0, self.chunk)
+            except BaseException as e:  # raised in the caller's thread by _finish_pending
+                errors.append(e)
+
+        thread = threading.Thread(target=run, name="vstore-chunk-io", daemon=True)
+        thread.start()
+        self._pending = (thread, errors, r0, r1, cols, bufs)
+        if self._spare is None:
+            self._bufs, self._stale = {s: aligned_zeros(b.shape, b.dtype) for s, b in bufs.items()}, 0
+        else:
+            self._bufs, self._stale = self._spare
+            self._spare = None
+        self._buf = self._bufs.get(self.sites[0], self._buf)
+        self._base, self._fill = r1, 0
+
+    def _finish_pending(self) -> None:
+        """Wait for the chunk being written in the background, then advance the counters to it."""
+        if self._pending is None:
+            return
+        thread, errors, _r0, r1, cols, bufs = self._pending
+        thread.join()
+        self._pending = None
+        if errors:
+            raise errors[0]
+        self._spare = (bufs, self.chunk)
+        self._advance(r1, cols)
+
+    def _advance(self, r1: int, cols: Mapping[str, np.ndarray]) -> None:
+        """Rows up to ``r1`` are in their chunk files: grow the arrays and the row table, commit."""
+        for arr in self.arrays.values():
+            L, _, N = arr.shape
+            if arr.shape[1] != r1:
                 arr.resize((L, r1, N))
-                arr[:, r0:r1] = buf[:, : self._fill]
-            self.bytes_written += (r1 - self.written) * L * N * buf.itemsize
+            self.bytes_written += (r1 - self.written) * L * N * arr.dtype.itemsize
         for col, rarr in self.rows.items():
             rarr.resize((r1,))
-            rarr[self.written : r1] = self._rows_buf[col][self.written - r0 : self._fill]
+            rarr[self.written : r1] = cols[col]
         self.written = r1
         fault_point("before-commit")
-        if self._direct is not None:
-            self._stale = self.chunk if self._fill == self.chunk else self._fill
-        if self._fill == self.chunk:  # start the next chunk (its rows overwrite the buffer)
-            self._base, self._fill = r1, 0
         self._commit()
 
     def _commit(self) -> None:
