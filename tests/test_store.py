@@ -369,6 +369,32 @@ def test_a_partial_chunk_after_a_full_one_is_padded_with_zeros() -> None:
             assert np.array_equal(raw[:3], rows[layer, 4:7]) and not raw[3].any()
 
 
+def test_a_store_whose_creation_fails_leaves_nothing_behind(monkeypatch) -> None:
+    """A full disk while the store's metadata is written leaves no half-made folder at the path (which a
+    rerun would refuse as "not a vstore store") and no temporary beside it; the next create succeeds."""
+    import errno
+
+    import zarr.core.attributes
+
+    real = zarr.core.attributes.Attributes.update
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with _tmpdir() as d:
+        (d / ".s.creating-999999999").mkdir()  # left by a process that died
+        monkeypatch.setattr(zarr.core.attributes.Attributes, "update", full)
+        with pytest.raises(OSError, match="No space left"):
+            Store.create(d / "s", _meta(2, 3, "float16", 4))
+        assert not (d / "s").exists()
+        assert not list(d.glob(".s.creating-*"))
+        monkeypatch.setattr(zarr.core.attributes.Attributes, "update", real)
+        (d / "s").mkdir()  # an empty folder is taken
+        store = Store.create(d / "s", _meta(2, 3, "float16", 4))
+        assert is_store(d / "s") and store.meta["state"] == "building"
+        assert not list(d.glob(".s.creating-*"))
+
+
 def test_background_chunk_writes_give_the_files_of_the_caller_thread() -> None:
     """Full chunks written from a thread (two buffers in turn) give the same files and row table as
     writes in the caller's thread, a partial chunk after two full ones included (its buffer then holds

@@ -20,6 +20,7 @@ after them, at example boundaries. Readers trust only the counters.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,20 @@ def local_path(path: str | Path) -> Path:
     """A local store path, ``file://`` URLs included."""
     text = str(path)
     return Path(text[len("file://"):]) if text.startswith("file://") else Path(path)
+
+
+def _remove_dead_temporaries(p: Path) -> None:
+    """Removes the creation folders of ``p`` (see :meth:`Store.create`) left by processes that died."""
+    for t in p.parent.glob(f".{p.name}.creating-*"):
+        pid = t.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(t, ignore_errors=True)
+        except OSError:  # alive, another user's: leave it
+            pass
 
 
 def is_store(path: str | Path) -> bool:
@@ -188,10 +203,22 @@ class Store(SiteView):
                 raise StoreError(f"{p} exists and is not a vstore store; refusing to delete it")
             shutil.rmtree(p)
         full = {"format_version": FORMAT_VERSION, "state": "building", "parts": [], "n_examples": 0, **meta}
-        g = zarr.open_group(str(p), mode="w")
-        g.create_group("examples")
-        g.create_group("parts")
-        g.attrs.update({FORMAT_NAME: full})
+        # Made in a sibling folder and renamed into place: a failure part way (a full disk) leaves no
+        # half-made folder at `p` that a rerun would refuse as "not a vstore store".
+        _remove_dead_temporaries(p)
+        tmp = p.parent / f".{p.name}.creating-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            g = zarr.open_group(str(tmp), mode="w")
+            g.create_group("examples")
+            g.create_group("parts")
+            g.attrs.update({FORMAT_NAME: full})
+            if p.exists():  # an empty folder (a full one was refused or removed above)
+                p.rmdir()
+            os.rename(tmp, p)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return cls(p, mode="r+")
 
     def array(self, path: str) -> zarr.Array:
