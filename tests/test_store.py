@@ -448,6 +448,8 @@ def test_a_failed_background_chunk_write_is_raised_and_not_committed(monkeypatch
         with pytest.raises(OSError, match="No space left"):
             w.flush()
         assert w.written == 4 and store.part_info(part).committed_rows == 4
+        with pytest.raises(StoreError, match="open the part again"):  # its rows are gone: no silent gap
+            w.flush()
 
 
 # -- 2. fault injection: killed builds resume to the same bits --------------------------------------------

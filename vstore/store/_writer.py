@@ -96,6 +96,7 @@ class PartWriter:
         # a full chunk being written in the background: (thread, error box, r0, r1, row columns, buffers)
         self._pending: tuple[threading.Thread, list[BaseException], int, int, dict[str, np.ndarray],
                              dict[str, np.ndarray]] | None = None
+        self._failed: BaseException | None = None  # a background write failed: its rows are gone
         self._pooled_end = self.pooled_rows
         if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
             for s, a in self.arrays.items():
@@ -115,6 +116,7 @@ class PartWriter:
         if per_site and set(per_site) != set(self.sites):
             raise StoreError(f"{self.store.path}: part {self.part} holds sites {self.sites}, got rows of "
                              f"{sorted(per_site)}")
+        self._check_usable()
         n, i = example.shape[0], 0
         cols = {"example": example, "position": position, "token": token}
         if pooled is not None and self.pooled:
@@ -145,6 +147,7 @@ class PartWriter:
 
     def flush(self) -> None:
         """Write every queued row (a partial chunk too) and commit."""
+        self._check_usable()
         self._finish_pending()
         if self._base + self._fill > self.written:
             self._write()
@@ -214,9 +217,16 @@ class PartWriter:
         thread.join()
         self._pending = None
         if errors:
+            self._failed = errors[0]
             raise errors[0]
         self._spare = (bufs, self.chunk)
         self._advance(r1, cols)
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise StoreError(f"{self.store.path}: part {self.part}: writing a chunk failed ({self._failed}); its rows "
+                             f"are not kept: open the part again to resume from its {self.committed_examples} "
+                             "committed example(s)") from self._failed
 
     def _advance(self, r1: int, cols: Mapping[str, np.ndarray]) -> None:
         """Rows up to ``r1`` are in their chunk files: grow the arrays and the row table, commit."""
