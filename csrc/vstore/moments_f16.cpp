@@ -237,13 +237,13 @@ VSTORE_F16_TARGET void sweep_blocks(const std::uint16_t* base, std::int64_t ld, 
 
 // Prefetch distance of the AVX-512 sweep within a row (halves; 8 cache lines), into L2 only
 // (prefetcht1): the sweep's loads then hit L2, and a run's rows may alias in L1 without losing
-// prefetched lines, so all rows of a run are swept at once (no sub-runs, no scratch). On a Zen 4
-// VM reading a 67 MB block from DRAM this gave 0.61 of the read probe, against 0.51 for L1
-// prefetches with sub-runs of 8 rows (docs/performance.md).
+// prefetched lines, so all rows of a run are swept at once, with the partials in registers (no
+// sub-runs, no scratch). On a Zen 4 VM reading a 67 MB block from DRAM, the median ratio to the
+// read probe went from 0.50 - 0.56 (L1 prefetches, sub-runs of 8 rows) to 0.53 - 0.68
+// (docs/performance.md).
 constexpr std::int64_t kPrefetch512 = 256;
-constexpr std::int64_t kSubRunRows512 = kF16RunRows;
 
-// The rows of the next sub-run are prefetched at their first kNextPrefetchCols columns only: that
+// The rows of the next run are prefetched at their first kNextPrefetchCols columns only: that
 // starts their streams early, and the hardware prefetcher follows (prefetching whole rows ahead
 // evicts lines still to be read on wide blocks).
 constexpr std::int64_t kNextPrefetchCols = 256;
@@ -262,14 +262,14 @@ VSTORE_F16_TARGET512 inline __attribute__((always_inline)) void add_counts32(std
         _mm512_storeu_si512(p + 8 * i, _mm512_add_epi64(_mm512_loadu_si512(p + 8 * i), _mm512_cvtepi16_epi64(parts[i])));
 }
 
-// The AVX-512 form of run_block32: 64 neurons (two cache lines per row), partials in 10 registers.
-template <bool kFirst, bool kLast>
+// The AVX-512 form of run_block32 over a whole run (at most kF16RunRows rows): 64 neurons (two
+// cache lines per row), partials in 10 registers from zero, then widened into the block partials.
 VSTORE_F16_TARGET512 void run_block64(const std::uint16_t* __restrict base, std::int64_t ld,
                                       const std::int64_t* __restrict rows, std::int64_t n,
-                                      const std::int64_t* __restrict next, std::int64_t n_next, const Scratch& sc,
+                                      const std::int64_t* __restrict next, std::int64_t n_next,
                                       double* __restrict s, double* __restrict q, std::int64_t* __restrict p,
                                       unsigned& bad) noexcept {
-    // The same two lines of the rows swept next, a whole sweep ahead (n_next is 0 past the first
+    // The same two lines of the next run's rows, a whole run ahead (n_next is 0 past the first
     // kNextPrefetchCols columns).
     for (std::int64_t k = 0; k < n_next; ++k) {
         const std::uint16_t* src = base + next[k] * ld;
@@ -278,15 +278,8 @@ VSTORE_F16_TARGET512 void run_block64(const std::uint16_t* __restrict base, std:
     }
     __m512 s0, s1, s2, s3, q0, q1, q2, q3;
     __m512i c0, c1;
-    if (kFirst) {
-        s0 = s1 = s2 = s3 = q0 = q1 = q2 = q3 = _mm512_setzero_ps();
-        c0 = c1 = _mm512_setzero_si512();
-    } else {
-        s0 = _mm512_loadu_ps(sc.s), s1 = _mm512_loadu_ps(sc.s + 16), s2 = _mm512_loadu_ps(sc.s + 32);
-        s3 = _mm512_loadu_ps(sc.s + 48), q0 = _mm512_loadu_ps(sc.q), q1 = _mm512_loadu_ps(sc.q + 16);
-        q2 = _mm512_loadu_ps(sc.q + 32), q3 = _mm512_loadu_ps(sc.q + 48);
-        c0 = _mm512_loadu_si512(sc.c), c1 = _mm512_loadu_si512(sc.c + 32);
-    }
+    s0 = s1 = s2 = s3 = q0 = q1 = q2 = q3 = _mm512_setzero_ps();
+    c0 = c1 = _mm512_setzero_si512();
     const __m512i zero = _mm512_setzero_si512(), one = _mm512_set1_epi16(1);
     for (std::int64_t k = 0; k < n; ++k) {
         const std::uint16_t* src = base + rows[k] * ld;
@@ -309,13 +302,6 @@ VSTORE_F16_TARGET512 void run_block64(const std::uint16_t* __restrict base, std:
         c0 = _mm512_mask_add_epi16(c0, _mm512_cmpgt_epi16_mask(h0, zero), c0, one);
         c1 = _mm512_mask_add_epi16(c1, _mm512_cmpgt_epi16_mask(h1, zero), c1, one);
     }
-    if (!kLast) {
-        _mm512_storeu_ps(sc.s, s0), _mm512_storeu_ps(sc.s + 16, s1), _mm512_storeu_ps(sc.s + 32, s2);
-        _mm512_storeu_ps(sc.s + 48, s3), _mm512_storeu_ps(sc.q, q0), _mm512_storeu_ps(sc.q + 16, q1);
-        _mm512_storeu_ps(sc.q + 32, q2), _mm512_storeu_ps(sc.q + 48, q3);
-        _mm512_storeu_si512(sc.c, c0), _mm512_storeu_si512(sc.c + 32, c1);
-        return;
-    }
     const __m512 a = _mm512_sub_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s0, s1));
     const __m512 b = _mm512_sub_ps(_mm512_add_ps(s2, s3), _mm512_add_ps(s2, s3));
     bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
@@ -331,36 +317,14 @@ VSTORE_F16_TARGET512 void run_block64(const std::uint16_t* __restrict base, std:
     add_counts32(p + 32, c1);
 }
 
-template <bool kFirst, bool kLast>
-VSTORE_F16_TARGET512 void sweep_blocks512(const std::uint16_t* base, std::int64_t ld, const std::int64_t* rows,
-                                          std::int64_t n, const std::int64_t* next, std::int64_t n_next,
-                                          std::int64_t w64, const Scratch& sc, double* s, double* q,
-                                          std::int64_t* p, unsigned& bad) noexcept {
-    for (std::int64_t j = 0; j < w64; j += 64)
-        run_block64<kFirst, kLast>(base + j, ld, rows, n, next, j < kNextPrefetchCols ? n_next : 0, Scratch{sc.s + j, sc.q + j, sc.c + j},
-                                   s + j, q + j, p + j, bad);
-}
-
 VSTORE_F16_TARGET512 bool run_simd512(const std::uint16_t* base, std::int64_t ld, const std::int64_t* rows,
                                       std::int64_t n, const std::int64_t* next_run, std::int64_t n_next_run,
-                                      std::int64_t w, double* s, double* q, std::int64_t* p,
-                                      const Scratch& sc) noexcept {
+                                      std::int64_t w, double* s, double* q, std::int64_t* p) noexcept {
     unsigned bad = 0;
     const std::int64_t w64 = w & ~std::int64_t{63};
-    for (std::int64_t k = 0; k < n; k += kSubRunRows512) {
-        const std::int64_t m = std::min(kSubRunRows512, n - k);
-        const bool first = k == 0, last = k + m == n;
-        const std::int64_t* nx = last ? next_run : rows + k + m;
-        const std::int64_t nn = last ? std::min(kSubRunRows512, n_next_run) : std::min(kSubRunRows512, n - k - m);
-        if (first && last)
-            sweep_blocks512<true, true>(base, ld, rows + k, m, nx, nn, w64, sc, s, q, p, bad);
-        else if (first)
-            sweep_blocks512<true, false>(base, ld, rows + k, m, nx, nn, w64, sc, s, q, p, bad);
-        else if (last)
-            sweep_blocks512<false, true>(base, ld, rows + k, m, nx, nn, w64, sc, s, q, p, bad);
-        else
-            sweep_blocks512<false, false>(base, ld, rows + k, m, nx, nn, w64, sc, s, q, p, bad);
-    }
+    const std::int64_t nn = std::min(kF16RunRows, n_next_run);
+    for (std::int64_t j = 0; j < w64; j += 64)
+        run_block64(base + j, ld, rows, n, next_run, j < kNextPrefetchCols ? nn : 0, s + j, q + j, p + j, bad);
     if (w64 < w) return run_scalar(base + w64, ld, rows, n, w - w64, s + w64, q + w64, p + w64) && bad == 0;
     return bad == 0;
 }
@@ -399,7 +363,7 @@ bool sweep_run(const std::uint16_t* base, std::int64_t ld, const Runs& runs, std
         const auto n_runs = static_cast<std::int64_t>(runs.group.size());
         const std::int64_t* nx = runs.rows.data() + runs.begin[u + 1];
         const std::int64_t nn = u + 1 < n_runs ? runs.begin[u + 2] - runs.begin[u + 1] : 0;
-        return run_simd512(base, ld, rows, n, nx, nn, w, s, q, p, *sc);
+        return run_simd512(base, ld, rows, n, nx, nn, w, s, q, p);
     }
     if (simd) return run_simd(base, ld, rows, n, w, s, q, p, *sc);
 #else
