@@ -85,7 +85,6 @@ class PartWriter:
                 arr.resize((self.written,))
         # page-aligned, so whole chunks go to disk with O_DIRECT (write_chunk_file)
         self._bufs = {s: aligned_zeros((a.shape[0], self.chunk, a.shape[2]), a.dtype) for s, a in self.arrays.items()}
-        self._buf = self._bufs.get(self.sites[0], np.zeros((0, self.chunk, 0), dtype=np.float32))
         self._rows_buf = {c: np.full(self.chunk, -1, dtype=a.dtype) for c, a in self.rows.items()}
         self._base = self.written - self.written % self.chunk  # first row of the buffer
         self._fill = self.written - self._base  # rows in the buffer
@@ -206,7 +205,6 @@ class PartWriter:
         else:
             self._bufs, self._stale = self._spare
             self._spare = None
-        self._buf = self._bufs.get(self.sites[0], self._buf)
         self._base, self._fill = r1, 0
 
     def _finish_pending(self) -> None:
