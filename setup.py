@@ -132,7 +132,9 @@ if os.environ.get("VSTORE_NO_EXT", "") not in ("1", "true", "yes"):
             include_dirs=["csrc"],
             cxx_std=17,
             define_macros=[("VSTORE_VERSION", f'"{__version__}"')],
-            extra_compile_args=["-O3", *(["-fopenmp"] if openmp else [])],
+            # sqrt need not set errno and comparisons need not keep FP exception flags, so branch-free
+            # loops with sqrt and selects vectorise; neither option changes a computed value
+            extra_compile_args=["-O3", "-fno-math-errno", "-fno-trapping-math", *(["-fopenmp"] if openmp else [])],
             extra_link_args=["-fopenmp"] if openmp else [],
         )
     )

@@ -548,6 +548,22 @@ def test_native_portable_path_matches_reference(switch: str) -> None:
         edges = np.array([65519.996, 65520, 2.0**-25, 3 * 2.0**-26, 2.0**-14 - 2.0**-25, 1.0009765625 + 2**-11], np.float32)
         edges = np.concatenate([edges, -edges, rng.standard_normal(1000).astype(np.float32) * 100])
         assert np.array_equal(_C.histogram_keys(edges, "float32"), kernels.histogram_key(edges, "float32"))
+        from vstore.scoring import welch_t
+        st = Moments.zeros(5, 1037)  # a tile and a ragged tail; groups of 0, 1 and many rows
+        x = rng.standard_normal((600, 1037)).astype(np.float32)
+        y = rng.integers(0, 3, 600).astype(np.int32)
+        y[:1] = 3
+        x[:, 5] = 0.25
+        kernels.accumulate_moments(x, y, st, dtype="float32", backend="numpy")
+        from vstore.stats import GroupStats
+        gs = GroupStats.for_groups(["a", "b", "c", "d", "e"], [0], 1037)
+        for f in ("count", "sum", "sumsq", "npos", "nonfinite"):
+            getattr(gs, f)[0] = getattr(st, f)
+        gs.sum[0, 1, 9] = np.inf
+        gs.sumsq[0, 2, 11] = np.nan
+        a, b = welch_t(gs, native=True), welch_t(gs, native=False)
+        for u, v in ((a.values, b.values), (a.extra["df"], b.extra["df"])):
+            assert np.array_equal(u, v, equal_nan=True) and np.array_equal(np.signbit(u), np.signbit(v))
         print("ok")
         """
     )
@@ -581,7 +597,7 @@ def test_top_k_matches_stable_argsort(n: int, backend: str) -> None:
     scores[rng.random(n) < 0.01] = -np.inf
     scores[rng.random(n) < 0.05] = -0.0
     n_finite = int(np.isfinite(scores).sum())
-    for k in sorted({0, 1, 3, n_finite, n_finite + 5, n // 2, 50}):
+    for k in sorted({0, 1, 3, n_finite, n_finite + 5, n // 2, 50, 64, 65}):  # 1..64: the one-pass path
         got = kernels.select_top_k(scores, k, backend=backend)
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, oracle_top_k(scores, k))

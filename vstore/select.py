@@ -123,7 +123,8 @@ def select_neurons(
         else:
             k = round(L * N * 0.01)
         idx = _top(flat, k, backend)
-    return [(int(i // N), int(i % N), float(scores.reshape(-1)[i])) for i in idx]
+    values = scores.reshape(-1)  # a copy when scores is a strided view: taken once
+    return [(int(i // N), int(i % N), float(values[i])) for i in idx]
 
 
 def control_set(reference: Mapping[int, np.ndarray], n_neurons: int, seed: int, group: str) -> dict[int, np.ndarray]:

@@ -592,6 +592,25 @@ std::uint64_t read_probe(const void* data, std::int64_t bytes) noexcept {
 
 std::int64_t select_top_k(const double* scores, std::int64_t n, std::int64_t k, std::int64_t* out) {
     if (n <= 0 || k <= 0) return 0;
+    if (k <= 64 && k * 64 <= n) {
+        // Few of many: one pass keeping the best k in order; most scores fail the first comparison.
+        // Scanning in index order, a later equal score never displaces an earlier one.
+        std::int64_t m = 0;
+        std::vector<double> best(static_cast<std::size_t>(k));
+        for (std::int64_t i = 0; i < n; ++i) {
+            const double v = scores[i];
+            if (!std::isfinite(v) || (m == k && !(v > best[static_cast<std::size_t>(k - 1)]))) continue;
+            std::int64_t j = m < k ? m++ : k - 1;
+            while (j > 0 && v > best[static_cast<std::size_t>(j - 1)]) {
+                best[static_cast<std::size_t>(j)] = best[static_cast<std::size_t>(j - 1)];
+                out[j] = out[j - 1];
+                --j;
+            }
+            best[static_cast<std::size_t>(j)] = v;
+            out[j] = i;
+        }
+        return m;
+    }
     std::vector<std::int64_t> idx;
     idx.reserve(static_cast<std::size_t>(n));
     for (std::int64_t i = 0; i < n; ++i)
