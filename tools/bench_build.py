@@ -139,9 +139,12 @@ def main() -> None:
     t.add_row("plain forward to last layer", f"{figs['plain_tokens_per_s']:,.0f} tok/s")
     t.add_row("vstore build", f"{figs['build_tokens_per_s']:,.0f} tok/s")
     t.add_row("capture overhead (target <= 3%)", f"{figs['capture_overhead']:+.1%}")
-    t.add_row(f"peak RSS, {a.examples} examples", f"{rss_s:,.0f} MB ({bytes_s / 1e6:,.0f} MB stored)")
-    t.add_row(f"peak RSS, {4 * a.examples} examples", f"{rss_l:,.0f} MB ({bytes_l / 1e6:,.0f} MB stored)")
-    t.add_row("RSS growth at 4x data (target < 10%)", f"{figs['rss_growth']:+.1%}")
+    if a.no_rss:
+        t.add_row("peak RSS", "not measured (--no-rss)")
+    else:
+        t.add_row(f"peak RSS, {a.examples} examples", f"{rss_s:,.0f} MB ({bytes_s / 1e6:,.0f} MB stored)")
+        t.add_row(f"peak RSS, {4 * a.examples} examples", f"{rss_l:,.0f} MB ({bytes_l / 1e6:,.0f} MB stored)")
+        t.add_row("RSS growth at 4x data (target < 10%)", f"{figs['rss_growth']:+.1%}")
     Console().print(t)
     if a.json:
         Path(a.json).write_text(json.dumps(figs, indent=1))
