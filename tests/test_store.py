@@ -425,6 +425,44 @@ def test_background_chunk_writes_give_the_files_of_the_caller_thread() -> None:
     assert files[True] == files[False]
 
 
+def test_partial_chunks_go_through_the_page_cache_and_full_ones_direct(monkeypatch) -> None:
+    """The caller waits for a partial chunk's files: they are written through the page cache
+    (``direct=False``); full chunks keep ``O_DIRECT`` in either thread. The files read back the same."""
+    import vstore.store._writer as wmod
+
+    real = wmod.write_chunk_file
+    calls: list[tuple[int, bool]] = []
+
+    def spy(layout, coords, block, *, direct=True):
+        calls.append((coords[1], direct))
+        real(layout, coords, block, direct=direct)
+
+    monkeypatch.setattr(wmod, "write_chunk_file", spy)
+    rows = np.arange(2 * 6 * 3, dtype=np.float16).reshape(2, 6, 3) + 1
+    for background in (False, True):
+        calls.clear()
+        with _tmpdir() as d:
+            store = Store.create(d / "s", _meta(2, 3, "float16", 4))
+            start = store.add_examples([f"e{i}" for i in range(6)], [f"t{i}" for i in range(6)], [{}] * 6)
+            part = store.start_part(6, start, {}, compressor="none")
+            w = PartWriter(store, part, background=background)
+            w.add(rows, np.arange(6, dtype=np.int64), np.zeros(6, np.int32), np.zeros(6, np.int32), 6)
+            w.flush()
+            assert np.array_equal(np.asarray(store.acts(part)[:]), rows)
+        assert sorted(calls) == [(0, True), (0, True), (1, False), (1, False)], background
+
+
+def test_chunk_file_direct_false_never_tries_o_direct(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vstore.store import _chunks
+
+    block = _chunks.aligned_zeros((4, 2048), np.float16)
+    block[:] = 1.5
+    monkeypatch.setattr(_chunks, "_write_direct", lambda *a: pytest.fail("O_DIRECT tried"))
+    layout = (tmp_path, lambda c: "/".join(map(str, c)), True)
+    _chunks.write_chunk_file(layout, (0, 0, 0), block, direct=False)
+    assert (tmp_path / "0" / "0" / "0").read_bytes() == _expected(block)
+
+
 def test_a_failed_background_chunk_write_is_raised_and_not_committed(monkeypatch) -> None:
     """An error met while a chunk is written in the background surfaces at the next write or flush, and
     the part's counters stay at the last chunk that was written."""

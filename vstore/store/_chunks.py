@@ -9,7 +9,8 @@ Chunk files are written with ``O_DIRECT`` where the file system takes it and the
 (:data:`DIRECT_ALIGN`): the device reads the bytes from our buffer, so the writer spends no CPU
 copying them into the page cache (on a virtual machine, filling fresh page-cache pages cost the
 build's writer thread most of its time, taken from the model's forward). ``VSTORE_BUFFERED_WRITES=1``
-turns this off; a file system that refuses ``O_DIRECT`` (tmpfs, some overlays) gets ordinary writes.
+turns this off; a file system that refuses ``O_DIRECT`` (tmpfs, some overlays) gets ordinary writes,
+and so does a writer that waits for the write (``write_chunk_file(..., direct=False)``: a partial chunk).
 """
 
 from __future__ import annotations
@@ -187,14 +188,18 @@ def _write_direct(tmp: Path, data: np.ndarray, tail: bytes) -> bool:
     return True
 
 
-def write_chunk_file(layout: Layout, coords: tuple[int, ...], block: np.ndarray) -> None:
-    """Write one whole chunk (its raw bytes, then the checksum if the layout has one), atomically."""
+def write_chunk_file(layout: Layout, coords: tuple[int, ...], block: np.ndarray, *, direct: bool = True) -> None:
+    """Write one whole chunk (its raw bytes, then the checksum if the layout has one), atomically.
+
+    ``direct=False`` writes through the page cache even where ``O_DIRECT`` is taken: a copy instead
+    of a wait for the disk, for a writer that waits on the write anyway.
+    """
     root, encode, crc = layout
     data = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
     path = root / encode(coords)
     tail = crc32c(data.data).to_bytes(4, "little") if crc else b""
     with atomic_path(path) as tmp:
-        if not _write_direct(tmp, data, tail):
+        if not (direct and _write_direct(tmp, data, tail)):
             with open(tmp, "wb") as f:
                 f.write(data.data)
                 f.write(tail)

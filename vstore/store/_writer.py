@@ -163,7 +163,9 @@ class PartWriter:
         if self._direct is not None and self._stale > self._fill:  # a partial chunk's file is full size
             for buf in self._bufs.values():
                 buf[:, self._fill : self._stale] = 0
-        self._write_files(self._bufs, r0, self._fill)
+        # the caller waits for these files: a partial chunk goes through the page cache (a copy), a
+        # full one with O_DIRECT (no copy, but the caller waits for the disk)
+        self._write_files(self._bufs, r0, self._fill, direct_io=full)
         cols = {c: b[self.written - r0 : self._fill] for c, b in self._rows_buf.items()}
         if self._direct is not None:
             self._stale = self.chunk if full else self._fill
@@ -171,15 +173,15 @@ class PartWriter:
             self._base, self._fill = r1, 0
         self._advance(r1, cols)
 
-    def _write_files(self, bufs: Mapping[str, np.ndarray], r0: int, fill: int) -> None:
-        """The chunk files of rows ``r0 : r0 + fill`` of every site (the direct layout), or the rows
-        through zarr (which then also resizes the arrays)."""
+    def _write_files(self, bufs: Mapping[str, np.ndarray], r0: int, fill: int, *, direct_io: bool = True) -> None:
+        """The chunk files of rows ``r0 : r0 + fill`` of every site (the direct layout; ``O_DIRECT``
+        where taken, with ``direct_io``), or the rows through zarr (which then also resizes the arrays)."""
         for site, arr in self.arrays.items():
             L, _, N = arr.shape
             buf, direct = bufs[site], self._direct[site] if self._direct is not None else None
             if direct is not None:
                 for layer in range(L):
-                    write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer])
+                    write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer], direct=direct_io)
                     fault_point("after-layer")
             else:
                 arr.resize((L, r0 + fill, N))
