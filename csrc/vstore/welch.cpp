@@ -25,14 +25,18 @@ namespace {
 
 constexpr std::int64_t kTile = 512;
 
+struct Side {
+    double mean, var;
+};
+
 // Mean and variance of one side, as the NumPy path: NaN mean with n == 0, NaN variance with n <= 1.
 // As std::max(q - s * m, 0), a NaN q - s * m stays NaN (std::max is not inlined under the pragma).
-#define VSTORE_WELCH_SIDE(n, s, q, mean, var)                                   \
-    const double mean##_raw = (s) / (n);                                        \
-    const double var##_dev = (q) - (s) * mean##_raw;                            \
-    const double var##_raw = (var##_dev < 0.0 ? 0.0 : var##_dev) / ((n) - 1.0);  \
-    const double mean = (n) > 0 ? mean##_raw : nan;                              \
-    const double var = (n) > 1 ? var##_raw : nan
+__attribute__((always_inline)) inline Side side(double n, double s, double q, double nan) noexcept {
+    const double m = s / n;
+    const double dev = q - s * m;
+    const double v = (dev < 0.0 ? 0.0 : dev) / (n - 1.0);
+    return {n > 0 ? m : nan, n > 1 ? v : nan};
+}
 
 // One target over `w` neurons of a tile: side 1 is (n1, s1, q1), side 0 (n0, s0, q0). Branch-free
 // over k, so the compiler vectorises it (division and square root are correctly rounded in every
@@ -46,10 +50,9 @@ __attribute__((always_inline)) inline void welch_row(std::int64_t w, const doubl
     const double big = std::numeric_limits<double>::max();
     for (std::int64_t k = 0; k < w; ++k) {
         const double n1 = n1v[k], s1 = s1v[k], q1 = q1v[k], n0 = n0v[k], s0 = s0v[k], q0 = q0v[k];
-        VSTORE_WELCH_SIDE(n1, s1, q1, m1, v1);
-        VSTORE_WELCH_SIDE(n0, s0, q0, m0, v0);
-        const double a = v1 / n1, b = v0 / n0, se2 = a + b;
-        const double tt = (m1 - m0) / std::sqrt(se2);
+        const Side x = side(n1, s1, q1, nan), y = side(n0, s0, q0, nan);
+        const double a = x.var / n1, b = y.var / n0, se2 = a + b;
+        const double tt = (x.mean - y.mean) / std::sqrt(se2);
         const double dd = se2 * se2 / (a * a / (n1 - 1.0) + b * b / (n0 - 1.0));
         const bool ok = n1 > 1 && n0 > 1;
         // np.nan_to_num: NaN -> 0, +-Inf -> +-max double
@@ -59,8 +62,6 @@ __attribute__((always_inline)) inline void welch_row(std::int64_t w, const doubl
         d[k] = ok ? dd : nan;
     }
 }
-
-#undef VSTORE_WELCH_SIDE
 
 // Every target of one (layer, tile); `scratch` holds 7 * kTile doubles.
 __attribute__((always_inline)) inline void welch_tile(const GroupMomentsRef& m, const std::int64_t* pos,
