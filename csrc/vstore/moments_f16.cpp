@@ -124,8 +124,9 @@ bool run_scalar(const std::uint16_t* base, std::int64_t ld, const std::int64_t* 
 #if VSTORE_F16_SIMD
 #define VSTORE_F16_TARGET __attribute__((target("avx2,f16c,fma")))
 
-// Prefetch distance within a row: 4 cache lines (a 32-neuron block reads one 64-byte line per row).
-constexpr std::int64_t kPrefetchHalves = 128;
+// Prefetch distance within a row: 2 cache lines (a 32-neuron block reads one 64-byte line per row);
+// on Zen 2 it read slightly faster than 4 lines (docs/performance.md).
+constexpr std::int64_t kPrefetchHalves = 64;
 
 // Rows swept at once: rows a power-of-two stride apart share L1 sets, so a sweep over all 32 rows
 // of a run would evict its own lines; 8 rows (plus the lines prefetched ahead) fit the ways. Between
@@ -186,10 +187,12 @@ VSTORE_F16_TARGET void run_block32(const std::uint16_t* __restrict base, std::in
         __builtin_prefetch(src + kPrefetchHalves, 0, 3);
         const __m256i h0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
         const __m256i h1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16));
-        const __m256 x0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h0));
-        const __m256 x1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h0, 1));
-        const __m256 x2 = _mm256_cvtph_ps(_mm256_castsi256_si128(h1));
-        const __m256 x3 = _mm256_cvtph_ps(_mm256_extracti128_si256(h1, 1));
+        // Converted straight from memory: on Zen 2, converting the loaded registers' halves (an
+        // extract and a register vcvtph2ps each) took twice as long per row step.
+        const __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+        const __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8)));
+        const __m256 x2 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16)));
+        const __m256 x3 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 24)));
         s0 = _mm256_add_ps(s0, x0);
         s1 = _mm256_add_ps(s1, x1);
         s2 = _mm256_add_ps(s2, x2);
