@@ -433,9 +433,9 @@ def test_partial_chunks_go_through_the_page_cache_and_full_ones_direct(monkeypat
     real = wmod.write_chunk_file
     calls: list[tuple[int, bool]] = []
 
-    def spy(layout, coords, block, *, direct=True):
+    def spy(layout, coords, block, *, direct=True, filled=None):
         calls.append((coords[1], direct))
-        real(layout, coords, block, direct=direct)
+        real(layout, coords, block, direct=direct, filled=filled)
 
     monkeypatch.setattr(wmod, "write_chunk_file", spy)
     rows = np.arange(2 * 6 * 3, dtype=np.float16).reshape(2, 6, 3) + 1
@@ -461,6 +461,32 @@ def test_chunk_file_direct_false_never_tries_o_direct(tmp_path: Path, monkeypatc
     layout = (tmp_path, lambda c: "/".join(map(str, c)), True)
     _chunks.write_chunk_file(layout, (0, 0, 0), block, direct=False)
     assert (tmp_path / "0" / "0" / "0").read_bytes() == _expected(block)
+
+
+@pytest.mark.parametrize("crc", [True, False])
+def test_chunk_file_filled_leaves_the_zero_tail_a_hole(tmp_path: Path, crc: bool) -> None:
+    """``filled`` writes only the block's first bytes: the file has the full size and reads back the
+    whole block (zeros after ``filled``), with the checksum of the whole block; where the file system
+    keeps holes, the zero tail takes no disk blocks."""
+    from vstore.store import _chunks
+
+    block = np.zeros((64, 2048), np.float16)
+    block[:5] = 2.5
+    filled = 5 * 2048 * 2
+    layout = (tmp_path, lambda c: "/".join(map(str, c)), crc)
+    _chunks.write_chunk_file(layout, (0, 0, 0), block, direct=False, filled=filled)
+    f = tmp_path / "0" / "0" / "0"
+    want = _expected(block) if crc else block.tobytes()
+    assert f.read_bytes() == want
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as fh:
+        fh.seek(1 << 20)
+        fh.write(b"x")
+    if probe.stat().st_blocks * 512 < 1 << 19:  # this file system keeps holes
+        assert f.stat().st_blocks * 512 < block.nbytes // 2
+    # `filled` past the end writes the whole block
+    _chunks.write_chunk_file(layout, (0, 0, 1), block, direct=False, filled=10 * block.nbytes)
+    assert (tmp_path / "0" / "0" / "1").read_bytes() == want
 
 
 def test_a_failed_background_chunk_write_is_raised_and_not_committed(monkeypatch) -> None:

@@ -7,8 +7,9 @@ Usage::
 In one process, on the same batches of the bundled stories: a plain forward that stops after the
 same last layer (no capture hooks, nothing copied or written), then ``build_store`` (capture, row
 selection, device-to-host copies, writer thread, Zarr writes), alternated ``--repeats`` times; the
-median of each is reported. Then two separate ``vstore build`` processes over N and 4N examples
-report their peak RSS.
+median of each is reported. Each build writes a new store (the last one is removed after its
+timing: deleting an old store is not capture overhead). Then two separate ``vstore build``
+processes over N and 4N examples report their peak RSS.
 
 JSON figures (``--json FILE``):
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,12 +115,14 @@ def main() -> None:
     plain, build, tokens = [], [], 0
     with tempfile.TemporaryDirectory() as tmp:
         plain_forward(lm, examples[: a.batch_size], a.batch_size, a.max_length, last)  # warm-up
-        for _ in range(a.repeats):
+        for i in range(a.repeats):
             sec, tokens = plain_forward(lm, examples, a.batch_size, a.max_length, last)
             plain.append(tokens / sec)
-            r = build_store(Path(tmp) / "s", model=lm, data=data, limit=a.examples, batch_size=a.batch_size,
-                            max_length=a.max_length, progress=False, overwrite=True)
+            out = Path(tmp) / f"s{i}"  # a new store: removing the last one is not part of a build
+            r = build_store(out, model=lm, data=data, limit=a.examples, batch_size=a.batch_size,
+                            max_length=a.max_length, progress=False)
             build.append(r.tokens / r.seconds)
+            shutil.rmtree(out)
         rss_s = rss_l = float("nan")
         bytes_s = bytes_l = 0
         if not a.no_rss:

@@ -188,20 +188,28 @@ def _write_direct(tmp: Path, data: np.ndarray, tail: bytes) -> bool:
     return True
 
 
-def write_chunk_file(layout: Layout, coords: tuple[int, ...], block: np.ndarray, *, direct: bool = True) -> None:
+def write_chunk_file(layout: Layout, coords: tuple[int, ...], block: np.ndarray, *, direct: bool = True,
+                     filled: int | None = None) -> None:
     """Write one whole chunk (its raw bytes, then the checksum if the layout has one), atomically.
 
     ``direct=False`` writes through the page cache even where ``O_DIRECT`` is taken: a copy instead
-    of a wait for the disk, for a writer that waits on the write anyway.
+    of a wait for the disk, for a writer that waits on the write anyway. ``filled`` (with
+    ``direct=False``): only the block's first ``filled`` bytes are written, and the rest, which must
+    be zero, is left a hole in the file (it reads as zeros; the checksum covers the whole block).
     """
     root, encode, crc = layout
     data = np.ascontiguousarray(block).view(np.uint8).reshape(-1)
     path = root / encode(coords)
     tail = crc32c(data.data).to_bytes(4, "little") if crc else b""
+    end = data.nbytes if filled is None or direct else max(0, min(int(filled), data.nbytes))
     with atomic_path(path) as tmp:
         if not (direct and _write_direct(tmp, data, tail)):
             with open(tmp, "wb") as f:
-                f.write(data.data)
+                f.write(data[:end].data)
+                if end < data.nbytes:
+                    f.seek(data.nbytes)
+                    if not tail:
+                        f.truncate()
                 f.write(tail)
 
 

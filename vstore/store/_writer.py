@@ -180,8 +180,11 @@ class PartWriter:
             L, _, N = arr.shape
             buf, direct = bufs[site], self._direct[site] if self._direct is not None else None
             if direct is not None:
+                # a partial chunk's rows past `fill` are zero (see _write): written as a hole
+                filled = None if direct_io else fill * N * arr.dtype.itemsize
                 for layer in range(L):
-                    write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer], direct=direct_io)
+                    write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer], direct=direct_io,
+                                     filled=filled)
                     fault_point("after-layer")
             else:
                 arr.resize((L, r0 + fill, N))
