@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,9 @@ from ._chunks import aligned_zeros, direct_chunk_layout, write_chunk_file
 from ._store import Store
 
 __all__ = ["PartWriter"]
+
+#: Threads that write a partial chunk's files (the build waits for them).
+_WRITE_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 class PartWriter:
@@ -123,7 +129,7 @@ class PartWriter:
         while i < n:
             take = min(n - i, self.chunk - self._fill)
             for s, a in per_site.items():
-                self._bufs[s][:, self._fill : self._fill + take] = a[:, i : i + take]
+                _copy(self._bufs[s][:, self._fill : self._fill + take], a[:, i : i + take])
             for c, v in cols.items():
                 self._rows_buf[c][self._fill : self._fill + take] = v[i : i + take]
             self._fill += take
@@ -182,10 +188,18 @@ class PartWriter:
             if direct is not None:
                 # a partial chunk's rows past `fill` are zero (see _write): written as a hole
                 filled = None if direct_io else fill * N * arr.dtype.itemsize
-                for layer in range(L):
+
+                def one(layer: int, direct: Any = direct, buf: np.ndarray = buf, filled: int | None = filled) -> None:
                     write_chunk_file(direct, (layer, r0 // self.chunk, 0), buf[layer], direct=direct_io,
                                      filled=filled)
                     fault_point("after-layer")
+
+                if direct_io or L == 1 or _WRITE_THREADS == 1:
+                    for layer in range(L):
+                        one(layer)
+                else:  # the caller waits for these copies into the page cache: on every core
+                    with ThreadPoolExecutor(_WRITE_THREADS, thread_name_prefix="vstore-chunk") as pool:
+                        list(pool.map(one, range(L)))
             else:
                 arr.resize((L, r0 + fill, N))
                 arr[:, r0 : r0 + fill] = buf[:, :fill]
@@ -258,3 +272,18 @@ class PartWriter:
             extra = {"pooled_rows": done[3]} if self.pooled else {}
             self.pooled_rows = done[3] if self.pooled else 0
             self.store.commit(self.part, done[1], done[0], overflow=self.overflow, **extra)
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src``; with torch loaded (a build), on its threads: the rows of a batch are tens of
+    MB, most into pages touched for the first time, and torch sits idle between batches."""
+    torch = sys.modules.get("torch")
+    if torch is None or dst.nbytes < 1 << 22 or dst.dtype != src.dtype or not dst.flags.writeable:
+        dst[...] = src
+        return
+    try:
+        d, s = torch.from_numpy(dst), torch.from_numpy(src)
+    except (TypeError, ValueError):  # a dtype or layout torch does not take
+        dst[...] = src
+        return
+    d.copy_(s)
