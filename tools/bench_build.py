@@ -17,6 +17,8 @@ JSON figures (``--json FILE``):
     what was measured
 ``plain_tokens_per_s``, ``build_tokens_per_s``
     median throughput of each
+``plain_runs_tokens_per_s``, ``build_runs_tokens_per_s``
+    each repeat's throughput, in the order run (plain and build alternate)
 ``capture_overhead``
     ``plain_tokens_per_s / build_tokens_per_s - 1`` (build time / plain forward time - 1 over the same
     tokens; issue 12's target <= 0.03)
@@ -132,6 +134,7 @@ def main() -> None:
     figs = {
         "model": a.model, "examples": a.examples, "tokens": tokens,
         "plain_tokens_per_s": statistics.median(plain), "build_tokens_per_s": statistics.median(build),
+        "plain_runs_tokens_per_s": plain, "build_runs_tokens_per_s": build,
         "rss_small_mb": rss_s, "rss_large_mb": rss_l, "store_bytes_small": bytes_s, "store_bytes_large": bytes_l,
     }
     figs["capture_overhead"] = figs["plain_tokens_per_s"] / figs["build_tokens_per_s"] - 1
