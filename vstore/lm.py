@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -18,6 +20,8 @@ __all__ = ["HEAD_CHUNK", "CausalLM", "Encoder", "Prefix", "batches", "choose_thr
            "left_padded", "right_padded", "set_threads"]
 
 HEAD_CHUNK = 256  # positions per output-head call (bounds the (positions, vocab) logits buffer)
+
+_head_buffers = threading.local()  # per thread: output head -> its reused logits buffer (CausalLM._logits)
 
 
 class CausalLM:
@@ -60,16 +64,42 @@ class CausalLM:
             after(new_cache)
         return out.last_hidden_state, new_cache
 
+    def _logits(self, hidden: Any) -> Any:
+        """float32 (soft-capped) logits of at most HEAD_CHUNK (positions, hidden) states.
+
+        On the CPU, a float32 head without bias or hooks writes them into one buffer per thread and
+        head, reused from call to call: a fresh (HEAD_CHUNK, vocab) tensor is hundreds of MB of
+        pages the kernel must hand out again each time. The values are the same bits.
+        """
+        import torch
+
+        w = getattr(self.head, "weight", None)
+        if (type(self.head) is not torch.nn.Linear or self.head.bias is not None or w is None
+                or w.dtype != torch.float32 or w.device.type != "cpu" or hidden.dtype != torch.float32
+                or self.head._forward_hooks or self.head._forward_pre_hooks or torch.is_grad_enabled()):
+            logits = self.head(hidden).float()
+            if self.softcap is not None:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits
+        bufs = getattr(_head_buffers, "by_head", None)
+        if bufs is None:
+            bufs = _head_buffers.by_head = weakref.WeakKeyDictionary()
+        buf = bufs.get(self.head)
+        if buf is None or buf.shape[0] < hidden.shape[0]:
+            buf = bufs[self.head] = torch.empty((HEAD_CHUNK, w.shape[0]), dtype=torch.float32)
+        logits = buf[: hidden.shape[0]]
+        torch.mm(hidden, w.t(), out=logits)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
     def log_probs(self, hidden: Any) -> Any:
         """float32 log-softmax over the vocabulary of (positions, hidden) states, chunked."""
         import torch
 
         parts = []
         for i in range(0, hidden.shape[0], HEAD_CHUNK):
-            logits = self.head(hidden[i : i + HEAD_CHUNK]).float()
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            parts.append(torch.log_softmax(logits, dim=-1))
+            parts.append(torch.log_softmax(self._logits(hidden[i : i + HEAD_CHUNK]), dim=-1))
         if not parts:
             return torch.zeros((0, 0), dtype=torch.float32, device=hidden.device)
         return torch.cat(parts)
@@ -80,9 +110,7 @@ class CausalLM:
 
         out = []
         for i in range(0, hidden.shape[0], HEAD_CHUNK):
-            logits = self.head(hidden[i : i + HEAD_CHUNK]).float()
-            if self.softcap is not None:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = self._logits(hidden[i : i + HEAD_CHUNK])
             lse = torch.logsumexp(logits, dim=-1)
             out.append(logits.gather(-1, targets[i : i + HEAD_CHUNK, None])[:, 0] - lse)
         if not out:
