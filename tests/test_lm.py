@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import make_config
 
-from vstore.lm import HEAD_CHUNK, CausalLM, _head_buffers
+from vstore.lm import HEAD_CHUNK, CausalLM, _head_buffers, logsumexp_inplace
 
 
 def _model(family: str):
@@ -64,3 +64,21 @@ def test_a_hook_on_the_head_still_runs() -> None:
     finally:
         handle.remove()
     assert calls and torch.allclose(lp, torch.full((3,), -torch.log(torch.tensor(300.0)).item()))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (6, 1000), (257, 4096)])
+def test_logsumexp_inplace_equals_torch_bit_for_bit(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(*shape, generator=gen) * 30
+    if shape[0] >= 6:  # rows with +Inf, all -Inf, NaN, huge values
+        x[0, 0] = float("inf")
+        x[1, :] = float("-inf")
+        x[2, 1] = float("nan")
+        x[3, :] = 3e38
+        x[4, 0] = float("-inf")
+    ref = torch.logsumexp(x, dim=-1)
+    got = logsumexp_inplace(x.clone())
+    assert torch.equal(ref.isnan(), got.isnan())
+    assert torch.equal(torch.nan_to_num(ref, nan=0.0, posinf=1.0, neginf=-1.0),
+                       torch.nan_to_num(got, nan=0.0, posinf=1.0, neginf=-1.0))
+    assert torch.equal(ref.isposinf(), got.isposinf()) and torch.equal(ref.isneginf(), got.isneginf())

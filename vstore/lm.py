@@ -17,11 +17,25 @@ from typing import Any
 from .errors import ModelError, UsageError
 
 __all__ = ["HEAD_CHUNK", "CausalLM", "Encoder", "Prefix", "batches", "choose_threads", "common_prefix", "fit_length",
-           "left_padded", "right_padded", "set_threads"]
+           "left_padded", "logsumexp_inplace", "right_padded", "set_threads"]
 
 HEAD_CHUNK = 256  # positions per output-head call (bounds the (positions, vocab) logits buffer)
 
 _head_buffers = threading.local()  # per thread: output head -> its reused logits buffer (CausalLM._logits)
+
+
+def logsumexp_inplace(x: Any) -> Any:
+    """``torch.logsumexp(x, dim=-1)`` of a 2-D float tensor, overwriting ``x`` (no temporary of its size).
+
+    The same operations as ATen's logsumexp, in the same order (row maximum, an infinite one taken as
+    0, ``exp(x - max)``, the row sum, its log plus the maximum), so the same bits.
+    """
+    import torch
+
+    m = torch.amax(x, dim=-1, keepdim=True)
+    m.masked_fill_(m.abs() == float("inf"), 0)
+    s = x.sub_(m).exp_().sum(dim=-1)
+    return s.log_().add_(m[:, 0])
 
 
 class CausalLM:
@@ -93,6 +107,11 @@ class CausalLM:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
+    def _buffer_ptr(self) -> int:
+        """Where this thread's logits buffer of the head lives (-1: none)."""
+        buf = getattr(_head_buffers, "by_head", {}).get(self.head)
+        return -1 if buf is None else int(buf.untyped_storage().data_ptr())
+
     def log_probs(self, hidden: Any) -> Any:
         """float32 log-softmax over the vocabulary of (positions, hidden) states, chunked."""
         import torch
@@ -111,8 +130,9 @@ class CausalLM:
         out = []
         for i in range(0, hidden.shape[0], HEAD_CHUNK):
             logits = self._logits(hidden[i : i + HEAD_CHUNK])
-            lse = torch.logsumexp(logits, dim=-1)
-            out.append(logits.gather(-1, targets[i : i + HEAD_CHUNK, None])[:, 0] - lse)
+            picked = logits.gather(-1, targets[i : i + HEAD_CHUNK, None])[:, 0]
+            scratch = logits.untyped_storage().data_ptr() == self._buffer_ptr()
+            out.append(picked - (logsumexp_inplace(logits) if scratch else torch.logsumexp(logits, dim=-1)))
         if not out:
             return torch.zeros(0, dtype=torch.float32, device=hidden.device)
         return torch.cat(out)
