@@ -1085,3 +1085,24 @@ def test_aligned_buffers_small_and_large_are_zero_aligned_and_writable() -> None
         assert a.ctypes.data % _chunks.DIRECT_ALIGN == 0 and not a.any()
         a[-1, -1, -1] = 1.5
         assert a[-1, -1, -1] == 1.5
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.uint16])
+def test_writer_copy_on_torch_threads_equals_numpy(dtype: Any) -> None:
+    """Batch rows of 4 MiB and more go into the chunk buffer through torch (loaded here): strided
+    slices of source and destination, the same values as NumPy's assignment; the rest is untouched."""
+    import torch  # noqa: F401  (loaded: the copy takes torch's path)
+
+    from vstore.store._writer import _copy
+
+    rng = np.random.default_rng(0)
+    src = (rng.standard_normal((3, 700, 2048)) * 100).astype(dtype)
+    dst = np.zeros((3, 1024, 2048), dtype=dtype)
+    want = dst.copy()
+    want[:, 100:600] = src[:, 150:650]
+    _copy(dst[:, 100:600], src[:, 150:650])
+    assert dst[:, 100:600].nbytes >= 1 << 22
+    assert np.array_equal(dst.view(np.uint8), want.view(np.uint8))
+    small = np.zeros((2, 3), dtype=dtype)
+    _copy(small, src[0, :2, :3])  # under 4 MiB: NumPy's assignment
+    assert np.array_equal(small, src[0, :2, :3])

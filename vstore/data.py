@@ -145,36 +145,6 @@ def _check_str(obj: dict[str, object], key: str, where: str, errors: list[str], 
     return val
 
 
-_OPTIONAL = tuple(k for k in FIELDS if k not in REQUIRED)
-
-
-def _valid_story(obj: dict[str, object], text: str) -> bool:
-    """True when the checks of :func:`_parse_story_line` would find nothing wrong (False: maybe wrong)."""
-    for k in REQUIRED:
-        v = obj.get(k)
-        if type(v) is not str or not v.strip():
-            return False
-    for k in _OPTIONAL:
-        v = obj.get(k)
-        if v is not None and type(v) is not str:
-            return False
-    split = obj["split"]
-    if split not in SPLITS:
-        return False
-    rationale = obj.get("rationale")
-    if split == "activation" and (type(rationale) is not str or not rationale.strip()):
-        return False
-    if "\\u" in text:  # an escape may spell a lone surrogate
-        try:
-            for k in FIELDS:
-                v = obj.get(k)
-                if isinstance(v, str):
-                    v.encode("utf-8")
-        except UnicodeEncodeError:
-            return False
-    return True
-
-
 def _parse_story_line(text: str, source: str, n: int, errors: list[str]) -> Story | None:
     where = f"{source}:{n}"
     try:
@@ -185,10 +155,6 @@ def _parse_story_line(text: str, source: str, n: int, errors: list[str]) -> Stor
     if not isinstance(obj, dict):
         errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
         return None
-    if _valid_story(obj, text):  # the common case, without building the error messages
-        return Story(id=obj["id"], value=obj["value"], lang=obj["lang"], split=obj["split"], story=obj["story"],
-                     aligned=obj["aligned"], violating=obj["violating"], rationale=obj.get("rationale"),
-                     setting=obj.get("setting"), source=source, line=n)
     before = len(errors)
     vals = {k: _check_str(obj, k, where, errors, k in REQUIRED) for k in FIELDS}
     split = vals["split"]

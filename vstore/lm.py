@@ -78,8 +78,9 @@ class CausalLM:
             after(new_cache)
         return out.last_hidden_state, new_cache
 
-    def _logits(self, hidden: Any) -> Any:
-        """float32 (soft-capped) logits of at most HEAD_CHUNK (positions, hidden) states.
+    def _logits(self, hidden: Any) -> tuple[Any, bool]:
+        """float32 (soft-capped) logits of at most HEAD_CHUNK (positions, hidden) states, and whether
+        they are scratch (the caller may overwrite them).
 
         On the CPU, a float32 head without bias or hooks writes them into one buffer per thread and
         head, reused from call to call: a fresh (HEAD_CHUNK, vocab) tensor is hundreds of MB of
@@ -94,7 +95,7 @@ class CausalLM:
             logits = self.head(hidden).float()
             if self.softcap is not None:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            return logits
+            return logits, False
         bufs = getattr(_head_buffers, "by_head", None)
         if bufs is None:
             bufs = _head_buffers.by_head = weakref.WeakKeyDictionary()
@@ -105,12 +106,7 @@ class CausalLM:
         torch.mm(hidden, w.t(), out=logits)
         if self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
-        return logits
-
-    def _buffer_ptr(self) -> int:
-        """Where this thread's logits buffer of the head lives (-1: none)."""
-        buf = getattr(_head_buffers, "by_head", {}).get(self.head)
-        return -1 if buf is None else int(buf.untyped_storage().data_ptr())
+        return logits, True
 
     def log_probs(self, hidden: Any) -> Any:
         """float32 log-softmax over the vocabulary of (positions, hidden) states, chunked."""
@@ -118,7 +114,7 @@ class CausalLM:
 
         parts = []
         for i in range(0, hidden.shape[0], HEAD_CHUNK):
-            parts.append(torch.log_softmax(self._logits(hidden[i : i + HEAD_CHUNK]), dim=-1))
+            parts.append(torch.log_softmax(self._logits(hidden[i : i + HEAD_CHUNK])[0], dim=-1))
         if not parts:
             return torch.zeros((0, 0), dtype=torch.float32, device=hidden.device)
         return torch.cat(parts)
@@ -129,9 +125,8 @@ class CausalLM:
 
         out = []
         for i in range(0, hidden.shape[0], HEAD_CHUNK):
-            logits = self._logits(hidden[i : i + HEAD_CHUNK])
+            logits, scratch = self._logits(hidden[i : i + HEAD_CHUNK])
             picked = logits.gather(-1, targets[i : i + HEAD_CHUNK, None])[:, 0]
-            scratch = logits.untyped_storage().data_ptr() == self._buffer_ptr()
             out.append(picked - (logsumexp_inplace(logits) if scratch else torch.logsumexp(logits, dim=-1)))
         if not out:
             return torch.zeros(0, dtype=torch.float32, device=hidden.device)
