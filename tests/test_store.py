@@ -489,6 +489,191 @@ def test_chunk_file_filled_leaves_the_zero_tail_a_hole(tmp_path: Path, crc: bool
     assert (tmp_path / "0" / "0" / "1").read_bytes() == want
 
 
+# ------------------------------------------------------------------------------------------------
+# Reading chunks that are not in the page cache (ChunkReader.read_ahead: O_DIRECT, reused buffers).
+
+
+def _reader_store(path: Path, dtype: str = "float16", chunk_rows: int = 64, n_neurons: int = 48) -> Store:
+    import conftest_rank  # noqa: F401  (tools/ on the path)
+    from make_synthetic_store import make_synthetic_store
+
+    make_synthetic_store(path, n_layers=2, n_neurons=n_neurons, n_examples=40, rows_per_example=(3, 9), groups=3,
+                         planted=2, effect=3.0, dtype=dtype, seed=3, chunk_rows=chunk_rows)
+    return Store(path)
+
+
+def _evict(path: Path) -> None:
+    """Drop a store's chunk files from the page cache (they must be clean: synced first)."""
+    import os
+
+    for f in (path / "parts").rglob("*"):
+        if f.is_file() and "/acts/c/" in f.as_posix():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_read_ahead_reads_an_uncached_chunk_as_read_does(tmp_path: Path, dtype: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from vstore.store import ChunkReader, _chunks
+
+    st = _reader_store(tmp_path / "s", dtype)
+    part = st.parts[0]
+    reader = ChunkReader(st.acts(part.name))
+    assert reader.direct is not None
+    monkeypatch.setattr(_chunks, "_resident", lambda fd, n: False)  # as if nothing were cached
+    rows = part.committed_rows
+    assert rows % 64, "the last chunk must be partial"
+    for layer in range(2):
+        for r0 in range(0, rows, 64):
+            r1 = min(rows, r0 + 64)
+            block = reader.read_ahead(layer, r0, r1)
+            if block is None:
+                pytest.skip("this file system refuses O_DIRECT reads")
+            assert block.shape == (r1 - r0, 48) and block.dtype == np.dtype(dtype) and not block.flags.writeable
+            _assert_bitwise(block, reader.read(layer, r0, r1), f"layer {layer} rows {r0}:{r1}")
+    assert reader.read_ahead(0, 1, 64) is None  # rows off the chunk grid: read() reads them through zarr
+
+
+def test_read_ahead_leaves_cached_chunks_to_read_and_obeys_buffered_reads(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from vstore.store import ChunkReader, _chunks
+
+    st = _reader_store(tmp_path / "s")
+    reader = ChunkReader(st.acts(st.parts[0].name))
+    reader.read(0, 0, 64)  # now in the page cache
+    assert reader.read_ahead(0, 0, 64) is None
+    _evict(tmp_path / "s")
+    path = reader.direct[0] / reader.direct[1]((0, 0, 0))
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _chunks._resident(fd, path.stat().st_size) is not False:
+            pytest.skip("this file system keeps evicted files in memory")
+    finally:
+        os.close(fd)
+    monkeypatch.setenv("VSTORE_BUFFERED_READS", "1")
+    assert reader.read_ahead(0, 0, 64) is None  # and the OS was asked to read the chunk ahead
+    monkeypatch.delenv("VSTORE_BUFFERED_READS")
+    _evict(tmp_path / "s")
+    block = reader.read_ahead(0, 0, 64)
+    if block is None:
+        pytest.skip("this file system refuses O_DIRECT reads")
+    _assert_bitwise(block, np.asarray(st.acts(st.parts[0].name)[0, 0:64]), "rows 0:64")
+
+
+def test_cached_pages_agree_between_cachestat_and_mincore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from vstore.store import _chunks
+
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * (1 << 20))
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        os.read(fd, 1 << 20)
+        got = _chunks._cached_pages(fd, 1 << 20)
+        monkeypatch.setattr(_chunks, "_no_cachestat", [True])  # the fallback of kernels before 6.5
+        assert _chunks._cached_pages(fd, 1 << 20) == got
+        assert got is None or got == (1 << 20) // mmap_pagesize()
+        assert _chunks._resident(fd, 0) is None
+    finally:
+        os.close(fd)
+
+
+def mmap_pagesize() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+@pytest.mark.parametrize("how", ["checksum", "truncated", "missing"])
+def test_read_ahead_raises_on_a_damaged_chunk(tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vstore.store import ChunkReader, _chunks
+
+    st = _reader_store(tmp_path / "s")
+    reader = ChunkReader(st.acts(st.parts[0].name))
+    monkeypatch.setattr(_chunks, "_resident", lambda fd, n: False)
+    path = reader.direct[0] / reader.direct[1]((1, 0, 0))
+    data = bytearray(path.read_bytes())
+    if how == "checksum":
+        data[100] ^= 0x40
+        path.write_bytes(bytes(data))
+    elif how == "truncated":
+        path.write_bytes(bytes(data[:-10]))
+    else:
+        path.unlink()
+    with pytest.raises(StoreError, match={"checksum": "checksum mismatch", "truncated": "truncated",
+                                          "missing": "missing chunk"}[how]):
+        if reader.read_ahead(1, 0, 64) is None and how == "checksum":
+            pytest.skip("this file system refuses O_DIRECT reads")
+
+
+def test_read_ahead_falls_back_where_o_direct_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    from vstore.store import ChunkReader, _chunks
+
+    st = _reader_store(tmp_path / "s")
+    reader = ChunkReader(st.acts(st.parts[0].name))
+    monkeypatch.setattr(_chunks, "_resident", lambda fd, n: False)
+    monkeypatch.setattr(_chunks, "_no_direct_read", set())
+    real_open = os.open
+    tried = []
+
+    def refusing(path, flags, *a):
+        if flags & os.O_DIRECT:
+            tried.append(path)
+            raise OSError(errno.EINVAL, "no O_DIRECT here")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(_chunks.os, "open", refusing)
+    assert reader.read_ahead(0, 0, 64) is None and len(tried) == 1
+    assert reader.read_ahead(0, 64, 128) is None and len(tried) == 1  # the device is remembered
+    monkeypatch.setattr(_chunks.os, "open", real_open)
+    _assert_bitwise(reader.read(0, 0, 64), np.asarray(st.acts(st.parts[0].name)[0, 0:64]), "rows 0:64")
+
+
+@pytest.mark.parametrize("nbytes", [8192, 8 << 20])
+def test_read_buffers_are_reused_only_once_no_array_refers_to_them(nbytes: int) -> None:
+    from vstore.store import _chunks
+
+    pool = _chunks._ReadBuffers(keep=4)
+    a = pool.get(nbytes)
+    assert a.nbytes >= nbytes and a.ctypes.data % _chunks.DIRECT_ALIGN == 0
+    held = a[:64].view(np.float16).reshape(4, 8)  # a consumer's view of a block
+    del a
+    b = pool.get(nbytes)
+    assert b.ctypes.data != held.ctypes.data  # in use: a new buffer
+    mv = memoryview(b)
+    del b
+    assert pool.get(nbytes).ctypes.data not in (held.ctypes.data, np.frombuffer(mv, np.uint8).ctypes.data)
+    addr = held.ctypes.data
+    del held
+    assert pool.get(nbytes).ctypes.data == addr  # free again: reused
+    del mv
+    assert len(pool.bufs) == 3
+    for _ in range(3):
+        pool.get(1 << 23 + 1)  # bigger than any kept: new ones, and only `keep` are kept
+    assert len(pool.bufs) == 4
+
+
+def test_aligned_zeros_of_a_chunk_buffer_are_private_huge_page_aligned_zeros() -> None:
+    from vstore.store import _chunks
+
+    a = _chunks.aligned_zeros((3, 1 << 20), np.float16)
+    assert a.shape == (3, 1 << 20) and a.flags.c_contiguous and a.flags.writeable and not a.any()
+    assert a.ctypes.data % (2 << 20) == 0
+    a[:] = 1.0  # private memory: writable, and not shared with anyone
+    assert float(a.sum(dtype=np.float64)) == 3 << 20
+
+
 def test_a_failed_background_chunk_write_is_raised_and_not_committed(monkeypatch) -> None:
     """An error met while a chunk is written in the background surfaces at the next write or flush, and
     the part's counters stay at the last chunk that was written."""

@@ -2,10 +2,11 @@
 
 A task is one chunk row range of one layer of one part, with the group of each of its rows.
 :class:`Prefetch` hands out each task's block. Uncompressed chunk files on a local file system are
-memory-mapped and checked (:meth:`ChunkReader.read`) in the consumer's own thread, while a helper
-thread asks the OS to read the next chunks (``fadvise``, which blocks while the device queue is
-full, so it is kept out of the consumer's way): from the page cache a map costs no copy, and from a
-disk the read-ahead keeps the device busy while the caller reduces. Other chunks (compressed,
+memory-mapped and checked (:meth:`ChunkReader.read`) in the consumer's own thread when the page
+cache holds them (a map costs no copy); a helper thread ahead of the consumer reads the chunks that
+are not cached from the disk itself (``O_DIRECT``, :meth:`ChunkReader.read_ahead`), or, where that is
+refused, asks the OS to read them (``fadvise``, which blocks while the device queue is full, so it is
+kept out of the consumer's way): the device stays busy while the caller reduces. Other chunks (compressed,
 remote) are read through zarr by a background thread a couple of blocks ahead (the native kernels
 release the GIL).
 """
@@ -93,17 +94,19 @@ def tasks_for(
 class Prefetch:
     """Reads the tasks' blocks ahead of the consumer; iterate for ``(task, block)``.
 
-    Local uncompressed chunks are read in the consumer's thread, a helper thread advising at most
-    ``lookahead`` chunks ahead of it; other chunks by a background thread ``depth`` blocks ahead. A
+    Local uncompressed chunks are mapped in the consumer's thread, or read by a helper thread at most
+    ``lookahead`` chunks (and ``ahead_bytes``) ahead of it when they are not cached; other chunks by a
+    background thread ``depth`` blocks ahead. A
     block is read-only and stays valid as long as the consumer holds it. With ``skip_damaged``, a chunk that cannot be read
     (missing, truncated, bad checksum) comes as ``(task, None)`` instead of ending the pass.
     """
 
     def __init__(self, store: Store, tasks: Iterable[Task], *, depth: int = 2, verify: bool = True,
-                 lookahead: int = 16, skip_damaged: bool = False) -> None:
+                 lookahead: int = 16, ahead_bytes: int = 64 << 20, skip_damaged: bool = False) -> None:
         self.store = store
         self.skip_damaged = skip_damaged
         self.lookahead = lookahead
+        self.ahead_bytes = ahead_bytes
         self.depth = depth
         self.tasks = tasks
         self.verify = verify
@@ -111,12 +114,18 @@ class Prefetch:
 
     def _reader(self, part: str) -> ChunkReader:
         if part not in self.readers:
-            self.readers[part] = ChunkReader(self.store.acts(part), verify=self.verify)
+            reader = ChunkReader(self.store.acts(part), verify=self.verify)
+            reader._buffers.keep = self._ahead(reader) + 2  # those read ahead, the consumer's, one being read
+            self.readers[part] = reader
         return self.readers[part]
 
-    def _read(self, t: Task) -> np.ndarray | None:
+    def _ahead(self, reader: ChunkReader) -> int:
+        """Chunks the helper thread may be ahead of the consumer."""
+        return max(1, min(self.lookahead, self.ahead_bytes // max(1, reader.chunk_bytes)))
+
+    def _read(self, t: Task, ahead: np.ndarray | None = None) -> np.ndarray | None:
         try:
-            return self._reader(t.part).read(t.layer, t.r0, t.r1)
+            return self._reader(t.part).read(t.layer, t.r0, t.r1, ahead)
         except StoreError:
             if not self.skip_damaged:
                 raise
@@ -135,29 +144,36 @@ class Prefetch:
             yield t, block
 
     def _local(self, tasks: Iterator[Task]) -> Iterator[tuple[Task, np.ndarray | None]]:
-        # A helper thread walks the tasks and asks the OS for each chunk (fadvise blocks while the
-        # device queue is full), staying at most `lookahead` chunks ahead; the consumer maps each
-        # chunk once the helper has handed it over.
+        # A helper thread walks the tasks ahead of the consumer: a chunk not in the page cache it reads
+        # itself (O_DIRECT, ChunkReader.read_ahead), any other it asks the OS for (fadvise blocks while
+        # the device queue is full) and the consumer maps it. It stays at most `lookahead` chunks, and
+        # `ahead_bytes` of chunks, ahead of the consumer, which checks the chunks the helper read.
         q: queue.Queue[Any] = queue.Queue()
-        room = threading.Semaphore(self.lookahead)
+        first = next(tasks)
+        room = threading.Semaphore(self._ahead(self._reader(first.part)))
         stop = threading.Event()
 
-        def advise() -> None:
-            for t in tasks:
+        def ahead() -> None:
+            for t in itertools.chain([first], tasks):
                 while not room.acquire(timeout=0.05):
                     if stop.is_set():
                         return
                 if stop.is_set():
                     return
-                self._reader(t.part).advise(t.layer, t.r0)
-                q.put(t)
+                try:
+                    raw = self._reader(t.part).read_ahead(t.layer, t.r0, t.r1)
+                except StoreError:
+                    raw = None  # the consumer's own read raises it (or skips the chunk)
+                q.put((t, raw))
 
-        thread = _background("vstore-stats-advise", advise, q)
+        thread = _background("vstore-stats-advise", ahead, q)
         try:
-            for t in _items(q):
-                block = self._read(t)
+            for t, raw in _items(q):
+                block = self._read(t, raw)  # the checksum is checked here, beside the helper's next read
+                del raw
                 room.release()
                 yield t, block
+                del block
         finally:
             stop.set()
             thread.join()

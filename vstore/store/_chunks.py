@@ -11,14 +11,23 @@ copying them into the page cache (on a virtual machine, filling fresh page-cache
 build's writer thread most of its time, taken from the model's forward). ``VSTORE_BUFFERED_WRITES=1``
 turns this off; a file system that refuses ``O_DIRECT`` (tmpfs, some overlays) gets ordinary writes,
 and so does a writer that waits for the write (``write_chunk_file(..., direct=False)``: a partial chunk).
+
+Reading, a chunk in the page cache is memory-mapped (no copy); one that is not (a store just built,
+or evicted) can be read ahead with ``O_DIRECT`` into huge pages (:meth:`ChunkReader.read_ahead`): a
+few large requests to the device instead of the page cache's many small ones.
+``VSTORE_BUFFERED_READS=1`` turns this off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import mmap
 import os
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +43,7 @@ __all__ = ["DIRECT_ALIGN", "ChunkReader", "aligned_zeros", "chunk_file", "chunks
 
 #: Address and length alignment of an ``O_DIRECT`` write (covers 512-byte and 4 KiB block devices).
 DIRECT_ALIGN = 4096
+_HUGE_PAGE = 2 << 20
 
 Layout = tuple[Path, Callable[[tuple[int, ...]], str], bool]
 
@@ -120,24 +130,168 @@ def chunks_digest(arrays: list[tuple[zarr.Array, int]]) -> str | None:
 def aligned_zeros(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """A zeroed C-order array whose data starts on a :data:`DIRECT_ALIGN` boundary (for ``O_DIRECT``).
 
-    Large buffers are anonymous memory maps (page-aligned, zero) marked for transparent huge pages
-    where the kernel offers them: touching a chunk buffer's pages for the first time then costs a
-    fault per 2 MiB instead of per 4 KiB (72 MB: 45 ms instead of 170 ms on a fresh VM process).
+    Large buffers (4 MiB and more) are private anonymous memory maps started on a huge-page boundary
+    and marked for transparent huge pages where the kernel offers them: touching a page for the
+    first time then costs a fault per 2 MiB instead of per 4 KiB, and ``O_DIRECT`` moves a 2 MiB
+    page in one piece of a request.
     """
     dt = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
     if nbytes >= 1 << 22:
-        mm = mmap.mmap(-1, nbytes)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            with contextlib.suppress(OSError):
-                mm.madvise(mmap.MADV_HUGEPAGE)
-        return np.frombuffer(mm, dtype=dt, count=nbytes // dt.itemsize).reshape(shape)
+        return _huge_zeros(nbytes).view(dt).reshape(shape)
     raw = np.zeros(nbytes + DIRECT_ALIGN, dtype=np.uint8)
     start = -raw.ctypes.data % DIRECT_ALIGN
     return raw[start : start + nbytes].view(dt).reshape(shape)
 
 
-_no_direct: set[int] = set()  # devices whose file system refused O_DIRECT
+def _huge_zeros(nbytes: int) -> np.ndarray:
+    """``nbytes`` zero bytes (uint8) of a private anonymous map, from a huge-page boundary."""
+    # private: a shared anonymous map is shmem, which gets no transparent huge pages; and aligned by
+    # hand: the kernel aligns only some lengths
+    mm = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            mm.madvise(mmap.MADV_HUGEPAGE)
+    start = -np.frombuffer(mm, dtype=np.uint8, count=1).ctypes.data % _HUGE_PAGE
+    return np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=start)
+
+
+class _ReadBuffers:
+    """Buffers for chunks read with ``O_DIRECT``, each handed out again once no array refers to it
+    (so a block stays valid however long its consumer keeps it): a buffer used again costs no page
+    faults, and the device's copy into it no waiting on them."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.bufs: list[np.ndarray] = []
+        self.lock = threading.Lock()
+
+    def get(self, nbytes: int) -> np.ndarray:
+        """A buffer of at least ``nbytes`` (uint8, on a :data:`DIRECT_ALIGN` boundary)."""
+        with self.lock:
+            for buf in self.bufs:
+                # free: nothing refers to `buf` but the list (a memoryview of it would), nor to its
+                # memory's first array but `buf` (every NumPy view of `buf` does: NumPy collapses
+                # bases); the loop variable and getrefcount's argument count too
+                if buf.nbytes >= nbytes and sys.getrefcount(buf) <= 3 and sys.getrefcount(_first_array(buf)) <= 2:
+                    return buf
+            buf = aligned_zeros((nbytes,), np.uint8)
+            if len(self.bufs) < self.keep:
+                self.bufs.append(buf)
+            return buf
+
+
+def _first_array(a: np.ndarray) -> np.ndarray:
+    """The array whose memory ``a`` views (the last NumPy array down its chain of bases)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+_no_direct: set[int] = set()  # devices whose file system refused O_DIRECT writes
+_no_direct_read: set[int] = set()  # ... and reads
+
+
+def _direct_reads() -> bool:
+    return hasattr(os, "O_DIRECT") and os.environ.get("VSTORE_BUFFERED_READS", "") in ("", "0")
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted",
+                                               "nr_recently_evicted")]
+
+
+_SYS_CACHESTAT = 451  # the same on every architecture (added after their tables were unified)
+
+
+@functools.cache
+def _libc() -> Any:
+    """libc's ``syscall`` and ``mincore`` (either None where it cannot be called)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None, None
+    calls = []
+    for name, args in (("syscall", None), ("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])):
+        f = getattr(libc, name, None)
+        if f is not None:
+            f.restype = ctypes.c_long if name == "syscall" else ctypes.c_int
+            if args:
+                f.argtypes = args
+        calls.append(f)
+    return tuple(calls)
+
+
+_no_cachestat: list[bool] = []  # set once the kernel has no cachestat (Linux < 6.5)
+
+
+def _cached_pages(fd: int, length: int) -> int | None:
+    """Pages of the first ``length`` bytes of file ``fd`` in the page cache (``cachestat``, else
+    ``mincore`` over a mapping of them); None when that cannot be told."""
+    syscall, mincore = _libc()
+    if syscall is not None and not _no_cachestat and sys.platform.startswith("linux"):
+        rng, st = _CachestatRange(0, length), _Cachestat()
+        if syscall(ctypes.c_long(_SYS_CACHESTAT), ctypes.c_int(fd), ctypes.byref(rng), ctypes.byref(st),
+                   ctypes.c_uint(0)) == 0:
+            return int(st.nr_cache)
+        _no_cachestat.append(True)
+    if mincore is None:
+        return None
+    try:
+        mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+    try:
+        pages = np.zeros(-(-length // mmap.PAGESIZE), dtype=np.uint8)
+        view = np.frombuffer(mm, dtype=np.uint8)
+        rc = mincore(view.ctypes.data, length, pages.ctypes.data)
+        del view  # the map cannot close while an array exports it
+    finally:
+        mm.close()
+    return None if rc != 0 else int(np.count_nonzero(pages & 1))
+
+
+def _resident(fd: int, length: int) -> bool | None:
+    """Whether at least half of the first ``length`` bytes of file ``fd`` are in the page cache;
+    None when that cannot be told."""
+    if length <= 0:
+        return None
+    n = _cached_pages(fd, length)
+    return None if n is None else 2 * n >= -(-length // mmap.PAGESIZE)
+
+
+def _read_uncached(path: Path, want: int, buffers: _ReadBuffers) -> np.ndarray | None:
+    """The ``want`` bytes of file ``path`` read with ``O_DIRECT`` into a buffer from ``buffers``;
+    None when the file system refuses ``O_DIRECT``."""
+    buf = buffers.get(-(-want // DIRECT_ALIGN) * DIRECT_ALIGN)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            return None
+        raise StoreError(f"{path}: cannot be read: {e}") from None
+    done = 0
+    try:
+        with memoryview(buf.data) as mv:
+            while done < want:
+                n = os.preadv(fd, [mv[done:]], done)
+                done += n
+                if n == 0 or (done < want and done % DIRECT_ALIGN):
+                    break
+    except OSError as e:
+        if e.errno == errno.EINVAL and done == 0:
+            return None  # refused at the first read
+        raise StoreError(f"{path}: cannot be read: {e}") from None
+    finally:
+        os.close(fd)
+    if done != want:
+        raise StoreError(f"{path}: truncated chunk: {done} bytes read, expected {want} "
+                         "(the chunk is corrupt; run `vstore verify` on the store)")
+    return buf[:want]
 
 
 def _direct_writes() -> bool:
@@ -221,8 +375,9 @@ class ChunkReader:
     anything else is read through zarr.
     """
 
-    def __init__(self, arr: zarr.Array, *, verify: bool = True) -> None:
+    def __init__(self, arr: zarr.Array, *, verify: bool = True, read_buffers: int = 4) -> None:
         self.arr = arr
+        self._buffers = _ReadBuffers(read_buffers)  # kept for reuse by read_ahead
         self.chunk_rows = int(arr.chunks[1])
         self.n_neurons = int(arr.shape[2])
         self.dtype = np.dtype(arr.dtype)
@@ -230,8 +385,11 @@ class ChunkReader:
         self.direct = direct_chunk_layout(arr) if arr.chunks == (1, self.chunk_rows, self.n_neurons) else None
         self.chunk_bytes = self.chunk_rows * self.n_neurons * self.dtype.itemsize
 
-    def read(self, layer: int, r0: int, r1: int) -> np.ndarray:
+    def read(self, layer: int, r0: int, r1: int, ahead: np.ndarray | None = None) -> np.ndarray:
         """Committed rows ``r0:r1`` of layer position ``layer`` (raw storage dtype, C order; may be read-only).
+
+        ``ahead``: what :meth:`read_ahead` returned for these rows; its checksum is checked here,
+        in the caller's thread, and nothing is read again.
 
         Raises
         ------
@@ -239,6 +397,12 @@ class ChunkReader:
             A chunk of these rows is missing, truncated or fails its checksum (never read as zeros).
         """
         n = r1 - r0
+        if ahead is not None:
+            assert self.direct is not None
+            self._check(self.direct[0] / self.direct[1]((layer, r0 // self.chunk_rows, 0)), ahead)
+            block = ahead[: n * self.n_neurons * self.dtype.itemsize].view(self.dtype).reshape(n, self.n_neurons)
+            block.flags.writeable = False
+            return block
         if self.direct is not None and r0 % self.chunk_rows == 0 and n <= self.chunk_rows:
             return self._read_direct(layer, r0 // self.chunk_rows, n)
         for c in range(r0 // self.chunk_rows, (r1 - 1) // self.chunk_rows + 1 if n > 0 else 0):
@@ -268,31 +432,81 @@ class ChunkReader:
         finally:
             os.close(fd)
 
-    def _read_direct(self, layer: int, chunk: int, n: int) -> np.ndarray:
-        assert self.direct is not None
-        if self.chunk_bytes == 0:  # no neurons: nothing to map
-            return np.zeros((n, self.n_neurons), dtype=self.dtype)
-        root, encode, crc = self.direct
-        path = root / encode((layer, chunk, 0))
-        want = self.chunk_bytes + (4 if crc else 0)
+    def read_ahead(self, layer: int, r0: int, r1: int) -> np.ndarray | None:
+        """The chunk file of rows ``r0:r1``, read from the disk now when it is not in the page cache, else None.
+
+        For a reader thread ahead of :meth:`read`, which takes the bytes returned (``ahead=``) and
+        checks their checksum. A chunk that is not cached is read with ``O_DIRECT`` into memory of
+        our own backed by huge pages: the device then gets a few large requests per chunk (a read
+        through the page cache is split into many small ones, and a virtual disk pays per request)
+        and no CPU copies the bytes. Returns None, having asked the OS to read the chunk ahead
+        (:meth:`advise`), when the chunk is cached (:meth:`read` maps it without a copy), when its
+        residency cannot be told, or when the file system refuses ``O_DIRECT``; also None for rows
+        :meth:`read` does not map. Raises what :meth:`read` raises for a missing, truncated or
+        unreadable chunk file.
+        """
+        n = r1 - r0
+        if (self.direct is None or self.chunk_bytes == 0 or r0 % self.chunk_rows or not 0 < n <= self.chunk_rows
+                or not _direct_reads()):
+            self.advise(layer, r0)
+            return None
+        path = self.direct[0] / self.direct[1]((layer, r0 // self.chunk_rows, 0))
+        fd, want = self._open_chunk(path)
+        try:
+            dev = os.fstat(fd).st_dev
+            if dev in _no_direct_read or _resident(fd, want) is not False:
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                return None
+            buf = _read_uncached(path, want, self._buffers)
+            if buf is None:
+                _no_direct_read.add(dev)
+                return None
+        finally:
+            os.close(fd)
+        return buf
+
+    def _open_chunk(self, path: Path) -> tuple[int, int]:
+        """An open descriptor of a chunk file, checked for size, and the size it must have."""
+        want = self.chunk_bytes + (4 if self.direct is not None and self.direct[2] else 0)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise StoreError(f"{path}: missing chunk: its rows are committed but the file is gone "
                              "(run `vstore verify` on the store)") from None
+        size = os.fstat(fd).st_size
+        if size != want:
+            os.close(fd)
+            raise StoreError(f"{path}: truncated or padded chunk: {size} bytes, expected {want} "
+                             "(the chunk is corrupt; run `vstore verify` on the store)")
+        return fd, want
+
+    def _check(self, path: Path, data: Any) -> None:
+        """Raise when the chunk bytes ``data`` (then their checksum) fail the checksum."""
+        if self.direct is None or not self.direct[2] or not self.verify:
+            return
+        with memoryview(data) as raw, raw.cast("B") as view:  # released before the caller unmaps
+            stored = int.from_bytes(view[self.chunk_bytes : self.chunk_bytes + 4], "little")
+            ok = crc32c(view[: self.chunk_bytes]) == stored
+        if not ok:
+            raise StoreError(f"{path}: checksum mismatch (the chunk is corrupt)")
+
+    def _read_direct(self, layer: int, chunk: int, n: int) -> np.ndarray:
+        assert self.direct is not None
+        if self.chunk_bytes == 0:  # no neurons: nothing to map
+            return np.zeros((n, self.n_neurons), dtype=self.dtype)
+        root, encode, _ = self.direct
+        path = root / encode((layer, chunk, 0))
+        fd, want = self._open_chunk(path)
         try:
-            size = os.fstat(fd).st_size
-            if size != want:
-                raise StoreError(f"{path}: truncated or padded chunk: {size} bytes, expected {want} "
-                                 "(the chunk is corrupt; run `vstore verify` on the store)")
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
             mm = mmap.mmap(fd, want, flags=flags, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        if crc and self.verify:
-            stored = int.from_bytes(mm[self.chunk_bytes : self.chunk_bytes + 4], "little")
-            if crc32c(memoryview(mm)[: self.chunk_bytes]) != stored:
-                mm.close()
-                raise StoreError(f"{path}: checksum mismatch (the chunk is corrupt)")
+        try:
+            self._check(path, mm)
+        except StoreError:
+            mm.close()
+            raise
         # the array keeps the mapping alive; it is unmapped when the block is dropped
         return np.frombuffer(mm, dtype=self.dtype, count=n * self.n_neurons).reshape(n, self.n_neurons)
