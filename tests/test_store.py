@@ -531,9 +531,12 @@ def test_read_ahead_reads_an_uncached_chunk_as_read_does(tmp_path: Path, dtype: 
     for layer in range(2):
         for r0 in range(0, rows, 64):
             r1 = min(rows, r0 + 64)
-            block = reader.read_ahead(layer, r0, r1)
-            if block is None:
+            raw = reader.read_ahead(layer, r0, r1)
+            if raw is None:
                 pytest.skip("this file system refuses O_DIRECT reads")
+            assert raw.dtype == np.uint8 and raw.nbytes == 64 * 48 * np.dtype(dtype).itemsize + 4  # bytes, checksum
+            block = reader.read(layer, r0, r1, raw)  # checked and viewed, not read again
+            assert np.shares_memory(block, raw)
             assert block.shape == (r1 - r0, 48) and block.dtype == np.dtype(dtype) and not block.flags.writeable
             _assert_bitwise(block, reader.read(layer, r0, r1), f"layer {layer} rows {r0}:{r1}")
     assert reader.read_ahead(0, 1, 64) is None  # rows off the chunk grid: read() reads them through zarr
@@ -561,10 +564,10 @@ def test_read_ahead_leaves_cached_chunks_to_read_and_obeys_buffered_reads(tmp_pa
     assert reader.read_ahead(0, 0, 64) is None  # and the OS was asked to read the chunk ahead
     monkeypatch.delenv("VSTORE_BUFFERED_READS")
     _evict(tmp_path / "s")
-    block = reader.read_ahead(0, 0, 64)
-    if block is None:
+    raw = reader.read_ahead(0, 0, 64)
+    if raw is None:
         pytest.skip("this file system refuses O_DIRECT reads")
-    _assert_bitwise(block, np.asarray(st.acts(st.parts[0].name)[0, 0:64]), "rows 0:64")
+    _assert_bitwise(reader.read(0, 0, 64, raw), np.asarray(st.acts(st.parts[0].name)[0, 0:64]), "rows 0:64")
 
 
 def test_cached_pages_agree_between_cachestat_and_mincore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -610,8 +613,10 @@ def test_read_ahead_raises_on_a_damaged_chunk(tmp_path: Path, how: str, monkeypa
         path.unlink()
     with pytest.raises(StoreError, match={"checksum": "checksum mismatch", "truncated": "truncated",
                                           "missing": "missing chunk"}[how]):
-        if reader.read_ahead(1, 0, 64) is None and how == "checksum":
+        raw = reader.read_ahead(1, 0, 64)  # missing or truncated: raised here
+        if raw is None:
             pytest.skip("this file system refuses O_DIRECT reads")
+        reader.read(1, 0, 64, raw)  # the checksum: checked by the consumer
 
 
 def test_read_ahead_falls_back_where_o_direct_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
