@@ -115,7 +115,7 @@ class Prefetch:
     def _reader(self, part: str) -> ChunkReader:
         if part not in self.readers:
             reader = ChunkReader(self.store.acts(part), verify=self.verify)
-            reader._buffers.keep = self._ahead(reader) + 2  # those read ahead, the consumer's, one being read
+            reader.keep_read_buffers(self._ahead(reader) + 2)  # those read ahead, the consumer's, one being read
             self.readers[part] = reader
         return self.readers[part]
 

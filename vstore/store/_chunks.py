@@ -371,19 +371,24 @@ class ChunkReader:
     """Reads row ranges of one layer of a ``(layer, row, neuron)`` array chunked ``(1, rows, N)``.
 
     Uncompressed chunks on a local file system are memory-mapped straight from their files
-    (``MAP_POPULATE``: one system call, no copy out of the page cache) and their checksum verified;
-    anything else is read through zarr.
+    (``MAP_POPULATE``: one system call, no copy out of the page cache) and their checksum verified,
+    or, when they are not cached, read by a thread ahead of the reader with ``O_DIRECT``
+    (:meth:`read_ahead`, then :meth:`read` with ``ahead=``); anything else is read through zarr.
     """
 
-    def __init__(self, arr: zarr.Array, *, verify: bool = True, read_buffers: int = 4) -> None:
+    def __init__(self, arr: zarr.Array, *, verify: bool = True) -> None:
         self.arr = arr
-        self._buffers = _ReadBuffers(read_buffers)  # kept for reuse by read_ahead
+        self._buffers = _ReadBuffers(4)  # kept for reuse by read_ahead
         self.chunk_rows = int(arr.chunks[1])
         self.n_neurons = int(arr.shape[2])
         self.dtype = np.dtype(arr.dtype)
         self.verify = verify
         self.direct = direct_chunk_layout(arr) if arr.chunks == (1, self.chunk_rows, self.n_neurons) else None
         self.chunk_bytes = self.chunk_rows * self.n_neurons * self.dtype.itemsize
+
+    def keep_read_buffers(self, n: int) -> None:
+        """Keep up to ``n`` buffers of :meth:`read_ahead` for reuse (as many as may be in use at once)."""
+        self._buffers.keep = max(1, int(n))
 
     def read(self, layer: int, r0: int, r1: int, ahead: np.ndarray | None = None) -> np.ndarray:
         """Committed rows ``r0:r1`` of layer position ``layer`` (raw storage dtype, C order; may be read-only).
@@ -455,8 +460,9 @@ class ChunkReader:
         try:
             dev = os.fstat(fd).st_dev
             if dev in _no_direct_read or _resident(fd, want) is not False:
-                with contextlib.suppress(OSError):
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                if hasattr(os, "posix_fadvise"):
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 return None
             buf = _read_uncached(path, want, self._buffers)
             if buf is None:
@@ -474,7 +480,11 @@ class ChunkReader:
         except FileNotFoundError:
             raise StoreError(f"{path}: missing chunk: its rows are committed but the file is gone "
                              "(run `vstore verify` on the store)") from None
-        size = os.fstat(fd).st_size
+        try:
+            size = os.fstat(fd).st_size
+        except OSError:
+            os.close(fd)
+            raise
         if size != want:
             os.close(fd)
             raise StoreError(f"{path}: truncated or padded chunk: {size} bytes, expected {want} "
