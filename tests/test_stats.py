@@ -329,7 +329,7 @@ def test_a_pass_over_uncached_chunks_equals_the_pass_over_cached_ones(tmp_path: 
         return block
 
     monkeypatch.setattr(ChunkReader, "read_ahead", spy)
-    monkeypatch.setattr(_chunks, "_resident", lambda fd, n: False)  # as if evicted
+    monkeypatch.setattr(_chunks, "_cached_fraction", lambda fd, n: 0.0)  # as if evicted
     uncached = reduce_moments(st, codes, names, backend="numpy")
     if not any(read_ahead):
         pytest.skip("this file system refuses O_DIRECT reads")

@@ -525,7 +525,7 @@ def test_read_ahead_reads_an_uncached_chunk_as_read_does(tmp_path: Path, dtype: 
     part = st.parts[0]
     reader = ChunkReader(st.acts(part.name))
     assert reader.direct is not None
-    monkeypatch.setattr(_chunks, "_resident", lambda fd, n: False)  # as if nothing were cached
+    monkeypatch.setattr(_chunks, "_cached_fraction", lambda fd, n: 0.0)  # as if nothing were cached
     rows = part.committed_rows
     assert rows % 64, "the last chunk must be partial"
     for layer in range(2):
@@ -556,7 +556,7 @@ def test_read_ahead_leaves_cached_chunks_to_read_and_obeys_buffered_reads(tmp_pa
 
     fd = os.open(path, os.O_RDONLY)
     try:
-        if _chunks._resident(fd, path.stat().st_size) is not False:
+        if _chunks._cached_fraction(fd, path.stat().st_size) != 0:
             pytest.skip("this file system keeps evicted files in memory")
     finally:
         os.close(fd)
@@ -568,6 +568,28 @@ def test_read_ahead_leaves_cached_chunks_to_read_and_obeys_buffered_reads(tmp_pa
     if raw is None:
         pytest.skip("this file system refuses O_DIRECT reads")
     _assert_bitwise(reader.read(0, 0, 64, raw), np.asarray(st.acts(st.parts[0].name)[0, 0:64]), "rows 0:64")
+
+
+@pytest.mark.parametrize(("cached", "direct", "advised"),
+                         [(0.0, True, False), (0.4, True, False), (0.6, False, True), (1.0, False, False),
+                          (None, False, True)])
+def test_read_ahead_reads_what_is_mostly_uncached_and_advises_what_is_partly_cached(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cached: float | None, direct: bool, advised: bool) -> None:
+    import os
+
+    from vstore.store import ChunkReader, _chunks
+
+    st = _reader_store(tmp_path / "s")
+    reader = ChunkReader(st.acts(st.parts[0].name))
+    monkeypatch.setattr(_chunks, "_cached_fraction", lambda fd, n: cached)
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(_chunks.os, "posix_fadvise", lambda fd, o, n, a: (calls.append(a), real(fd, o, n, a)))
+    raw = reader.read_ahead(0, 0, 64)
+    if direct and raw is None:
+        pytest.skip("this file system refuses O_DIRECT reads")
+    assert (raw is not None) == direct
+    assert bool(calls) == advised
 
 
 def test_cached_pages_agree_between_cachestat_and_mincore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -584,7 +606,8 @@ def test_cached_pages_agree_between_cachestat_and_mincore(tmp_path: Path, monkey
         monkeypatch.setattr(_chunks, "_no_cachestat", [True])  # the fallback of kernels before 6.5
         assert _chunks._cached_pages(fd, 1 << 20) == got
         assert got is None or got == (1 << 20) // mmap_pagesize()
-        assert _chunks._resident(fd, 0) is None
+        assert _chunks._cached_fraction(fd, 0) is None
+        assert _chunks._cached_fraction(fd, 1 << 20) in (None, 1.0)
     finally:
         os.close(fd)
 
@@ -601,7 +624,7 @@ def test_read_ahead_raises_on_a_damaged_chunk(tmp_path: Path, how: str, monkeypa
 
     st = _reader_store(tmp_path / "s")
     reader = ChunkReader(st.acts(st.parts[0].name))
-    monkeypatch.setattr(_chunks, "_resident", lambda fd, n: False)
+    monkeypatch.setattr(_chunks, "_cached_fraction", lambda fd, n: 0.0)
     path = reader.direct[0] / reader.direct[1]((1, 0, 0))
     data = bytearray(path.read_bytes())
     if how == "checksum":
@@ -627,7 +650,7 @@ def test_read_ahead_falls_back_where_o_direct_is_refused(tmp_path: Path, monkeyp
 
     st = _reader_store(tmp_path / "s")
     reader = ChunkReader(st.acts(st.parts[0].name))
-    monkeypatch.setattr(_chunks, "_resident", lambda fd, n: False)
+    monkeypatch.setattr(_chunks, "_cached_fraction", lambda fd, n: 0.0)
     monkeypatch.setattr(_chunks, "_no_direct_read", set())
     real_open = os.open
     tried = []

@@ -255,13 +255,13 @@ def _cached_pages(fd: int, length: int) -> int | None:
     return None if rc != 0 else int(np.count_nonzero(pages & 1))
 
 
-def _resident(fd: int, length: int) -> bool | None:
-    """Whether at least half of the first ``length`` bytes of file ``fd`` are in the page cache;
-    None when that cannot be told."""
+def _cached_fraction(fd: int, length: int) -> float | None:
+    """The fraction of the first ``length`` bytes of file ``fd`` in the page cache; None when that
+    cannot be told."""
     if length <= 0:
         return None
     n = _cached_pages(fd, length)
-    return None if n is None else 2 * n >= -(-length // mmap.PAGESIZE)
+    return None if n is None else n / -(-length // mmap.PAGESIZE)
 
 
 def _read_uncached(path: Path, want: int, buffers: _ReadBuffers) -> np.ndarray | None:
@@ -459,8 +459,9 @@ class ChunkReader:
         fd, want = self._open_chunk(path)
         try:
             dev = os.fstat(fd).st_dev
-            if dev in _no_direct_read or _resident(fd, want) is not False:
-                if hasattr(os, "posix_fadvise"):
+            cached = None if dev in _no_direct_read else _cached_fraction(fd, want)
+            if cached is None or cached >= 0.5:  # mostly cached (or unknown): mapped by read()
+                if (cached is None or cached < 1) and hasattr(os, "posix_fadvise"):
                     with contextlib.suppress(OSError):
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 return None
