@@ -163,22 +163,29 @@ class _ReadBuffers:
 
     def __init__(self, keep: int) -> None:
         self.keep = keep
-        self.bufs: list[np.ndarray] = []
+        # per buffer, the reference counts of it and of its memory's first array while it is free,
+        # measured when it was made (what getrefcount counts differs between Python versions)
+        self.bufs: list[tuple[np.ndarray, tuple[int, int]]] = []
         self.lock = threading.Lock()
 
     def get(self, nbytes: int) -> np.ndarray:
         """A buffer of at least ``nbytes`` (uint8, on a :data:`DIRECT_ALIGN` boundary)."""
         with self.lock:
-            for buf in self.bufs:
-                # free: nothing refers to `buf` but the list (a memoryview of it would), nor to its
-                # memory's first array but `buf` (every NumPy view of `buf` does: NumPy collapses
-                # bases); the loop variable and getrefcount's argument count too
-                if buf.nbytes >= nbytes and sys.getrefcount(buf) <= 3 and sys.getrefcount(_first_array(buf)) <= 2:
+            for buf, free in self.bufs:
+                # in use: something refers to `buf` (a memoryview) or to its first array (every NumPy
+                # view of `buf` does: NumPy collapses bases)
+                if buf.nbytes >= nbytes and _counts(buf) == free:
                     return buf
             buf = aligned_zeros((nbytes,), np.uint8)
             if len(self.bufs) < self.keep:
-                self.bufs.append(buf)
+                self.bufs.append((buf, (0, 0)))
+                free = _counts(buf)  # counted as the loop above counts it: a local and the list's tuple
+                self.bufs[-1] = (buf, free)
             return buf
+
+
+def _counts(buf: np.ndarray) -> tuple[int, int]:
+    return sys.getrefcount(buf), sys.getrefcount(_first_array(buf))
 
 
 def _first_array(a: np.ndarray) -> np.ndarray:
