@@ -290,13 +290,13 @@ def test_prefetch_hands_out_every_block_in_order_and_stays_within_lookahead(tmp_
     assert len(tasks) > 8
     advised: list[int] = []
     consumed: list[int] = []
-    real = ChunkReader.advise
+    real = ChunkReader.read_ahead
 
-    def advise(self: ChunkReader, layer: int, r0: int) -> None:
-        advised.append(len(consumed))  # blocks handed out when this chunk was advised
-        real(self, layer, r0)
+    def read_ahead(self: ChunkReader, layer: int, r0: int, r1: int):
+        advised.append(len(consumed))  # blocks handed out when the helper came to this chunk
+        return real(self, layer, r0, r1)
 
-    monkeypatch.setattr(ChunkReader, "advise", advise)
+    monkeypatch.setattr(ChunkReader, "read_ahead", read_ahead)
     got = []
     for t, block in Prefetch(st, iter(tasks), lookahead=3):
         assert block is not None
@@ -304,7 +304,8 @@ def test_prefetch_hands_out_every_block_in_order_and_stays_within_lookahead(tmp_
         got.append((t.part, t.layer, t.r0))
         consumed.append(1)
     assert got == [(t.part, t.layer, t.r0) for t in tasks]
-    # chunk i is advised only once at most `lookahead` chunks are advised and not yet handed out
+    # the helper comes to chunk i only once at most `lookahead` chunks are ahead and not yet handed out
+    assert len(advised) == len(tasks)
     assert all(i - n_out <= 3 for i, n_out in enumerate(advised)), advised
 
 
