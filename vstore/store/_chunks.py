@@ -216,21 +216,19 @@ _SYS_CACHESTAT = 451  # the same on every architecture (added after their tables
 
 
 @functools.cache
-def _libc() -> Any:
+def _libc() -> tuple[Any, Any]:
     """libc's ``syscall`` and ``mincore`` (either None where it cannot be called)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return None, None
-    calls = []
-    for name, args in (("syscall", None), ("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p])):
-        f = getattr(libc, name, None)
-        if f is not None:
-            f.restype = ctypes.c_long if name == "syscall" else ctypes.c_int
-            if args:
-                f.argtypes = args
-        calls.append(f)
-    return tuple(calls)
+    syscall, mincore = getattr(libc, "syscall", None), getattr(libc, "mincore", None)
+    if syscall is not None:
+        syscall.restype = ctypes.c_long
+    if mincore is not None:
+        mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        mincore.restype = ctypes.c_int
+    return syscall, mincore
 
 
 _no_cachestat: list[bool] = []  # set once the kernel has no cachestat (Linux < 6.5)
