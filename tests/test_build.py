@@ -325,3 +325,70 @@ def test_host_buffers_are_reused_and_stay_bounded():
     pool.give(buf3)
     _, buf4 = pool.take((1, 1, 1), torch.float32)
     assert buf4 is buf3  # the smallest free buffer that fits
+
+
+def _store_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a store, by path (activations, row table, examples)."""
+    g = zarr.open_group(str(path), mode="r")
+    out: dict[str, np.ndarray] = {}
+
+    def walk(grp, prefix: str) -> None:
+        for name, arr in grp.arrays():
+            out[prefix + name] = np.asarray(arr[:])
+        for name, sub in grp.groups():
+            walk(sub, prefix + name + "/")
+
+    walk(g, "")
+    return out
+
+
+@pytest.mark.parametrize("chunk_rows,dtype,site", [(450, "float16", "act"), (200, "bfloat16", "act,down_in,resid"),
+                                                   (1000, "float32", "act")])
+def test_rows_written_in_place_equal_rows_copied(chunk_rows, dtype, site, tiny_model, stories, tmp_path, monkeypatch):
+    """On the CPU the hooks write each batch's rows straight into the writer's chunk buffers (also
+    across a chunk boundary, into the next chunk's buffers); the store is the one the copying path
+    writes, array for array, and a build killed with rows in those buffers resumes to the same store."""
+    import vstore.capture as cap
+    import vstore.store._format as fmt
+    from vstore.store import PartWriter
+
+    itemsize = {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
+    monkeypatch.setattr(fmt, "TARGET_CHUNK_BYTES", chunk_rows * 48 * itemsize)
+    kw = dict(model=str(tiny_model), data=stories, dtype=dtype, site=site, batch_size=4, progress=False)
+    reserve = PartWriter.reserve
+    placed = []
+
+    def spy(self, n):
+        views = reserve(self, n)
+        placed.append(0 if views is None else len(views))
+        return views
+
+    monkeypatch.setattr(PartWriter, "reserve", spy)
+    build_store(tmp_path / "in_place", **kw)
+    assert any(placed) and (chunk_rows != 450 or 2 in placed), placed  # in place, and across a boundary
+    monkeypatch.setattr(PartWriter, "reserve", lambda self, n: None)
+    build_store(tmp_path / "copied", **kw)
+    want = _store_arrays(tmp_path / "copied")
+    got = _store_arrays(tmp_path / "in_place")
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert np.array_equal(got[k], want[k]) and got[k].dtype == want[k].dtype, k
+
+    # a forward that fails after its hooks wrote into the reserved buffers, then a resume
+    monkeypatch.setattr(PartWriter, "reserve", reserve)
+    capture, calls = cap._capture, []
+
+    def failing(*a, **k):
+        capture(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(cap, "_capture", failing)
+    with pytest.raises(RuntimeError, match="killed mid-build"):
+        build_store(tmp_path / "resumed", **kw)
+    monkeypatch.setattr(cap, "_capture", capture)
+    build_store(tmp_path / "resumed", **kw)
+    got = _store_arrays(tmp_path / "resumed")
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k

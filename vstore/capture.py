@@ -119,6 +119,10 @@ class HostBuffers:
             self._free.append(buf)
 
 
+#: In place of a batch's host rows: they were written into the buffers :meth:`PartWriter.reserve` gave.
+IN_PLACE: Any = object()
+
+
 def _write_batch(writer: PartWriter, item: tuple[Any, ...], last: float, commit_every: float) -> float:
     """One queued batch into the part (waiting first for its device-to-host copies), then a commit when
     ``commit_every`` seconds have passed since ``last`` (bounds the work a kill can lose); returns the
@@ -126,10 +130,15 @@ def _write_batch(writer: PartWriter, item: tuple[Any, ...], last: float, commit_
     host, example, position, token, done, event, payload, pooled, recycle = item
     if event is not None:
         event.synchronize()
-    arr = {k: _bits(h.numpy()) for k, h in host.items()} if host is not None else None
-    pool = (_bits(pooled[0].numpy()), _bits(pooled[1].numpy()), pooled[2]) if pooled is not None else None
-    writer.add(arr, example, position, token, done, payload=payload, pooled=pool)
-    del arr, host
+    if host is IN_PLACE:
+        writer.add(None, example, position, token, done, payload=payload, in_place=True)
+        host = None
+    else:
+        arr = {k: _bits(h.numpy()) for k, h in host.items()} if host is not None else None
+        pool = (_bits(pooled[0].numpy()), _bits(pooled[1].numpy()), pooled[2]) if pooled is not None else None
+        writer.add(arr, example, position, token, done, payload=payload, pooled=pool)
+        del arr
+    del host
     recycle()  # the rows are in the writer's chunk buffer: their host buffers can be refilled
     if time.monotonic() - last < commit_every:
         return last
@@ -221,11 +230,17 @@ class RowSink:
         self.buffers = buffers
         self.buffer: np.ndarray | None = None  # what `out` lives in, from `buffers` (None: its own)
         self.ranges: list[tuple[int, int, int]] | None = None  # (out row, end, flat source row)
+        # where the rows go: (first row, end, (layers, rows, N) tensor) pieces; one piece is `out`
+        self.pieces: list[tuple[int, int, Any]] = []
+        self._shape: tuple[int, int, int] = (0, 0, 0)
+        self._device = "cpu"
 
     def prepare(
-        self, valid: Any, input_ids: Any, skip: int, n_neurons: int, device: str
+        self, valid: Any, input_ids: Any, skip: int, n_neurons: int, device: str, *, allocate: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Fix the rows of the next forward; returns per row its batch example, position, token."""
+        """Fix the rows of the next forward; returns per row its batch example, position, token.
+
+        With ``allocate``, the rows go into a new ``out`` tensor; else :meth:`place` says where."""
         import torch
 
         valid = valid.clone()
@@ -256,12 +271,34 @@ class RowSink:
             else:
                 self.index = (keep.to(device), last.to(device))
                 meta = (keep.numpy(), last.numpy().astype(np.int32), input_ids[keep, last].numpy().astype(np.int32))
-        shape = (len(self.pos), len(meta[0]), n_neurons)
-        if self.buffers is not None and torch.device(device).type == "cpu":
-            self.out, self.buffer = self.buffers.take(shape, self.dtype)
-        else:
-            self.out, self.buffer = torch.empty(shape, dtype=self.dtype, device=device), None
+        self._shape, self._device = (len(self.pos), len(meta[0]), n_neurons), device
+        self.out = self.buffer = None
+        self.pieces = []
+        if allocate:
+            self.allocate()
         return meta
+
+    def allocate(self) -> None:
+        """Rows of the prepared batch into a new ``out`` tensor (from ``buffers`` on the CPU)."""
+        import torch
+
+        if self.buffers is not None and torch.device(self._device).type == "cpu":
+            self.out, self.buffer = self.buffers.take(self._shape, self.dtype)
+        else:
+            self.out = torch.empty(self._shape, dtype=self.dtype, device=self._device)
+        self.pieces = [(0, self._shape[1], self.out)]
+
+    def place(self, views: Sequence[np.ndarray]) -> None:
+        """Write the rows straight into these host arrays (each (layers, rows, N), in row order; a
+        :meth:`vstore.store.PartWriter.reserve` result), instead of an ``out`` tensor."""
+        import torch
+
+        self.pieces, r0 = [], 0
+        for v in views:
+            t = torch.from_numpy(v)
+            t = t.view(self.dtype) if t.dtype != self.dtype else t  # bfloat16 is stored as its bits
+            self.pieces.append((r0, r0 + v.shape[1], t))
+            r0 += v.shape[1]
 
     def _rows(self, t: Any) -> Any:
         """The rows of ``t`` (batch, tokens, N) that this batch stores, in the model's dtype."""
@@ -277,21 +314,31 @@ class RowSink:
     def __call__(self, layer: int, t: Any) -> None:
         import torch
 
-        dst = self.out[self.pos[layer]]
+        at = self.pos[layer]
         src = None
-        if self.ranges is not None:
-            flat = t.reshape(-1, t.shape[-1])
-            for a, e, f in self.ranges:
-                dst[a:e].copy_(flat[f : f + e - a])
-        else:
-            src = self._rows(t)
-            dst.copy_(src)
-        if not dst.numel():
+        dsts = []
+        for p0, p1, piece in self.pieces:
+            dst = piece[at]
+            dsts.append(dst)
+            if self.ranges is not None:
+                flat = t.reshape(-1, t.shape[-1])
+                for a, e, f in self.ranges:  # the part of each contiguous range that falls in this piece
+                    a1, e1 = max(a, p0), min(e, p1)
+                    if a1 < e1:
+                        dst[a1 - p0 : e1 - p0].copy_(flat[f + a1 - a : f + e1 - a])
+            else:
+                src = self._rows(t) if src is None else src
+                dst.copy_(src[p0:p1])
+        if not any(d.numel() for d in dsts):
             return
         # One pass over the stored values: NaN/Inf there means the model made one or a value overflowed
         # the stored dtype; only then are both counted exactly, on the model's values.
-        lo, hi = torch.aminmax(dst)
-        if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        finite = True
+        for dst in dsts:
+            if dst.numel():
+                lo, hi = torch.aminmax(dst)
+                finite = finite and bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+        if finite:
             return
         src = self._rows(t) if src is None else src
         if not bool(torch.isfinite(src).all()):
@@ -346,12 +393,16 @@ def stream_part(
         wthread = InlineWriter(writer, commit_every)
     overflow = dict(writer.overflow)
     tokens_seen = 0
+    # on the CPU, written between batches: rows go straight into the writer's chunk buffers where it can
+    # take them (no host buffer, no copy); the build's statistics and pooled rows need the batch whole
+    in_place = isinstance(wthread, InlineWriter) and not on_cuda and writer.keep == "all" and live is None
     t0 = time.perf_counter()
     sinks = {s: RowSink(layers, pool, getattr(torch, DTYPES[dtype].torch), check_overflow=dtype == "float16",
                         buffers=HostBuffers()) for s in sites}
     sinks.update({s: RowSink(layers, pool, torch.float32, check_overflow=False, buffers=HostBuffers())
                   for s in extra})
     widths = {s: int(writer.store.site_info(s)["n_neurons"]) for s in sinks}
+    in_place = in_place and set(sinks) == set(writer.arrays)
     try:
         with torch.inference_mode():
             for b0 in range((first // batch_size) * batch_size, len(examples), batch_size):
@@ -362,7 +413,20 @@ def stream_part(
                 valid = enc["attention_mask"].bool() & ~enc.pop("special_tokens_mask").bool()
                 skip = max(0, first - b0)  # examples of this batch committed before a resume
                 for s, sink in sinks.items():
-                    ex_idx, pos, tokn = sink.prepare(valid, enc["input_ids"], skip, widths[s], device)
+                    ex_idx, pos, tokn = sink.prepare(valid, enc["input_ids"], skip, widths[s], device,
+                                                     allocate=not in_place)
+                views = None
+                if in_place:  # the rows straight into the writer's chunk buffers, where it can take them
+                    try:
+                        views = writer.reserve(len(ex_idx))
+                    except BaseException as e:  # a failed chunk write: surfaced as the writer's error
+                        wthread.error = e
+                        break
+                    for s, sink in sinks.items():
+                        if views is not None:
+                            sink.place([v[s] for v in views])
+                        else:
+                            sink.allocate()
                 _capture(lm.model, sites, sinks, layers, {k: v.to(device) for k, v in enc.items()})
                 for s, fn in extra.items():
                     for lyr, t in fn(b0, enc["input_ids"]).items():
@@ -373,30 +437,15 @@ def stream_part(
                     if sink.overflow:
                         sink.overflow.clear()
                         writer.overflow = overflow
-                outs = {s: sink.out.view(torch.int16) if sink.out.dtype == torch.bfloat16 else sink.out
-                        for s, sink in sinks.items()}
-                acts = outs[sites[0]]
                 example = (ex_idx + b0 + example_start).astype(np.int64)
-                payload = live.batch(acts, torch.from_numpy(example).to(device)) if live is not None else None
-                # device -> host: pinned, non-blocking on CUDA (the writer waits on the event);
-                # the queue bound (queue_depth) keeps at most that many batches in flight
-                host = {s: _to_host(o, on_cuda) for s, o in outs.items()} if writer.keep == "all" else None
-                pooled = None
-                if writer.keep == "pooled":
-                    mean, last, uniq = pool_rows(acts, ex_idx)
-                    pooled = (_to_host(mean, on_cuda), _to_host(last, on_cuda),
-                              (uniq + b0 + example_start).astype(np.int64))
-                event = None
-                if on_cuda:
-                    event = torch.cuda.Event()
-                    event.record()
-                held = [(sink.buffers, sink.buffer) for sink in sinks.values()
-                        if sink.buffers is not None and sink.buffer is not None]
-                wthread.put((host, example, pos, tokn, b0 + len(batch), event, payload, pooled,
-                             functools.partial(_give_back, held)))
-                del outs, acts, host
+                if views is not None:  # the rows are in the chunk buffers already
+                    wthread.put((IN_PLACE, example, pos, tokn, b0 + len(batch), None, None, None, _nothing))
+                else:
+                    _hand_over(wthread, sinks, sites, writer, live, on_cuda,
+                               (example, pos, tokn, b0 + len(batch)), ex_idx, b0 + example_start)
                 for sink in sinks.values():  # the writer owns these rows now
                     sink.out = sink.buffer = None
+                    sink.pieces = []
                 tokens_seen += int(valid.sum())
                 bar.advance(len(batch) - skip)
                 rate = tokens_seen / max(time.perf_counter() - t0, 1e-9)
@@ -427,6 +476,39 @@ def _capture(model: Any, sites: Sequence[str], sinks: Mapping[str, RowSink], lay
         for s in sites:
             hooks.enter_context(Capture(model, s, list(layers), stop=s == last, on_output=sinks[s]))
         run_until_stop(model, **inputs)
+
+
+def _hand_over(wthread: WriterThread | InlineWriter, sinks: Mapping[str, RowSink], sites: Sequence[str],
+               writer: PartWriter, live: Any, on_cuda: bool, rows: tuple[np.ndarray, np.ndarray, np.ndarray, int],
+               ex_idx: np.ndarray, first_example: int) -> None:
+    """Queue a batch's rows from the sinks' ``out`` tensors to the writer, with the build's statistics
+    of it (``live``) and its pooled rows (``--keep pooled``); ``rows``: (example, position, token,
+    examples done)."""
+    import torch
+
+    outs = {s: sink.out.view(torch.int16) if sink.out.dtype == torch.bfloat16 else sink.out
+            for s, sink in sinks.items()}
+    acts = outs[sites[0]]
+    example = rows[0]
+    payload = live.batch(acts, torch.from_numpy(example).to(acts.device)) if live is not None else None
+    # device -> host: pinned, non-blocking on CUDA (the writer waits on the event);
+    # the queue bound (queue_depth) keeps at most that many batches in flight
+    host = {s: _to_host(o, on_cuda) for s, o in outs.items()} if writer.keep == "all" else None
+    pooled = None
+    if writer.keep == "pooled":
+        mean, last, uniq = pool_rows(acts, ex_idx)
+        pooled = (_to_host(mean, on_cuda), _to_host(last, on_cuda), (uniq + first_example).astype(np.int64))
+    event = None
+    if on_cuda:
+        event = torch.cuda.Event()
+        event.record()
+    held = [(sink.buffers, sink.buffer) for sink in sinks.values()
+            if sink.buffers is not None and sink.buffer is not None]
+    wthread.put((host, *rows, event, payload, pooled, functools.partial(_give_back, held)))
+
+
+def _nothing() -> None:
+    """Nothing to give back (rows written in place)."""
 
 
 def _give_back(held: list[tuple[HostBuffers, np.ndarray]]) -> None:

@@ -103,18 +103,49 @@ class PartWriter:
                              dict[str, np.ndarray]] | None = None
         self._failed: BaseException | None = None  # a background write failed: its rows are gone
         self._pooled_end = self.pooled_rows
+        self._reserved: int | None = None  # rows handed out by reserve() for the next add(in_place=True)
         if self._fill:  # resuming inside a chunk: its committed rows are the start of the buffer
             for s, a in self.arrays.items():
                 self._bufs[s][:, : self._fill] = a[:, self._base : self.written]
 
+    def reserve(self, n: int) -> list[dict[str, np.ndarray]] | None:
+        """Where the next ``n`` rows go in the chunk buffers, for a producer to write them in place.
+
+        Returns one ``{site: (layers, rows, neurons) view}`` per chunk the rows fall in (in order: the
+        rest of the current chunk, then the start of the next), or None where the rows cannot be
+        written in place (a part without ``acts``, the zarr path, no background writes, or more rows
+        than the current and one more chunk hold); then pass them to :meth:`add` as usual. After
+        filling the views, call :meth:`add` with ``acts=None, in_place=True`` for the same ``n`` rows.
+        Saves the copy of every batch into the chunk buffers (and the batch's own host buffer).
+        """
+        self._check_usable()
+        self._reserved = None
+        room = self.chunk - self._fill
+        if not self.arrays or self._direct is None or n < 1 or (n > room and not self.background) \
+                or n > room + self.chunk:
+            return None
+        first = min(n, room)
+        views = [{s: b[:, self._fill : self._fill + first] for s, b in self._bufs.items()}]
+        # rows the producer writes and that a failed batch leaves behind: zeroed before a partial write
+        self._stale = max(self._stale, self._fill + first)
+        if n > room:  # the next chunk's buffers: those of the chunk before, once its files are written
+            self._finish_pending()
+            spare, stale = self._spare if self._spare is not None else (
+                {s: aligned_zeros(b.shape, b.dtype) for s, b in self._bufs.items()}, 0)
+            self._spare = (spare, max(stale, n - first))
+            views.append({s: b[:, : n - first] for s, b in spare.items()})
+        self._reserved = n
+        return views
+
     def add(self, acts: np.ndarray | Mapping[str, np.ndarray] | None, example: np.ndarray, position: np.ndarray,
             token: np.ndarray, examples_done: int, *, payload: Any = None,
-            pooled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+            pooled: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, in_place: bool = False) -> None:
         """Queue rows (``acts`` shaped (layers, rows, neurons), or one such array per site; None for a
         part without ``acts``); ``examples_done`` of the part are then complete.
 
         Every call must end at an example boundary: the rows of an example arrive in one call.
-        ``pooled`` is ``(mean, last, example)`` of these examples (``--keep pooled``).
+        ``pooled`` is ``(mean, last, example)`` of these examples (``--keep pooled``). ``in_place``:
+        the rows are already in the views :meth:`reserve` gave for this many rows (``acts`` is None).
         """
         per_site = {} if acts is None or not self.arrays else (
             dict(acts) if isinstance(acts, Mapping) else {self.sites[0]: acts})
@@ -123,6 +154,10 @@ class PartWriter:
                              f"{sorted(per_site)}")
         self._check_usable()
         n, i = example.shape[0], 0
+        if in_place and (self._reserved != n or per_site):
+            raise StoreError(f"{self.store.path}: part {self.part}: {n} row(s) added in place, but "
+                             f"{self._reserved} were reserved")
+        self._reserved = None
         cols = {"example": example, "position": position, "token": token}
         if pooled is not None and self.pooled:
             self._add_pooled(*pooled)
